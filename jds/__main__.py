@@ -1,0 +1,5 @@
+import sys
+
+from jds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,29 @@
+"""
+``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
+without leaving a ``twistd.pid`` behind in the current directory.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jds.service import ListenError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from twisted.scripts import twistd
+
+    args = sys.argv[1:] if argv is None else argv
+    sys.argv = ["jupyter-dev-server", "--nodaemon", "--pidfile=", "jupyter-dev-server", *args]
+    try:
+        twistd.run()
+    except ListenError as exc:
+        print(f"jupyter-dev-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

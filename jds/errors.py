@@ -1,0 +1,50 @@
+"""
+Errors the proxy answers itself, in the shape Jupyter clients display: ``{"message", "reason"}``.
+
+The IDE shows ``message`` to the user, so it is a sentence about their setup; the log line adds the
+``hint`` (which option or page fixes it) once, with the request it concerned, token redacted.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from jds.paths import redact_query
+
+log = Logger(namespace="jds")
+
+__all__ = ["error_body", "render_error", "write_error"]
+
+
+def error_body(message: str, reason: str) -> bytes:
+    return json.dumps({"message": message, "reason": reason}).encode("utf-8")
+
+
+def render_error(request: Request, status: int, message: str, reason: str, hint: str = "") -> bytes:
+    """Set up ``request`` for a JSON error and return the body, for ``render`` to return."""
+    body = error_body(message, reason)
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json; charset=UTF-8"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.responseHeaders.removeHeader(b"content-encoding")
+    log.warn(
+        "{method} {uri} -> {status}: {message}{hint}",
+        method=request.method.decode("latin-1"),
+        uri=redact_query(request.uri).decode("latin-1"),
+        status=status,
+        message=message,
+        hint=f" {hint}" if hint else "",
+    )
+    return body
+
+
+def write_error(request: Request, status: int, message: str, reason: str, hint: str = "") -> None:
+    """:func:`render_error` for a request already handed back as ``NOT_DONE_YET``."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    request.responseHeaders = type(request.responseHeaders)()
+    request.write(render_error(request, status, message, reason, hint))
+    request.finish()

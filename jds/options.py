@@ -1,0 +1,146 @@
+"""
+Command-line options, shared by ``twistd jupyter-dev-server`` and the ``jupyter-dev-server`` script.
+
+The original tool was configured only through environment variables; they keep working as defaults
+under the options (command line wins over environment, environment over default). Every check that
+can fail runs here, before anything listens, and fails with one sentence naming what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from twisted.internet import reactor as default_reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from jds.paths import HubTarget
+from jds.tls import TLSConfigError, load_trust_root
+
+__all__ = ["Options", "parse_hub"]
+
+DEFAULT_HUB_PORT = 8000
+DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
+
+
+def parse_hub(value: str, default_port: int) -> tuple[str, int, str]:
+    """
+    ``(host, port, base path)`` from ``HOST``, ``HOST:PORT`` or ``https://HOST[:PORT][/PREFIX/]``.
+
+    ``http://`` is refused outright: the hub is only ever reached over verified TLS.
+    """
+    text = value.strip()
+    if "://" not in text:
+        text = "https://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise usage.UsageError(f"--hub {value!r} is not a valid address: {exc}.") from None
+    if parts.scheme != "https":
+        raise usage.UsageError(
+            f"--hub {value!r} uses {parts.scheme}://; jupyter-dev-server only talks to the hub "
+            "over verified TLS: give an https:// URL or a bare HOST[:PORT]."
+        )
+    if not parts.hostname:
+        raise usage.UsageError(f"--hub {value!r} names no host.")
+    if parts.query or parts.fragment:
+        raise usage.UsageError(f"--hub {value!r} must not have a query or fragment.")
+    return parts.hostname, port or default_port, parts.path or "/"
+
+
+def _port(value: str, what: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"{what} must be a port number from 1 to 65535, not {value!r}.")
+    return port
+
+
+class Options(usage.Options):
+    synopsis = "--hub HOST[:PORT] --user NAME [options]"
+    longdesc = (
+        "Serve your server on a JupyterHub to a local IDE as a plain Jupyter server. Configure the "
+        "IDE with the 'existing Jupyter server' URL printed at start-up. Each option falls back to "
+        "the environment variable of the original jupyter-dev-server script named in its help."
+    )
+    optParameters = [
+        ["hub", None, None,
+         "The hub: HOST, HOST:PORT or https://HOST[:PORT][/PREFIX/] (port 8000 if not given). "
+         "[env JUPYTER_SERVER_IP_OR_NAME, JUPYTER_SERVER_PORT]"],
+        ["user", None, None, "Your user name on the hub. [env JUPYTER_USERNAME]"],
+        ["server", None, "", "A named server of yours (/user/NAME/SERVER/); default: your default server."],
+        ["tls-name", None, None,
+         "The name to verify in the hub's certificate, when it differs from the address in --hub "
+         "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
+        ["ca-cert", None, None,
+         "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
+         "certificate. [env JUPYTER_CLUSTER_CA_CERT; default: the system trust store]"],
+        ["listen", None, None,
+         "Twisted endpoint to serve the IDE on. [env JUPYTER_PROXY_IP_OR_NAME, JUPYTER_PROXY_PORT; "
+         f"default: {DEFAULT_LISTEN}]"],
+        ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
+    ]
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def _env(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value or None
+
+    def postOptions(self) -> None:
+        env = self._env
+        hub = self["hub"] or env("JUPYTER_SERVER_IP_OR_NAME")
+        if not hub:
+            raise usage.UsageError("No hub given: pass --hub HOST[:PORT] or set JUPYTER_SERVER_IP_OR_NAME.")
+        env_port = env("JUPYTER_SERVER_PORT")
+        default_port = _port(env_port, "JUPYTER_SERVER_PORT") if env_port else DEFAULT_HUB_PORT
+        host, port, base = parse_hub(hub, default_port)
+
+        user = self["user"] or env("JUPYTER_USERNAME")
+        if not user:
+            raise usage.UsageError("No user given: pass --user NAME or set JUPYTER_USERNAME.")
+
+        tls_name = self["tls-name"] or env("JUPYTER_SERVER_NAME") or host
+        self["ca-cert"] = self["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT")
+        if self["ca-cert"]:
+            self["ca-cert"] = os.path.expanduser(self["ca-cert"])
+        try:
+            load_trust_root(self["ca-cert"])
+        except TLSConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+        try:
+            self["connect-timeout"] = float(self["connect-timeout"])
+        except ValueError:
+            raise usage.UsageError("--connect-timeout must be a number of seconds.") from None
+        if self["connect-timeout"] <= 0:
+            raise usage.UsageError("--connect-timeout must be more than 0 seconds.")
+
+        self["listen"] = self["listen"] or self._listen_from_env()
+        try:
+            serverFromString(default_reactor, self["listen"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise usage.UsageError(
+                f"--listen {self['listen']!r} is not a Twisted endpoint description ({exc}); "
+                f"for example {DEFAULT_LISTEN}."
+            ) from None
+
+        self["target"] = HubTarget(
+            host=host, port=port, user=user, server=self["server"] or "", base_path=base,
+            tls_name=tls_name,
+        )
+
+    def _listen_from_env(self) -> str:
+        address = self._env("JUPYTER_PROXY_IP_OR_NAME")
+        port = self._env("JUPYTER_PROXY_PORT")
+        if not address and not port:
+            return DEFAULT_LISTEN
+        number = _port(port, "JUPYTER_PROXY_PORT") if port else 8000
+        interface = (address or "127.0.0.1").replace(":", "\\:")
+        return f"tcp:{number}:interface={interface}"

@@ -1,0 +1,393 @@
+"""
+Mapping between the IDE's view (a plain Jupyter server at ``/``) and the hub's view (the user's server
+at ``[PREFIX]/user/NAME[/SERVER]/``).
+
+Everything here is a pure function of bytes and a :class:`HubTarget`, so it can be tested without a
+reactor, and property-tested both ways. The proxy and the WebSocket relay both call into this module,
+which is why no Twisted type appears in it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+__all__ = [
+    "HOP_BY_HOP",
+    "HubTarget",
+    "PathRefused",
+    "is_kernelspec_path",
+    "map_kernelspecs_body",
+    "map_location",
+    "map_request_path",
+    "map_response_headers",
+    "map_set_cookie",
+    "redact_query",
+    "upstream_request_headers",
+]
+
+# RFC 9110 7.6.1: meaningful only for one connection, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_TOKEN_PARAM = re.compile(rb"(^|&)token=[^&]*")
+_KERNELSPEC_PATH = re.compile(rb"^/api/kernelspecs(?:/[^/]+)?/?$")
+# Controls are never meaningful in a URL path and CR/LF/NUL are the usual smuggling tools.
+_FORBIDDEN_DECODED = frozenset(range(0x00, 0x20)) | {0x7F}
+
+
+class PathRefused(ValueError):
+    """
+    A request path that must not be forwarded; ``status`` is the HTTP status to answer with and the
+    message is meant for the user, so it says what was wrong.
+    """
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def escape_name(name: str) -> str:
+    """Escape a user or server name exactly as JupyterHub does (``url_escape_path``)."""
+    return quote(name, safe="@~")
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """Where the user's server lives on the hub, and how the proxy names itself to it."""
+
+    host: str
+    port: int
+    user: str
+    server: str = ""
+    base_path: str = "/"
+    tls_name: str = ""
+
+    @property
+    def verify_name(self) -> str:
+        return self.tls_name or self.host
+
+    @property
+    def netloc(self) -> str:
+        """``Host`` value for the hub: the verified name, as a browser would send it."""
+        name = self.verify_name
+        if ":" in name:
+            name = f"[{name}]"
+        return name if self.port == 443 else f"{name}:{self.port}"
+
+    @property
+    def origin(self) -> bytes:
+        return f"https://{self.netloc}".encode("ascii")
+
+    @property
+    def base(self) -> str:
+        base = "/" + self.base_path.strip("/")
+        return base if base == "/" else base + "/"
+
+    @property
+    def user_prefix(self) -> str:
+        """The hub path of the user's server, always ending in ``/``."""
+        prefix = f"{self.base}user/{escape_name(self.user)}/"
+        if self.server:
+            prefix += f"{escape_name(self.server)}/"
+        return prefix
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.netloc}{self.base}"
+
+    @property
+    def server_url(self) -> str:
+        return f"https://{self.netloc}{self.user_prefix}"
+
+
+def _segments(path: bytes) -> list[bytes]:
+    return path.split(b"/")[1:]
+
+
+def _decoded(segment: bytes) -> bytes:
+    return unquote_to_bytes(segment)
+
+
+def _normalise(raw_path: bytes) -> list[bytes]:
+    """
+    Resolve dot segments (also percent-encoded ones) the way RFC 3986 5.2.4 does, refusing any that
+    would climb above the root instead of clamping: a clamped path would silently mean something
+    else than what the client asked for.
+    """
+    if not raw_path.startswith(b"/"):
+        raise PathRefused(400, "The request path must start with '/'.", "bad-path")
+    if _PERCENT.search(raw_path):
+        raise PathRefused(400, "The request path has an invalid percent-escape.", "bad-path")
+    out: list[bytes] = []
+    segments = _segments(raw_path)
+    for index, segment in enumerate(segments):
+        decoded = _decoded(segment)
+        if _FORBIDDEN_DECODED.intersection(decoded):
+            raise PathRefused(400, "The request path contains control characters.", "bad-path")
+        last = index == len(segments) - 1
+        if decoded == b".":
+            if last:
+                out.append(b"")
+            continue
+        if decoded == b"..":
+            if not out:
+                raise PathRefused(
+                    400, "The request path climbs above the server root with '..'.", "bad-path"
+                )
+            out.pop()
+            if last:
+                out.append(b"")
+            continue
+        # A segment that only becomes a dot segment once an encoded or back slash is read as a
+        # separator is how traversal slips past proxies that decode later than we do.
+        parts = decoded.replace(b"\\", b"/").split(b"/")
+        if len(parts) > 1 and (b".." in parts or b"." in parts):
+            raise PathRefused(
+                400, "The request path hides '..' behind an escaped slash or backslash.", "bad-path"
+            )
+        out.append(_reencode(segment))
+    return out
+
+
+def _reencode(segment: bytes) -> bytes:
+    """Percent-encode raw non-ASCII bytes, which are not valid in a request line."""
+    if segment.isascii():
+        return segment
+    return quote(segment, safe="/%!$&'()*+,;=:@~-._").encode("ascii")
+
+
+def _prefix_segments(target: HubTarget) -> list[bytes]:
+    return [_decoded(s) for s in target.user_prefix.encode("ascii").split(b"/")[1:-1]]
+
+
+def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
+    """
+    Map the percent-encoded path of a local request onto the hub.
+
+    ``/X`` becomes ``<user prefix>X``. A path already under the user's prefix (however its name is
+    escaped) passes as it is, so a browser following JupyterLab's own base URL keeps working.
+    ``/hub`` and ``/hub/...`` are refused with 404: the VS Code extension probes ``/hub/api`` and
+    gives up on a URL where a hub answers.
+    """
+    segments = _normalise(raw_path)
+    if segments[:1] == [b"hub"]:
+        raise PathRefused(
+            404,
+            "jupyter-dev-server serves your Jupyter server, not the hub: /hub/ is not forwarded.",
+            "hub-path",
+        )
+    prefix = _prefix_segments(target)
+    decoded = [_decoded(s) for s in segments[: len(prefix)]]
+    if decoded == prefix:
+        segments = segments[len(prefix) :] or [b""]
+    return target.user_prefix.encode("ascii") + b"/".join(segments)
+
+
+def local_path(hub_path: bytes, target: HubTarget) -> bytes | None:
+    """The local path for a hub path under the user's prefix; ``None`` for any other hub path."""
+    prefix = target.user_prefix.encode("ascii")
+    if hub_path == prefix[:-1]:
+        return b"/"
+    if hub_path.startswith(prefix):
+        return b"/" + hub_path[len(prefix) :]
+    segments = hub_path.split(b"/")
+    want = _prefix_segments(target)
+    if len(segments) > len(want) and [_decoded(s) for s in segments[1 : len(want) + 1]] == want:
+        return b"/" + b"/".join(segments[len(want) + 1 :])
+    return None
+
+
+def map_location(location: bytes, target: HubTarget) -> bytes:
+    """
+    Map a ``Location`` (or any URL the hub hands out) to what the IDE should follow.
+
+    URLs under the user's prefix, on the hub or path-absolute, become local path-absolute URLs;
+    other hub URLs become absolute hub URLs, because only the hub can answer them; relative
+    references and foreign hosts are left alone: they resolve the same on both sides.
+    """
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return location
+    if parts.netloc:
+        if parts.scheme not in (b"https", b"wss", b"") or not _is_hub_netloc(parts.netloc, target):
+            return location
+    elif not parts.path.startswith(b"/"):
+        return location
+    mapped = local_path(parts.path, target)
+    tail = b""
+    if parts.query:
+        tail += b"?" + parts.query
+    if parts.fragment:
+        tail += b"#" + parts.fragment
+    if mapped is not None:
+        return mapped + tail
+    return b"https://" + target.netloc.encode("ascii") + parts.path + tail
+
+
+def _is_hub_netloc(netloc: bytes, target: HubTarget) -> bool:
+    host, _, port = netloc.rpartition(b":") if not netloc.endswith(b"]") else (netloc, b"", b"")
+    if not host or not port.isdigit():
+        host, port = netloc, b"443"
+    host = host.strip(b"[]").lower()
+    names = {target.host.lower().encode(), target.verify_name.lower().encode()}
+    return host in names and int(port) == target.port
+
+
+def map_set_cookie(value: bytes, target: HubTarget) -> bytes:
+    """
+    Re-scope a hub cookie to the local server: its ``Path`` under the user's prefix becomes the
+    local path, and its ``Domain`` (the hub's, which a browser would refuse for 127.0.0.1) goes.
+    """
+    attributes = value.split(b";")
+    out = [attributes[0]]
+    for attribute in attributes[1:]:
+        name, _, val = attribute.strip().partition(b"=")
+        lowered = name.lower()
+        if lowered == b"domain":
+            continue
+        if lowered == b"path":
+            mapped = local_path(val.strip(), target)
+            if mapped is not None:
+                attribute = b" Path=" + mapped
+        out.append(attribute)
+    return b";".join(out)
+
+
+def split_token(query: bytes) -> tuple[bytes, bytes | None]:
+    """
+    Take ``token=`` out of a query string, keeping every other parameter byte for byte.
+
+    JupyterHub 5+ ignores ``?token=`` on HTTP requests, so the proxy sends it as a header instead.
+    """
+    if not query:
+        return query, None
+    token: bytes | None = None
+    kept = []
+    for param in query.split(b"&"):
+        if param.startswith(b"token="):
+            token = _decoded(param[len(b"token=") :])
+            continue
+        kept.append(param)
+    return b"&".join(kept), token
+
+
+def redact_query(uri: bytes) -> bytes:
+    """A request URI fit for a log line: every ``token=`` value replaced."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    return path + b"?" + _TOKEN_PARAM.sub(rb"\1token=[redacted]", query)
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 7.6.1)."""
+    named = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(v.strip().lower() for v in value.split(b","))
+    return named
+
+
+def upstream_request_headers(
+    headers: list[tuple[bytes, bytes]],
+    target: HubTarget,
+    client_ip: str,
+    local_host: bytes | None,
+    query_token: bytes | None,
+) -> list[tuple[bytes, bytes]]:
+    """
+    The headers to send to the hub for a client's request: hop-by-hop headers dropped, ``Host`` the
+    hub's, a query token turned into ``Authorization`` unless the client sent one, and
+    ``X-Forwarded-*`` describing the client's side.
+    """
+    drop = HOP_BY_HOP | _connection_tokens(headers) | {b"host", b"content-length"}
+    out: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    has_authorization = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in drop or lowered in (b"x-forwarded-proto", b"x-forwarded-host"):
+            continue
+        if lowered == b"x-forwarded-for":
+            forwarded_for.append(value)
+            continue
+        if lowered == b"authorization":
+            has_authorization = True
+        out.append((name, value))
+    out.append((b"Host", target.netloc.encode("ascii")))
+    if query_token is not None and not has_authorization:
+        out.append((b"Authorization", b"token " + query_token))
+    forwarded_for.append(client_ip.encode("ascii"))
+    out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-Proto", b"http"))
+    if local_host:
+        out.append((b"X-Forwarded-Host", local_host))
+    return out
+
+
+def map_response_headers(
+    headers: list[tuple[bytes, bytes]], target: HubTarget
+) -> list[tuple[bytes, bytes]]:
+    """The hub's response headers as the IDE should see them: every value kept, prefixes mapped."""
+    drop = HOP_BY_HOP | _connection_tokens(headers) | {b"content-length"}
+    out = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in drop:
+            continue
+        if lowered in (b"location", b"content-location"):
+            value = map_location(value, target)
+        elif lowered == b"set-cookie":
+            value = map_set_cookie(value, target)
+        out.append((name, value))
+    return out
+
+
+def is_kernelspec_path(local: bytes) -> bool:
+    """Kernelspec answers carry ``resources`` URLs under the user's prefix and need mapping."""
+    return _KERNELSPEC_PATH.match(local) is not None
+
+
+def map_kernelspecs_body(body: bytes, target: HubTarget) -> bytes:
+    """
+    Map the ``resources`` URLs of ``/api/kernelspecs`` or ``/api/kernelspecs/NAME`` to local
+    paths. Anything that is not the JSON we expect passes unchanged.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict):
+        return body
+    specs = document.get("kernelspecs")
+    changed = False
+    for spec in specs.values() if isinstance(specs, dict) else [document]:
+        resources = spec.get("resources") if isinstance(spec, dict) else None
+        if not isinstance(resources, dict):
+            continue
+        for key, url in resources.items():
+            if isinstance(url, str):
+                mapped = map_location(url.encode("utf-8"), target).decode("utf-8")
+                changed |= mapped != url
+                resources[key] = mapped
+    if not changed:
+        return body
+    return json.dumps(document).encode("utf-8")

@@ -1,0 +1,321 @@
+"""
+The TLS policy for every connection to the hub: verified against the cluster CA, with a verification
+name that may differ from the address dialled, TLS 1.2 at least, and no way to turn verification off.
+
+HTTP and WebSocket traffic both get their connections from :meth:`HubTLSPolicy.endpoint`, so there is
+exactly one place where the hub's certificate is judged. Verification failures are turned into
+:class:`HubCertificateError` with a sentence naming the option to change, because "certificate verify
+failed" alone sends users to the original tool's README.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable
+
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from twisted.internet import error as net_error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IStreamClientEndpoint,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["HubCertificateError", "HubTLSPolicy", "TLSConfigError", "explain_failure"]
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+# OpenSSL X509_V_ERR_* codes a user can act on, by what they should do about them.
+_UNKNOWN_CA = {2, 19, 20, 21}
+_SELF_SIGNED_LEAF = 18
+_NOT_YET_VALID = 9
+_EXPIRED = 10
+
+
+class TLSConfigError(ValueError):
+    """The ``--ca-cert`` file cannot serve as a trust root; the message says why."""
+
+
+class HubCertificateError(Exception):
+    """The hub's certificate was refused; ``message`` is for the IDE, ``hint`` for the log."""
+
+    def __init__(self, message: str, hint: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.reason = reason
+
+
+def _describe_names(cert: X509) -> str:
+    names = []
+    for pattern in extract_patterns(cert):
+        value = getattr(pattern, "pattern", None)
+        if value is None:
+            continue
+        names.append(value.decode("ascii", "replace") if isinstance(value, bytes) else str(value))
+    return ", ".join(names) or "none"
+
+
+def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> HubCertificateError:
+    subject = cert.get_subject().CN or "the hub's certificate"
+    issuer = cert.get_issuer().CN or "an unnamed CA"
+    if err in _UNKNOWN_CA:
+        return HubCertificateError(
+            f"The hub's certificate ({subject}, issued by {issuer}) is not signed by {ca_source}.",
+            "Pass the cluster's CA certificate with --ca-cert (or JUPYTER_CLUSTER_CA_CERT).",
+            "unknown-ca",
+        )
+    if err == _SELF_SIGNED_LEAF:
+        return HubCertificateError(
+            f"The hub presents a self-signed certificate ({subject}) that {ca_source} does not trust.",
+            "Ask the cluster administrators for the CA certificate and pass it with --ca-cert.",
+            "self-signed",
+        )
+    if err in (_EXPIRED, _NOT_YET_VALID):
+        when = cert.get_notAfter() if err == _EXPIRED else cert.get_notBefore()
+        stamp = _asn1_time(when)
+        state = "expired on" if err == _EXPIRED else "is not valid before"
+        return HubCertificateError(
+            f"The hub's certificate ({subject}, depth {depth}) {state} {stamp}.",
+            "The cluster administrators must renew the hub's certificate; check this machine's clock too.",
+            "expired" if err == _EXPIRED else "not-yet-valid",
+        )
+    return HubCertificateError(
+        f"The hub's certificate ({subject}) failed verification (OpenSSL error {err}).",
+        "Check --ca-cert and the hub's certificate chain with 'jupyter-dev-server check'.",
+        "bad-certificate",
+    )
+
+
+def _asn1_time(value: bytes | None) -> str:
+    if not value:
+        return "an unknown date"
+    try:
+        parsed = datetime.datetime.strptime(value.decode("ascii"), "%Y%m%d%H%M%SZ")
+    except ValueError:
+        return value.decode("ascii", "replace")
+    return parsed.strftime("%Y-%m-%d %H:%M UTC")
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedClientCreator:
+    """
+    Like ``optionsForClientTLS``, but the refusal reason survives: a failed check fails the TLS
+    connection with a :class:`HubCertificateError` instead of a bare "certificate verify failed".
+    """
+
+    def __init__(self, options: CertificateOptions, name: str, ca_source: str) -> None:
+        self._options = options
+        self._name = name
+        self._is_dns = not (isIPAddress(name) or isIPv6Address(name))
+        self._ca_source = ca_source
+        self._service_id = DNS_ID(name) if self._is_dns else IPAddress_ID(name)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        if self._is_dns:
+            connection.set_tlsext_host_name(self._name.encode("idna"))
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol)
+        )
+        return connection
+
+    def _verifier(self, tlsProtocol: object) -> Callable[..., bool]:
+        protocol_ref: list[object] = [tlsProtocol]
+
+        def fail(error: HubCertificateError) -> bool:
+            if protocol_ref:
+                protocol_ref.pop().failVerification(Failure(error))  # type: ignore[attr-defined]
+            return False
+
+        def verify(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
+            # An exception escaping an OpenSSL callback is lost; everything is caught here.
+            try:
+                if not ok:
+                    return fail(_certificate_error(err, depth, cert, self._ca_source))
+                if depth != 0:
+                    return True
+                try:
+                    verify_service_identity(extract_patterns(cert), [self._service_id], [])
+                except VerificationError:
+                    return fail(
+                        HubCertificateError(
+                            f"The hub's certificate is for {_describe_names(cert)}, "
+                            f"not for {self._name}.",
+                            "Set --tls-name (or JUPYTER_SERVER_NAME) to one of the names in the "
+                            f"certificate: {_describe_names(cert)}.",
+                            "name-mismatch",
+                        )
+                    )
+                return True
+            except Exception as exc:  # pragma: no cover - defensive, see above
+                return fail(HubCertificateError(str(exc), "Report this as a bug.", "tls-internal"))
+
+        return verify
+
+
+def load_trust_root(ca_path: str | None) -> tuple[object, str]:
+    """
+    The trust root and a human name for it. A bundle of several PEM certificates is accepted, as
+    clusters often hand out the intermediate and root together.
+    """
+    if not ca_path:
+        return platformTrust(), "a CA in the system trust store"
+    try:
+        with open(ca_path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise TLSConfigError(
+            f"Cannot read the CA certificate file {ca_path} given with --ca-cert: {exc.strerror}."
+        ) from None
+    blocks = _PEM_BLOCK.findall(data)
+    if not blocks:
+        raise TLSConfigError(
+            f"{ca_path} (from --ca-cert) holds no PEM certificate: expected a "
+            "'-----BEGIN CERTIFICATE-----' block."
+        )
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as exc:
+        raise TLSConfigError(f"{ca_path} (from --ca-cert) holds an invalid certificate: {exc}.") from None
+    return trustRootFromCertificates(certificates), f"the CA in {ca_path}"
+
+
+@implementer(IStreamClientEndpoint)
+class _NoDelayEndpoint:
+    """Small kernel messages must not wait for a delayed ACK (Nagle): set TCP_NODELAY on connect."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory):  # noqa: N803 - interface name
+        def nodelay(protocol):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and hasattr(transport, "setTcpNoDelay"):
+                transport.setTcpNoDelay(True)
+            return protocol
+
+        return self._inner.connect(protocolFactory).addCallback(nodelay)
+
+
+class HubTLSPolicy:
+    """How to reach the hub: address, verified name, trust root. Nothing else makes hub sockets."""
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        host: str,
+        port: int,
+        tls_name: str,
+        ca_path: str | None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        trust_root, self.ca_source = load_trust_root(ca_path)
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.tls_name = tls_name
+        self.connect_timeout = connect_timeout
+        options = CertificateOptions(trustRoot=trust_root, raiseMinimumTo=TLSVersion.TLSv1_2)
+        self.creator = _PinnedClientCreator(options, tls_name, self.ca_source)
+
+    def endpoint(self) -> IStreamClientEndpoint:
+        tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
+        return wrapClientTLS(self.creator, _NoDelayEndpoint(tcp))
+
+    def explain(self, failure: Failure) -> tuple[str, str, str]:
+        return explain_failure(failure, self.host, self.port, self.connect_timeout)
+
+
+def _leaves(failure: Failure) -> list[Failure]:
+    """Agent wraps causes in ResponseNeverReceived / RequestTransmissionFailed lists."""
+    reasons = getattr(failure.value, "reasons", None)
+    if not reasons:
+        return [failure]
+    out: list[Failure] = []
+    for reason in reasons:
+        out.extend(_leaves(reason))
+    return out
+
+
+def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> tuple[str, str, str]:
+    """
+    ``(message, hint, reason)`` for a failed hub connection: the message goes to the IDE, the hint
+    (the option or action that fixes it) to the log line.
+    """
+    where = f"{host}:{port}"
+    leaves = _leaves(failure)
+    for leaf in leaves:
+        if leaf.check(HubCertificateError):
+            err = leaf.value
+            return err.message, err.hint, err.reason
+    for leaf in leaves:
+        if leaf.check(net_error.DNSLookupError):
+            return (
+                f"Cannot resolve the hub's address {host}.",
+                "Check --hub (or JUPYTER_SERVER_IP_OR_NAME).",
+                "hub-unresolvable",
+            )
+        if leaf.check(net_error.ConnectionRefusedError):
+            return (
+                f"The hub at {where} refused the connection.",
+                "Is the hub running, and is the port in --hub right?",
+                "hub-unreachable",
+            )
+        if leaf.check(net_error.TimeoutError, CancelledError, net_error.ConnectingCancelledError):
+            return (
+                f"The hub at {where} did not answer within {timeout:g} s.",
+                "Check the network path to the hub (VPN, firewall) and --hub.",
+                "hub-timeout",
+            )
+        if leaf.check(SSL.Error):
+            text = str(leaf.value)
+            if "wrong version number" in text or "record layer" in text:
+                return (
+                    f"The hub at {where} does not speak TLS on that port.",
+                    "Check the port in --hub: it must be the hub's https port.",
+                    "not-tls",
+                )
+            if "protocol" in text or "version" in text:
+                return (
+                    f"The hub at {where} offers no TLS version this proxy accepts (1.2 or later).",
+                    "Ask the cluster administrators to enable TLS 1.2 or 1.3 on the hub.",
+                    "tls-version",
+                )
+            return (
+                f"TLS with the hub at {where} failed: {text}.",
+                "Run 'jupyter-dev-server check' to see which step fails.",
+                "tls-failed",
+            )
+        if leaf.check(net_error.ConnectError):
+            return (
+                f"Cannot connect to the hub at {where}: {leaf.getErrorMessage()}.",
+                "Check --hub and the network path to the hub.",
+                "hub-unreachable",
+            )
+    first = leaves[0]
+    return (
+        f"The connection to the hub at {where} failed: {first.getErrorMessage()}.",
+        "Check the hub's health; the request was not completed.",
+        "hub-connection-lost",
+    )

@@ -1,0 +1,119 @@
+"""Option parsing: command line over environment over default, and one clear sentence per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trustme
+from twisted.python import usage
+
+from jds.options import Options, parse_hub
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
+    options = Options(environ=env or {})
+    options.parseOptions(argv)
+    return options
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1.2.3.4", ("1.2.3.4", 8000, "/")),
+        ("hub.example.org:443", ("hub.example.org", 443, "/")),
+        ("https://hub.example.org", ("hub.example.org", 8000, "/")),
+        ("https://hub.example.org:8443/jupyter/", ("hub.example.org", 8443, "/jupyter/")),
+        ("[::1]:8443", ("::1", 8443, "/")),
+    ],
+)
+def test_parse_hub(value: str, expected: tuple[str, int, str]) -> None:
+    assert parse_hub(value, 8000) == expected
+
+
+@pytest.mark.parametrize("value", ["http://hub.example.org", "ws://hub", "https://", "hub:99999", "https://h/?x=1"])
+def test_parse_hub_refuses(value: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse_hub(value, 8000)
+
+
+def test_command_line(ca_file: str) -> None:
+    options = parse(["--hub", "https://hub.example.org:8443/j/", "--user", "a@b", "--server", "gpu",
+                     "--tls-name", "jupyterhub", "--ca-cert", ca_file, "--listen", "tcp:0"])
+    target = options["target"]
+    assert (target.host, target.port, target.base, target.user, target.server) == (
+        "hub.example.org", 8443, "/j/", "a@b", "gpu")
+    assert target.verify_name == "jupyterhub"
+    assert options["listen"] == "tcp:0"
+    assert options["ca-cert"] == ca_file
+
+
+def test_environment_of_the_original_tool(ca_file: str) -> None:
+    env = {
+        "JUPYTER_SERVER_IP_OR_NAME": "1.2.3.4",
+        "JUPYTER_SERVER_PORT": "8443",
+        "JUPYTER_SERVER_NAME": "jupyterhub",
+        "JUPYTER_USERNAME": "myname",
+        "JUPYTER_CLUSTER_CA_CERT": ca_file,
+        "JUPYTER_PROXY_IP_OR_NAME": "127.0.0.2",
+        "JUPYTER_PROXY_PORT": "9000",
+    }
+    options = parse([], env)
+    target = options["target"]
+    assert (target.host, target.port, target.user, target.verify_name) == ("1.2.3.4", 8443, "myname", "jupyterhub")
+    assert options["listen"] == "tcp:9000:interface=127.0.0.2"
+    # the command line wins
+    options = parse(["--user", "other", "--hub", "h:1", "--listen", "tcp:0"], env)
+    assert (options["target"].user, options["target"].host, options["target"].port) == ("other", "h", 1)
+    assert options["listen"] == "tcp:0"
+
+
+def test_defaults() -> None:
+    options = parse(["--hub", "hub", "--user", "u"])
+    assert options["listen"] == "tcp:8000:interface=127.0.0.1"
+    assert options["target"].verify_name == "hub"
+    assert options["target"].port == 8000
+    assert options["ca-cert"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        (["--hub", "h"], {}, "--user"),
+        (["--user", "u"], {}, "--hub"),
+        (["--hub", "http://h", "--user", "u"], {}, "https"),
+        (["--hub", "h", "--user", "u", "--ca-cert", "/nonexistent/ca.pem"], {}, "Cannot read"),
+        (["--hub", "h", "--user", "u", "--listen", "bogus:1"], {}, "--listen"),
+        (["--hub", "h", "--user", "u", "--connect-timeout", "x"], {}, "--connect-timeout"),
+        (["--hub", "h", "--user", "u"], {"JUPYTER_PROXY_PORT": "eighty"}, "JUPYTER_PROXY_PORT"),
+        (["--hub", "h", "--user", "u"], {"JUPYTER_SERVER_PORT": "0"}, "JUPYTER_SERVER_PORT"),
+    ],
+)
+def test_mistakes_are_named(argv: list[str], env: dict[str, str], words: str) -> None:
+    with pytest.raises(usage.UsageError) as error:
+        parse(argv, env)
+    assert words in str(error.value)
+
+
+def test_ca_file_that_is_not_pem(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(usage.UsageError, match="no PEM certificate"):
+        parse(["--hub", "h", "--user", "u", "--ca-cert", str(bad)])
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(usage.UsageError, match="invalid certificate"):
+        parse(["--hub", "h", "--user", "u", "--ca-cert", str(broken)])
+
+
+def test_ca_bundle(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes())
+    assert parse(["--hub", "h", "--user", "u", "--ca-cert", str(bundle)])["ca-cert"] == str(bundle)

@@ -1,0 +1,233 @@
+"""The path and header mapping, both ways, including a property test that nothing leaves the prefix."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from urllib.parse import quote, unquote
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from jds.paths import (
+    HubTarget,
+    PathRefused,
+    is_kernelspec_path,
+    local_path,
+    map_kernelspecs_body,
+    map_location,
+    map_request_path,
+    map_response_headers,
+    map_set_cookie,
+    redact_query,
+    split_token,
+    upstream_request_headers,
+)
+
+ALICE = HubTarget(host="10.0.0.5", port=8000, user="alice", tls_name="hub.example.org")
+NAMED = HubTarget(host="hub.example.org", port=443, user="a.b@c+d e", server="gpu 1", base_path="/jupyter/")
+
+
+@pytest.mark.parametrize(
+    ("local", "hub"),
+    [
+        (b"/", b"/user/alice/"),
+        (b"/api/kernels", b"/user/alice/api/kernels"),
+        (b"/api/contents/dir%2Ffile.ipynb", b"/user/alice/api/contents/dir%2Ffile.ipynb"),
+        (b"/nbextensions/widgets/x.js", b"/user/alice/nbextensions/widgets/x.js"),
+        (b"/user/alice/api/status", b"/user/alice/api/status"),
+        (b"/user/alice", b"/user/alice/"),
+        (b"/user/bob/api", b"/user/alice/user/bob/api"),
+        (b"/api/./kernels/../sessions", b"/user/alice/api/sessions"),
+        (b"/api/%2e%2E/api/x", b"/user/alice/api/x"),
+        (b"/api/..", b"/user/alice/"),
+        (b"/files/caf\xc3\xa9.txt", b"/user/alice/files/caf%C3%A9.txt"),
+    ],
+)
+def test_map_request_path(local: bytes, hub: bytes) -> None:
+    assert map_request_path(local, ALICE) == hub
+
+
+def test_named_server_and_escaped_names() -> None:
+    assert NAMED.user_prefix == "/jupyter/user/a.b@c%2Bd%20e/gpu%201/"
+    assert map_request_path(b"/api/status", NAMED) == b"/jupyter/user/a.b@c%2Bd%20e/gpu%201/api/status"
+    # the same prefix, escaped differently by the client, is still recognised as the prefix
+    assert (
+        map_request_path(b"/jupyter/user/a.b%40c%2bd%20e/gpu%201/lab", NAMED)
+        == b"/jupyter/user/a.b@c%2Bd%20e/gpu%201/lab"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (b"/..", 400),
+        (b"/api/../../hub/api", 400),
+        (b"/%2e%2e/user/bob/", 400),
+        (b"/api/..%2f..%2fuser", 400),
+        (b"/api/..\\..\\x", 400),
+        (b"/api/%00", 400),
+        (b"/api/%0d%0aSet-Cookie:x", 400),
+        (b"/api/%zz", 400),
+        (b"/api/%4", 400),
+        (b"api/kernels", 400),
+        (b"/hub/api", 404),
+        (b"/hub", 404),
+        (b"/api/../hub/api", 404),
+    ],
+)
+def test_refused_paths(path: bytes, status: int) -> None:
+    with pytest.raises(PathRefused) as refused:
+        map_request_path(path, ALICE)
+    assert refused.value.status == status
+    assert refused.value.message
+
+
+segment = st.one_of(
+    st.sampled_from(["..", ".", "%2e%2e", "%2E.", "", "hub", "user", "alice", "bob", "%2f", "\\", "%5c"]),
+    st.text(alphabet="abc./%\\2eEfF5cC@~", max_size=8),
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(segment, max_size=8))
+@example(["..", "user", "bob"])
+@example(["user", "alice", "..", "..", "hub"])
+def test_mapped_paths_stay_inside_the_prefix(segments: list[str]) -> None:
+    raw = ("/" + "/".join(segments)).encode("latin-1")
+    try:
+        hub = map_request_path(raw, ALICE)
+    except PathRefused as refused:
+        assert refused.status in (400, 404)
+        return
+    assert hub.startswith(b"/user/alice/")
+    # however a server decodes and normalises the path afterwards, it stays under the prefix
+    decoded = unquote(hub.decode("ascii")).replace("\\", "/")
+    normalised = posixpath.normpath(decoded)
+    assert normalised == "/user/alice" or normalised.startswith("/user/alice/")
+
+
+names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=10)
+
+
+@given(names, st.lists(st.text(alphabet="abcXYZ019-_.~", min_size=1, max_size=6).filter(lambda s: s not in (".", "..")), max_size=5))
+def test_request_and_location_mapping_are_inverse(user: str, parts: list[str]) -> None:
+    target = HubTarget(host="hub", port=8000, user=user)
+    local = ("/" + "/".join(parts)).encode("ascii")
+    if local.split(b"/")[1:2] == [b"hub"]:
+        return
+    hub = map_request_path(local, target)
+    assert local_path(hub, target) == local
+    assert map_location(hub, target) == local
+    assert map_location(b"https://hub:8000" + hub + b"?a=1#f", target) == local + b"?a=1#f"
+
+
+def test_map_location() -> None:
+    assert map_location(b"/user/alice/api/sessions/1", ALICE) == b"/api/sessions/1"
+    assert map_location(b"https://hub.example.org:8000/user/alice/lab?x=1", ALICE) == b"/lab?x=1"
+    assert map_location(b"https://10.0.0.5:8000/user/alice/tree", ALICE) == b"/tree"
+    assert (
+        map_location(b"/hub/spawn-pending/alice", ALICE)
+        == b"https://hub.example.org:8000/hub/spawn-pending/alice"
+    )
+    assert map_location(b"https://elsewhere.org/user/alice/x", ALICE) == b"https://elsewhere.org/user/alice/x"
+    assert map_location(b"https://hub.example.org:9999/user/alice/x", ALICE) == b"https://hub.example.org:9999/user/alice/x"
+    assert map_location(b"relative/path", ALICE) == b"relative/path"
+    assert map_location(b"/user/alice", ALICE) == b"/"
+
+
+def test_map_set_cookie() -> None:
+    cookie = b"_xsrf=abc; expires=Sat, 26 Dec 2026 12:17:39 GMT; Path=/user/alice/; Domain=hub.example.org; Secure"
+    assert map_set_cookie(cookie, ALICE) == b"_xsrf=abc; expires=Sat, 26 Dec 2026 12:17:39 GMT; Path=/; Secure"
+    assert map_set_cookie(b"a=b; path=/user/alice/lab", ALICE) == b"a=b; Path=/lab"
+    assert map_set_cookie(b"a=b; Path=/hub/", ALICE) == b"a=b; Path=/hub/"
+    assert map_set_cookie(b"a=b", ALICE) == b"a=b"
+
+
+def test_split_token_keeps_everything_else() -> None:
+    assert split_token(b"session_id=1&token=s%2Fcret&x=&token2=y") == (b"session_id=1&x=&token2=y", b"s/cret")
+    assert split_token(b"1638511749274") == (b"1638511749274", None)
+    assert split_token(b"") == (b"", None)
+
+
+def test_redact_query() -> None:
+    assert redact_query(b"/api/k?token=abc&a=1") == b"/api/k?token=[redacted]&a=1"
+    assert redact_query(b"/x?a=1&token=abc") == b"/x?a=1&token=[redacted]"
+    assert redact_query(b"/x?mytoken=abc") == b"/x?mytoken=abc"
+    assert redact_query(b"/x") == b"/x"
+
+
+def test_upstream_request_headers() -> None:
+    headers = [
+        (b"Host", b"127.0.0.1:8000"),
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"X-Secret", b"hop"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Accept", b"application/json"),
+        (b"Cookie", b"a=1"),
+        (b"Cookie", b"b=2"),
+        (b"X-Forwarded-For", b"10.1.1.1"),
+        (b"Content-Length", b"5"),
+    ]
+    out = upstream_request_headers(headers, ALICE, "127.0.0.1", b"127.0.0.1:8000", b"T")
+    names = [n.lower() for n, _ in out]
+    assert b"connection" not in names and b"x-secret" not in names and b"keep-alive" not in names
+    assert b"content-length" not in names
+    assert (b"Host", b"hub.example.org:8000") in out
+    assert (b"Authorization", b"token T") in out
+    assert [v for n, v in out if n == b"Cookie"] == [b"a=1", b"b=2"]
+    assert (b"X-Forwarded-For", b"10.1.1.1, 127.0.0.1") in out
+    assert (b"X-Forwarded-Proto", b"http") in out
+    assert (b"X-Forwarded-Host", b"127.0.0.1:8000") in out
+    # a client's own Authorization wins over a query token
+    out = upstream_request_headers([(b"Authorization", b"bearer X")], ALICE, "127.0.0.1", None, b"T")
+    assert [v for n, v in out if n.lower() == b"authorization"] == [b"bearer X"]
+
+
+def test_map_response_headers_keeps_every_value() -> None:
+    headers = [
+        (b"Set-Cookie", b"a=1; Path=/user/alice/"),
+        (b"Set-Cookie", b"b=2; Path=/user/alice/api"),
+        (b"Location", b"/user/alice/api/kernels/k"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"10"),
+        (b"X-Custom", b"1"),
+    ]
+    assert map_response_headers(headers, ALICE) == [
+        (b"Set-Cookie", b"a=1; Path=/"),
+        (b"Set-Cookie", b"b=2; Path=/api"),
+        (b"Location", b"/api/kernels/k"),
+        (b"X-Custom", b"1"),
+    ]
+
+
+def test_kernelspecs_body() -> None:
+    assert is_kernelspec_path(b"/api/kernelspecs") and is_kernelspec_path(b"/api/kernelspecs/python3")
+    assert not is_kernelspec_path(b"/api/kernelspecs/python3/logo") and not is_kernelspec_path(b"/api/kernels")
+    prefix = NAMED.user_prefix
+    listing = {
+        "default": "python3",
+        "kernelspecs": {
+            "python3": {
+                "name": "python3",
+                "spec": {"display_name": "Python 3"},
+                "resources": {"logo-64x64": f"{prefix}kernelspecs/python3/logo-64x64.png"},
+            }
+        },
+    }
+    mapped = json.loads(map_kernelspecs_body(json.dumps(listing).encode(), NAMED))
+    assert mapped["kernelspecs"]["python3"]["resources"] == {"logo-64x64": "/kernelspecs/python3/logo-64x64.png"}
+    assert mapped["kernelspecs"]["python3"]["spec"] == {"display_name": "Python 3"}
+    single = listing["kernelspecs"]["python3"]
+    mapped = json.loads(map_kernelspecs_body(json.dumps(single).encode(), NAMED))
+    assert mapped["resources"]["logo-64x64"] == "/kernelspecs/python3/logo-64x64.png"
+    for body in (b"not json", b"[1, 2]", b'{"kernelspecs": 3}'):
+        assert map_kernelspecs_body(body, NAMED) == body
+
+
+def test_target_names() -> None:
+    v6 = HubTarget(host="::1", port=8443, user="u")
+    assert v6.netloc == "[::1]:8443"
+    assert NAMED.netloc == "hub.example.org"
+    assert quote("a.b@c+d e", safe="@~") in NAMED.user_prefix

@@ -1,0 +1,5 @@
+"""twistd dropin: ``twistd jupyter-dev-server --hub ... --user ...``."""
+
+from jds.service import JupyterDevServerMaker
+
+jupyterDevServer = JupyterDevServerMaker()
