@@ -1,0 +1,210 @@
+"""
+The HTTP proxy resource driven in memory: raw bytes into a Site over a StringTransport (as Twisted's
+own test_proxy.py does), a recording agent standing in for the hub.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
+
+from jds.paths import HubTarget
+from jds.proxy import HubProxyResource
+from jds.service import LocalSite
+from jds.tls import HubTLSPolicy
+
+TARGET = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.example.org")
+
+
+class FakeUpstream:
+    """What the hub's connection looks like to a body protocol: a pausable producer."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@implementer(IResponse)
+class FakeResponse:
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(self, code: int, headers: dict[bytes, list[bytes]], length: int | object = UNKNOWN_LENGTH) -> None:
+        self.code = code
+        self.phrase = b"Phrase"
+        self.headers = Headers(headers)
+        self.length = length
+        self.upstream = FakeUpstream()
+        self.protocol = None
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.upstream)
+
+    def send(self, *chunks: bytes, end: Failure | None = None) -> None:
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+        self.protocol.connectionLost(end or Failure(ResponseDone()))
+
+    def setPreviousResponse(self, response) -> None:  # pragma: no cover - interface
+        pass
+
+
+class RecordingAgent:
+    def __init__(self) -> None:
+        self.calls: list[tuple[bytes, bytes, Headers, object, Deferred]] = []
+        self.cancelled: list[bytes] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None) -> Deferred:
+        d: Deferred = Deferred(lambda _: self.cancelled.append(uri))
+        self.calls.append((method, uri, headers, bodyProducer, d))
+        return d
+
+
+class ProxyResourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.agent = RecordingAgent()
+        policy = HubTLSPolicy(self.reactor, TARGET.host, TARGET.port, TARGET.verify_name, None)
+        self.site = LocalSite(HubProxyResource(TARGET, policy, self.reactor, agent=self.agent))
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, raw: bytes) -> None:
+        self.channel.dataReceived(raw)
+
+    def written(self) -> bytes:
+        return self.transport.value()
+
+    def test_request_is_mapped_and_token_moves_to_header(self) -> None:
+        self.send(b"GET /api/kernels?token=s3cret&x=1 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+                  b"Accept: application/json\r\nConnection: keep-alive\r\n\r\n")
+        [(method, uri, headers, body, _)] = self.agent.calls
+        self.assertEqual(method, b"GET")
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/kernels?x=1")
+        self.assertEqual(headers.getRawHeaders(b"authorization"), [b"token s3cret"])
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"hub.example.org:8443"])
+        self.assertEqual(headers.getRawHeaders(b"accept"), [b"application/json"])
+        self.assertIsNone(headers.getRawHeaders(b"connection"))
+        self.assertIsNone(body)
+
+    def test_response_streams_with_mapped_headers(self) -> None:
+        self.send(b"POST /api/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        [(_, _, _, body, d)] = self.agent.calls
+        self.assertIsNotNone(body)
+        self.assertEqual(body.length, 2)
+        response = FakeResponse(
+            201,
+            {b"Location": [b"/user/alice/api/sessions/1"],
+             b"Set-Cookie": [b"a=1; Path=/user/alice/", b"b=2; Path=/user/alice/"]},
+            length=7,
+        )
+        d.callback(response)
+        response.send(b"{\"a\"", b":1}")
+        out = self.written()
+        self.assertTrue(out.startswith(b"HTTP/1.1 201 Phrase\r\n"))
+        self.assertIn(b"Location: /api/sessions/1\r\n", out)
+        self.assertIn(b"Set-Cookie: a=1; Path=/\r\n", out)
+        self.assertIn(b"Set-Cookie: b=2; Path=/\r\n", out)
+        self.assertIn(b"Content-Length: 7\r\n", out)
+        self.assertNotIn(b"Content-Type: text/html", out)
+        self.assertTrue(out.endswith(b"\r\n\r\n{\"a\":1}"))
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_kernelspec_resources_are_local(self) -> None:
+        self.send(b"GET /api/kernelspecs?1638511749274 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        [(_, uri, headers, _, d)] = self.agent.calls
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/kernelspecs?1638511749274")
+        self.assertIsNone(headers.getRawHeaders(b"accept-encoding"))
+        spec = {"default": "python3", "kernelspecs": {"python3": {"name": "python3", "spec": {},
+                "resources": {"logo-64x64": "/user/alice/kernelspecs/python3/logo-64x64.png"}}}}
+        body = json.dumps(spec).encode()
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=len(body))
+        d.callback(response)
+        response.send(body)
+        head, _, sent = self.written().partition(b"\r\n\r\n")
+        resources = json.loads(sent)["kernelspecs"]["python3"]["resources"]
+        self.assertEqual(resources, {"logo-64x64": "/kernelspecs/python3/logo-64x64.png"})
+        self.assertIn(b"Content-Length: %d\r\n" % len(sent), head + b"\r\n")
+
+    def test_slow_client_pauses_the_hub(self) -> None:
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {}, length=UNKNOWN_LENGTH)
+        d.callback(response)
+        response.protocol.dataReceived(b"x" * 10)
+        client_side = self.transport.producer  # the channel, as the client's transport sees it
+        client_side.pauseProducing()  # what the transport does when its write buffer fills
+        self.assertTrue(response.upstream.paused)
+        client_side.resumeProducing()
+        self.assertFalse(response.upstream.paused)
+
+    def test_truncated_upstream_body_aborts_the_client(self) -> None:
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {}, length=100)
+        d.callback(response)
+        response.send(b"x" * 10, end=Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
+        self.assertIn(b"Content-Length: 100\r\n", self.written())
+
+    def test_client_going_away_stops_the_upstream_body(self) -> None:
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {}, length=100)
+        d.callback(response)
+        response.protocol.dataReceived(b"x" * 10)
+        self.channel.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(response.upstream.stopped)
+
+    def test_client_going_away_cancels_the_pending_request(self) -> None:
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.transport.clear()
+        self.channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.agent.cancelled, [b"https://hub.example.org:8443/user/alice/api/kernels"])
+        self.assertEqual(self.written(), b"")
+
+    def test_unreachable_hub_is_502_json(self) -> None:
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        d.errback(Failure(ConnectionRefusedError()))
+        head, _, body = self.written().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 "))
+        error = json.loads(body)
+        self.assertEqual(error["reason"], "hub-unreachable")
+        self.assertIn("127.0.0.1:8443", error["message"])
+
+    def test_refused_paths_never_reach_the_hub(self) -> None:
+        for path, status in ((b"/hub/api", b"404"), (b"/../user/bob/", b"400"), (b"/a/%2e%2e/%2e%2e/x", b"400")):
+            self.transport.clear()
+            self.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _, body = self.written().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 " + status), head)
+            self.assertIn("message", json.loads(body))
+        self.assertEqual(self.agent.calls, [])
+
+    def test_repeated_request_headers_keep_every_value(self) -> None:
+        self.send(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\n")
+        [(_, _, headers, _, _)] = self.agent.calls
+        self.assertEqual(headers.getRawHeaders(b"x-a"), [b"1", b"2"])
+
