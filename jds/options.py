@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from jds.paths import HubTarget
 from jds.tls import TLSConfigError, load_trust_root
+from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
 __all__ = ["Options", "parse_hub"]
 
@@ -60,6 +61,16 @@ def _port(value: str, what: str) -> int:
     return port
 
 
+def _seconds(value: str, name: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if seconds <= 0:
+        raise usage.UsageError(f"--{name} must be a number of seconds above 0, not {value!r}.")
+    return seconds
+
+
 class Options(usage.Options):
     synopsis = "--hub HOST[:PORT] --user NAME [options]"
     longdesc = (
@@ -83,7 +94,23 @@ class Options(usage.Options):
          "Twisted endpoint to serve the IDE on. [env JUPYTER_PROXY_IP_OR_NAME, JUPYTER_PROXY_PORT; "
          f"default: {DEFAULT_LISTEN}]"],
         ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
+        ["token-file", None, None,
+         "Managed mode: a file (mode 600) with your hub API token. The proxy then holds the token, "
+         "starts your server when needed and gives the IDE a local token instead. "
+         "[env JUPYTERHUB_API_TOKEN holds the token itself]"],
+        ["local-token-file", None, None,
+         "Where managed mode keeps its local token, reused across restarts. "
+         "[default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
+        ["spawn-timeout", None, "600", "Seconds to wait for your server to start (batch queues are slow)."],
+        ["ping-interval", None, "30", "Seconds between WebSocket pings that keep idle kernels connected."],
     ]
+    optFlags = [
+        ["no-spawn", None, "Never start your server; say how to start it instead."],
+    ]
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """A web page origin allowed to use the proxy (repeatable), e.g. http://localhost:3000."""
+        self.setdefault("allow-origin", []).append(origin.rstrip("/"))
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -115,12 +142,10 @@ class Options(usage.Options):
         except TLSConfigError as exc:
             raise usage.UsageError(str(exc)) from None
 
-        try:
-            self["connect-timeout"] = float(self["connect-timeout"])
-        except ValueError:
-            raise usage.UsageError("--connect-timeout must be a number of seconds.") from None
-        if self["connect-timeout"] <= 0:
-            raise usage.UsageError("--connect-timeout must be more than 0 seconds.")
+        for name in ("connect-timeout", "spawn-timeout", "ping-interval"):
+            self[name] = _seconds(self[name], name)
+        self.setdefault("allow-origin", [])
+        self._tokens()
 
         self["listen"] = self["listen"] or self._listen_from_env()
         try:
@@ -135,6 +160,27 @@ class Options(usage.Options):
             host=host, port=port, user=user, server=self["server"] or "", base_path=base,
             tls_name=tls_name,
         )
+
+    def _tokens(self) -> None:
+        """Managed mode when a hub token is given: read it now, so a bad file stops start-up."""
+        hub_token = None
+        if self["token-file"]:
+            try:
+                hub_token = read_hub_token(self["token-file"])
+            except TokenFileError as exc:
+                raise usage.UsageError(str(exc)) from None
+        else:
+            hub_token = self._env("JUPYTERHUB_API_TOKEN")
+        self["hub-token"] = hub_token
+        self["local-token"] = None
+        if hub_token:
+            path = self["local-token-file"] or default_local_token_path(self.environ)
+            try:
+                self["local-token"] = load_local_token(path)
+            except (OSError, TokenFileError) as exc:
+                raise usage.UsageError(
+                    f"Cannot use the local token file {path}: {exc}. Choose another with --local-token-file."
+                ) from None
 
     def _listen_from_env(self) -> str:
         address = self._env("JUPYTER_PROXY_IP_OR_NAME")

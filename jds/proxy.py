@@ -12,6 +12,7 @@ it were complete.
 from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
+from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +25,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     PartialDownloadError,
     ResponseDone,
+    _HTTP11ClientFactory,
     readBody,
 )
 from twisted.web.http import PotentialDataLoss
@@ -32,7 +34,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from jds.auth import Credentials, StreamScrubber
 from jds.errors import render_error, write_error
+from jds.hub import ServerStarter, SpawnError, looks_stopped
+from jds.login import auth_cookie_header
 from jds.paths import (
     HubTarget,
     PathRefused,
@@ -55,6 +60,7 @@ __all__ = ["HubProxyResource", "WebSocketUpgrader", "make_agent"]
 IDLE_UPSTREAM_SECONDS = 4.0
 # Status codes whose responses never have a body (RFC 9110 6.4.1).
 _NO_BODY = {204, 304}
+_BODYLESS_METHODS = (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
 
 
 class WebSocketUpgrader(TypingProtocol):
@@ -73,8 +79,15 @@ class _PinnedEndpointFactory:
         return self._policy.endpoint()
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's factory logs two lines per hub connection; a daemon's log needs none of them."""
+
+    noisy = False
+
+
 def make_agent(reactor: IReactorTime, policy: HubTLSPolicy) -> Agent:
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = IDLE_UPSTREAM_SECONDS
     pool.retryAutomatically = True
@@ -85,9 +98,38 @@ def _flatten(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
-def _is_websocket_upgrade(request: Request) -> bool:
+def _group(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    grouped: dict[bytes, list[bytes]] = {}
+    for name, value in pairs:
+        grouped.setdefault(name, []).append(value)
+    return grouped
+
+
+def is_websocket_upgrade(request: Request) -> bool:
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
     return any(value.strip().lower() == b"websocket" for value in upgrade)
+
+
+class _KeptOpen:
+    """
+    The spooled request body, handed to ``FileBodyProducer`` without letting it close the file:
+    a request that meets a stopped server is replayed with the same body once the server is up.
+    """
+
+    def __init__(self, content) -> None:
+        self._content = content
+
+    def read(self, size: int = -1) -> bytes:
+        return self._content.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._content.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._content.tell()
+
+    def close(self) -> None:
+        pass
 
 
 class _BodyRelay(Protocol):
@@ -96,43 +138,57 @@ class _BodyRelay(Protocol):
     request's producer, so a slow client pauses reading from the hub instead of filling memory.
     """
 
-    def __init__(self, exchange: _Exchange) -> None:
+    def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | None) -> None:
         self._exchange = exchange
+        self._scrubber = scrubber
 
     def connectionMade(self) -> None:
         self._exchange.streaming(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._scrubber is not None:
+            data = self._scrubber.feed(data)
         self._exchange.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._scrubber is not None and reason.check(ResponseDone, PotentialDataLoss):
+            self._exchange.write(self._scrubber.flush())
         self._exchange.body_ended(reason)
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
 
 
 class _Exchange:
     """One client request and its upstream counterpart, tied together until both are over."""
 
-    def __init__(self, resource: HubProxyResource, request: Request, hub_path: bytes) -> None:
+    def __init__(self, resource: HubProxyResource, request: Request, hub_path: bytes, query: bytes) -> None:
         self.resource = resource
         self.request = request
         self.hub_path = hub_path
+        self.query = query
         self._pending: Deferred | None = None
         self._upstream_body = None
         self._client_gone = False
+        self._replayed = False
+        self.set_auth_cookie = False
         request.notifyFinish().addErrback(self._client_went_away)
 
-    def start(self, query: bytes) -> None:
-        request, target = self.request, self.resource.target
-        query, token = split_token(query)
+    def start(self) -> None:
+        request, target, credentials = self.request, self.resource.target, self.resource.credentials
+        query, token = split_token(self.query)
+        headers, token = credentials.upstream(_flatten(request.requestHeaders), token)
         headers = upstream_request_headers(
-            _flatten(request.requestHeaders),
+            headers,
             target,
             client_ip=getattr(request.getClientAddress(), "host", "127.0.0.1"),
             local_host=request.getHeader(b"host"),
             query_token=token,
         )
-        if self._rewrites_kernelspecs():
-            # The body is rewritten, so it must arrive as identity-encoded JSON.
+        if self._rewrites_kernelspecs() or credentials.managed:
+            # Bodies that are rewritten or scrubbed must arrive uncompressed.
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
         self._pending = self.resource.agent.request(
@@ -152,26 +208,95 @@ class _Exchange:
         size = content.tell()
         content.seek(0)
         has_length = self.request.requestHeaders.hasHeader(b"content-length")
-        if size == 0 and not has_length and self.request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+        if size == 0 and not has_length and self.request.method in _BODYLESS_METHODS:
             return None
-        return FileBodyProducer(content)
+        return FileBodyProducer(_KeptOpen(content))
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
-        request = self.request
+        if self._client_gone:
+            response.deliverBody(_Discard())
+            return
+        starter = self.resource.starter
+        if starter is not None and not self._replayed:
+            location = (response.headers.getRawHeaders(b"location") or [None])[0]
+            stopped = looks_stopped(response.code, location, self.resource.target)
+            if stopped:
+                self._wait_for_server(response)
+                return
+            if stopped is None:
+                self._pending = starter.confirm_stopped()
+                self._pending.addCallbacks(
+                    lambda yes: self._wait_for_server(response) if yes else self._relay(response),
+                    lambda _: self._relay(response),
+                )
+                return
+        if starter is not None and response.code in (401, 403):
+            self._pending = starter.api.token_accepted()
+            self._pending.addCallbacks(
+                lambda ok: self._relay(response) if ok else self._token_refused(response),
+                lambda _: self._relay(response),
+            )
+            return
+        self._relay(response)
+
+    def _wait_for_server(self, response: IResponse) -> None:
+        """Hold this request while the server starts, then send it again, body and all."""
+        self._pending = None
+        response.deliverBody(_Discard())
+        if self._client_gone:
+            return
+        self._replayed = True
+        self._pending = self.resource.starter.ensure_running()
+        self._pending.addCallbacks(lambda _: self.start(), self._spawn_failed)
+
+    def _spawn_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._client_gone or failure.check(CancelledError):
+            return
+        error = failure.value if failure.check(SpawnError) else SpawnError(503, failure.getErrorMessage(), "spawn-failed")
+        write_error(self.request, error.status, error.message, error.reason)
+
+    def _relay(self, response: IResponse) -> None:
+        self._pending = None
+        request, credentials = self.request, self.resource.credentials
         if self._client_gone:
             response.deliverBody(_Discard())
             return
         request.setResponseCode(response.code, response.phrase)
-        request.responseHeaders = Headers(
-            _group(map_response_headers(_flatten(response.headers), self.resource.target))
-        )
+        headers = map_response_headers(_flatten(response.headers), self.resource.target)
+        if credentials.managed:
+            headers = [(name, credentials.scrub(value)) for name, value in headers]
+        request.responseHeaders = Headers(_group(headers))
+        if self.set_auth_cookie:
+            request.responseHeaders.addRawHeader(b"set-cookie", auth_cookie_header(credentials))
         if response.code == 200 and self._rewrites_kernelspecs():
             readBody(response).addCallbacks(self._write_kernelspecs, self._body_failed)
             return
-        if response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY:
+        scrubber = None
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        if credentials.managed and content_type.lower().startswith(b"text/html"):
+            scrubber = StreamScrubber(credentials.hub_token.encode(), credentials.local_token.encode())
+        keeps_length = scrubber is None or len(credentials.hub_token) == len(credentials.local_token)
+        if response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY and keeps_length:
             request.setHeader(b"content-length", b"%d" % response.length)
-        response.deliverBody(_BodyRelay(self))
+        response.deliverBody(_BodyRelay(self, scrubber))
+
+    def _token_refused(self, response: IResponse) -> None:
+        """The hub no longer accepts the token this proxy holds: say so, and where to get one."""
+        self._pending = None
+        response.deliverBody(_Discard())
+        if self._client_gone:
+            return
+        target = self.resource.target
+        write_error(
+            self.request,
+            401,
+            "The hub refused the API token this proxy holds: it may have expired or been revoked. "
+            f"Create a new one at {target.url}hub/token and put it in the --token-file.",
+            "hub-token-refused",
+            hint="Replace the token in --token-file and restart jupyter-dev-server.",
+        )
 
     def _write_kernelspecs(self, body: bytes) -> None:
         body = map_kernelspecs_body(body, self.resource.target)
@@ -192,7 +317,7 @@ class _Exchange:
             self.request.registerProducer(producer, True)
 
     def write(self, data: bytes) -> None:
-        if not self._client_gone:
+        if data and not self._client_gone:
             self.request.write(data)
 
     def body_ended(self, reason: Failure) -> None:
@@ -235,18 +360,6 @@ class _Exchange:
             self._upstream_body.stopProducing()
 
 
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-def _group(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    grouped: dict[bytes, list[bytes]] = {}
-    for name, value in pairs:
-        grouped.setdefault(name, []).append(value)
-    return grouped
-
-
 class HubProxyResource(ReverseProxyResource):
     """
     Serves the whole local URL space from the user's server on the hub.
@@ -264,12 +377,16 @@ class HubProxyResource(ReverseProxyResource):
         reactor: IReactorTime,
         agent: Agent | None = None,
         websockets: WebSocketUpgrader | None = None,
+        credentials: Credentials | None = None,
+        starter: ServerStarter | None = None,
     ) -> None:
         super().__init__(target.host, target.port, target.user_prefix.encode("ascii"), reactor)
         self.target = target
         self.policy = policy
         self.agent = agent if agent is not None else make_agent(reactor, policy)
         self.websockets = websockets
+        self.credentials = credentials or Credentials()
+        self.starter = starter
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:
         return self
@@ -280,12 +397,41 @@ class HubProxyResource(ReverseProxyResource):
             hub_path = map_request_path(raw_path, self.target)
         except PathRefused as refused:
             return render_error(request, refused.status, refused.message, refused.reason)
-        if _is_websocket_upgrade(request):
+        websocket = is_websocket_upgrade(request)
+        verdict = self.credentials.check(
+            request.method,
+            query,
+            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
+            form_xsrf=(request.args.get(b"_xsrf") or [b""])[0].decode("latin-1") or None,
+        )
+        if not verdict.allowed:
+            return self._refuse(request, raw_path, query, verdict, websocket)
+        if websocket:
             if self.websockets is None:
-                return render_error(
-                    request, 501, "WebSocket relaying is not available.", "no-websocket"
-                )
+                return render_error(request, 501, "WebSocket relaying is not available.", "no-websocket")
             return self.websockets.render_upgrade(request, hub_path, query)
         request.defaultContentType = None
-        _Exchange(self, request, hub_path).start(query)
+        exchange = _Exchange(self, request, hub_path, query)
+        exchange.set_auth_cookie = self.credentials.managed and not verdict.by_cookie and b"token=" in query
+        exchange.start()
         return NOT_DONE_YET
+
+    def _refuse(self, request: Request, raw_path: bytes, query: bytes, verdict, websocket: bool) -> bytes:
+        """
+        Without the local token: pages redirect to the local login (that is how Jupyter clients
+        learn a password is needed), everything else gets a 403 that says what to do.
+        """
+        if verdict.reason == "xsrf":
+            return render_error(
+                request, 403, "'_xsrf' argument missing from POST: cookie-authenticated requests "
+                "must send the '_xsrf' cookie's value as an X-XSRFToken header.", "xsrf",
+            )
+        if request.method == b"GET" and not websocket and not raw_path.startswith(b"/api/"):
+            target = raw_path + (b"?" + query if query else b"")
+            request.redirect(b"/login?next=" + quote(target.decode("latin-1"), safe="").encode())
+            return b""
+        return render_error(
+            request, 403, "This jupyter-dev-server needs its local token: use the URL it printed at "
+            "start-up (http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
+            "no-token", hint="The request carried no valid local token.",
+        )

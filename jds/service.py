@@ -7,22 +7,30 @@ WebSocket relay and the local site with its redacted access log.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from jds import __version__
+from jds.auth import Credentials
+from jds.hub import HubAPI, ServerStarter, ServerState
+from jds.login import LoginPage
 from jds.options import Options
 from jds.paths import HubTarget, redact_query
-from jds.proxy import HubProxyResource
+from jds.progress import ProgressBar
+from jds.proxy import HubProxyResource, make_agent
 from jds.tls import HubTLSPolicy
 
 log = Logger(namespace="jds")
@@ -47,6 +55,7 @@ class LocalSite(Site):
 
     requestFactory = _TimedRequest
     displayTracebacks = False
+    noisy = False
 
     def log(self, request: Request) -> None:
         started = getattr(request, "started", None)
@@ -61,16 +70,49 @@ class LocalSite(Site):
         )
 
 
-def build_site(target: HubTarget, policy: HubTLSPolicy, reactor: Any) -> LocalSite:
+class LocalRoot(Resource):
+    """The proxy serves every path, except the few the daemon answers itself (``/login``)."""
+
+    def __init__(self, proxy: HubProxyResource, login: LoginPage | None) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.login = login
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"login" and self.login is not None and not request.postpath:
+            return self.login
+        return self.proxy
+
+    def render(self, request: Request) -> bytes | int:
+        return self.proxy.render(request)
+
+
+def build_site(
+    target: HubTarget,
+    policy: HubTLSPolicy,
+    reactor: Any,
+    credentials: Credentials | None = None,
+    starter: ServerStarter | None = None,
+    allowed_origins: tuple[str, ...] = (),
+    ping_interval: float = 30.0,
+) -> LocalSite:
+    credentials = credentials or Credentials()
+    agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
     websockets = None
     try:
         from jds.relay import WebSocketRelay
     except ImportError:  # the relay lands separately; HTTP works without it
         pass
     else:
-        websockets = WebSocketRelay(target, policy, reactor)
-    resource = HubProxyResource(target, policy, reactor, websockets=websockets)
-    return LocalSite(resource)
+        websockets = WebSocketRelay(
+            target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins
+        )
+    proxy = HubProxyResource(
+        target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
+        starter=starter,
+    )
+    login = LoginPage(credentials) if credentials.managed else None
+    return LocalSite(LocalRoot(proxy, login))
 
 
 class _ProxyListener(StreamServerEndpointService):
@@ -78,9 +120,10 @@ class _ProxyListener(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint, factory, description: str) -> None:
+    def __init__(self, endpoint, factory, description: str, token: str | None) -> None:
         super().__init__(endpoint, factory)
         self.description = description
+        self.token = token
 
     def privilegedStartService(self) -> None:
         try:
@@ -99,11 +142,13 @@ class _ProxyListener(StreamServerEndpointService):
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
+        # The local token is printed on purpose (the user pastes it); hub tokens never are.
         log.info(
             "Paste this URL into your IDE as an existing Jupyter server: "
-            "http://{host}:{port}/?token=<YOUR_HUB_API_TOKEN>",
+            "http://{host}:{port}/?token={token}",
             host=host,
             port=address.port,
+            token=self.token or "<YOUR_HUB_API_TOKEN>",
         )
         return port
 
@@ -116,10 +161,23 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         reactor, target.host, target.port, target.verify_name, options["ca-cert"],
         connect_timeout=options["connect-timeout"],
     )
-    site = build_site(target, policy, reactor)
+    credentials = Credentials(options["hub-token"], options["local-token"])
+    starter = None
+    if credentials.managed:
+        api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
+        starter = ServerStarter(
+            api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
+            on_progress=ProgressBar(sys.stderr).update,
+        )
+    site = build_site(
+        target, policy, reactor, credentials, starter,
+        allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
+    )
     endpoint = serverFromString(reactor, options["listen"])
     top = service.MultiService()
-    _ProxyListener(endpoint, site, options["listen"]).setServiceParent(top)
+    _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
+    if starter is not None:
+        _StartServerAtLaunch(starter).setServiceParent(top)
     log.info(
         "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}",
         version=__version__,
@@ -129,6 +187,29 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         ca=policy.ca_source,
     )
     return top
+
+
+class _StartServerAtLaunch(service.Service):
+    """In managed mode a stopped server is started right away: the IDE's first request is fast."""
+
+    def __init__(self, starter: ServerStarter) -> None:
+        self.starter = starter
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.starter.api.server_state()
+
+        def start_if_stopped(state: ServerState) -> Deferred | None:
+            log.info("Your server {url} is {state}.", url=self.starter.api.target.server_url, state=state.word)
+            if state.ready or not self.starter.allowed:
+                return None
+            return self.starter.ensure_running()
+
+        def report(failure: Failure) -> None:
+            error = failure.value
+            log.warn("{message}", message=getattr(error, "message", None) or failure.getErrorMessage())
+
+        d.addCallback(start_if_stopped).addErrback(report)
 
 
 @implementer(service.IServiceMaker, IPlugin)

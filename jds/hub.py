@@ -1,0 +1,355 @@
+"""
+What the proxy knows about JupyterHub itself: how a stopped server shows in the hub's answers, how
+to ask for the server's state, and how to start it and follow its progress.
+
+The original tool's users restarted servers by hand after a cryptic redirect or 503. Here a request
+that meets a stopped server waits while the proxy starts it (one spawn, however many requests wait)
+and is then replayed, so the IDE only sees a slow first answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from jds.paths import HubTarget, escape_name
+
+log = Logger(namespace="jds.hub")
+
+__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "SpawnError", "looks_stopped"]
+
+# Hub answers that mean "the server is not running here", before any confirmation.
+_REDIRECT_CODES = {301, 302, 303, 307}
+_MAYBE_STOPPED_CODES = {405, 424, 503}
+
+
+def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool | None:
+    """
+    ``True`` if the hub's answer certainly means the server is stopped or starting, ``None`` if it
+    might (a 405, 424 or 503 also happens for other reasons: ask the hub's API), ``False`` if not.
+    """
+    hub = f"{target.base}hub/".encode("ascii")
+    user = escape_name(target.user).encode("ascii")
+    if code in _REDIRECT_CODES and location:
+        path = location.split(b"?", 1)[0]
+        if b"://" in path:
+            path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+        for stem in (b"user/", b"spawn-pending/", b"spawn/"):
+            if path.startswith(hub + stem + user + b"/") or path == hub + stem + user:
+                return True
+        return False
+    return None if code in _MAYBE_STOPPED_CODES else False
+
+
+class SpawnError(Exception):
+    """Starting the server failed or timed out; ``status`` is what the waiting requests get."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ServerState:
+    ready: bool
+    pending: str | None
+    exists: bool
+
+    @property
+    def word(self) -> str:
+        if self.ready:
+            return "running"
+        if self.pending:
+            return f"pending {self.pending}"
+        return "stopped"
+
+
+@dataclass
+class Progress:
+    percent: int | None = None
+    message: str = ""
+    ready: bool = False
+    failed: bool = False
+    seen: list[str] = field(default_factory=list)
+
+
+class _EventStream(Protocol):
+    """Reads a ``text/event-stream`` and calls ``on_event`` with each ``data:`` JSON object."""
+
+    def __init__(self, on_event: Callable[[dict[str, Any]], None], done: Deferred) -> None:
+        self._buffer = b""
+        self._on_event = on_event
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                try:
+                    event = json.loads(line[5:].strip())
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    self._on_event(event)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self._done.called:
+            self._done.callback(None)
+
+
+class HubAPI:
+    """The few hub REST calls the proxy makes, all with the user's token over the pinned agent."""
+
+    def __init__(self, agent: Agent, target: HubTarget, hub_token: str) -> None:
+        self.agent = agent
+        self.target = target
+        self._token = hub_token
+
+    def _url(self, path: str) -> bytes:
+        return f"https://{self.target.netloc}{self.target.base}hub/api/{path}".encode("ascii")
+
+    def _server_path(self) -> str:
+        user = escape_name(self.target.user)
+        if self.target.server:
+            return f"users/{user}/servers/{escape_name(self.target.server)}"
+        return f"users/{user}/server"
+
+    def request(self, method: bytes, path: str) -> Deferred:
+        headers = Headers(
+            {
+                b"Authorization": [b"token " + self._token.encode()],
+                b"Accept": [b"application/json"],
+                b"Host": [self.target.netloc.encode("ascii")],
+            }
+        )
+        return self.agent.request(method, self._url(path), headers)
+
+    @inlineCallbacks
+    def json(self, method: bytes, path: str):
+        response: IResponse = yield self.request(method, path)
+        body = yield readBody(response)
+        try:
+            document = json.loads(body) if body else None
+        except ValueError:
+            document = None
+        return response.code, document
+
+    def token_accepted(self) -> Deferred:
+        """Fires with ``False`` when the hub refuses the token outright (expired, revoked)."""
+        return self.request(b"GET", "user").addCallback(_drain_code).addCallback(lambda code: code not in (401, 403))
+
+    @inlineCallbacks
+    def server_state(self):
+        code, user = yield self.json(b"GET", f"users/{escape_name(self.target.user)}")
+        if code != 200 or not isinstance(user, dict):
+            raise SpawnError(*_api_refusal(code, user, self.target, "read your server's state"))
+        server = (user.get("servers") or {}).get(self.target.server)
+        if not server:
+            return ServerState(ready=False, pending=None, exists=False)
+        return ServerState(ready=bool(server.get("ready")), pending=server.get("pending"), exists=True)
+
+    @inlineCallbacks
+    def start(self):
+        """``True`` once the hub accepted (201 started, 202 pending); 400 means it already runs or stops."""
+        code, body = yield self.json(b"POST", self._server_path())
+        if code in (201, 202, 400):
+            return code
+        raise SpawnError(*_api_refusal(code, body, self.target, "start your server"))
+
+    def follow_progress(self, on_event: Callable[[dict[str, Any]], None]) -> Deferred:
+        """Fires when the hub closes the progress stream; events arrive through ``on_event``."""
+        d = self.request(b"GET", self._server_path() + "/progress")
+
+        def stream(response: IResponse) -> Deferred | None:
+            if response.code != 200:
+                response.deliverBody(_EventStream(lambda e: None, Deferred()))
+                return None
+            done: Deferred = Deferred()
+            response.deliverBody(_EventStream(on_event, done))
+            return done
+
+        return d.addCallback(stream)
+
+
+def _drain_code(response: IResponse) -> Deferred:
+    return readBody(response).addBoth(lambda _: response.code)
+
+
+def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> tuple[int, str, str]:
+    hub_message = body.get("message", "") if isinstance(body, dict) else ""
+    if code == 403:
+        return (
+            503,
+            f"Your server at {target.server_url} is not running, and the token this proxy holds "
+            f"may not {what} (missing scope; hub says: {hub_message or 'forbidden'}). Start it at "
+            f"{target.url}hub/home or use a token with the 'servers' scope.",
+            "missing-scope",
+        )
+    if code in (401,):
+        return (
+            503,
+            f"The hub refused the token this proxy holds ({hub_message or 'unauthorized'}): it may "
+            f"have expired or been revoked. Create a new one at {target.url}hub/token.",
+            "hub-token-refused",
+        )
+    return (
+        503,
+        f"The hub could not {what} (HTTP {code}{': ' + hub_message if hub_message else ''}).",
+        "hub-error",
+    )
+
+
+class ServerStarter:
+    """
+    Starts the user's server at most once at a time; everyone who needs it running waits on the
+    same spawn. ``on_progress`` sees each progress event (for the terminal's progress bar).
+    """
+
+    def __init__(
+        self,
+        api: HubAPI,
+        reactor: Any,
+        timeout: float = 600.0,
+        allowed: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.reactor = reactor
+        self.timeout = timeout
+        self.allowed = allowed
+        self.on_progress = on_progress
+        self.progress = Progress()
+        self._waiters: list[Deferred] = []
+        self._timer = None
+
+    @property
+    def spawning(self) -> bool:
+        return bool(self._waiters)
+
+    def not_running_error(self) -> SpawnError:
+        target = self.api.target
+        return SpawnError(
+            503,
+            f"Your server at {target.server_url} is not running, and this proxy was started with "
+            f"--no-spawn. Start it at {target.url}hub/home, then retry.",
+            "server-not-running",
+        )
+
+    def confirm_stopped(self) -> Deferred:
+        """Fires with ``True`` when the hub's API says the server is not ready."""
+        return self.api.server_state().addCallback(lambda state: not state.ready)
+
+    def ensure_running(self) -> Deferred:
+        """Fires (with ``None``) when the server is ready; fails with :class:`SpawnError`."""
+        if not self.allowed:
+            return _failed(self.not_running_error())
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._timer = self.reactor.callLater(self.timeout, self._timed_out)
+            self._spawn().addBoth(self._finish)
+        return waiter
+
+    @inlineCallbacks
+    def _spawn(self):
+        self.progress = Progress()
+        state = yield self.api.server_state()
+        if state.ready:
+            return None
+        log.info("Starting your server {url} on the hub.", url=self.api.target.server_url)
+        if state.pending != "spawn":
+            code = yield self.api.start()
+            if code == 201:
+                return None
+        while self._waiters:
+            yield self.api.follow_progress(self._event)
+            if self.progress.failed:
+                raise SpawnError(
+                    503,
+                    f"The hub failed to start your server: {self.progress.message or 'no reason given'}.",
+                    "spawn-failed",
+                )
+            state = yield self.api.server_state()
+            if state.ready:
+                return None
+            if not state.pending:
+                raise SpawnError(
+                    503,
+                    "The hub stopped starting your server"
+                    f"{': ' + self.progress.message if self.progress.message else ''}.",
+                    "spawn-failed",
+                )
+        return None
+
+    def _event(self, event: dict[str, Any]) -> None:
+        progress = self.progress
+        if isinstance(event.get("progress"), int | float):
+            progress.percent = int(event["progress"])
+        if event.get("message"):
+            progress.message = str(event["message"])
+            progress.seen.append(progress.message)
+        progress.ready = bool(event.get("ready"))
+        progress.failed = bool(event.get("failed"))
+        log.info(
+            "Server start: {percent}% {message}",
+            percent=progress.percent if progress.percent is not None else "?",
+            message=progress.message,
+        )
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        last = self.progress.message or "no progress reported"
+        self._release(
+            Failure(
+                SpawnError(
+                    504,
+                    f"Your server did not start within {self.timeout:g} s (--spawn-timeout). "
+                    f"The hub's last word: {last}.",
+                    "spawn-timeout",
+                )
+            )
+        )
+
+    def _finish(self, result: object) -> None:
+        if isinstance(result, Failure) and not result.check(SpawnError):
+            message, reason = f"Starting your server failed: {result.getErrorMessage()}", "spawn-failed"
+            result = Failure(SpawnError(503, message, reason))
+        if isinstance(result, Failure):
+            log.warn("Starting your server failed: {message}", message=result.value.message)
+        else:
+            log.info("Your server is ready.")
+        self._release(result)
+
+    def _release(self, result: object) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(error))
+    return d
+

@@ -1,0 +1,66 @@
+"""
+The two tokens of managed mode: the user's hub API token (read, never shown) and the proxy's own
+local token (made once, kept in a 0600 file so the URL saved in the IDE stays valid across restarts).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["TokenFileError", "default_local_token_path", "load_local_token", "read_hub_token"]
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message says how to fix it."""
+
+
+def default_local_token_path(environ: Mapping[str, str]) -> Path:
+    state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "jupyter-dev-server" / "local-token"
+
+
+def _private(path: Path, what: str) -> None:
+    """A credential readable by others on a shared login node is a leaked credential."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TokenFileError(
+            f"{what} {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run 'chmod 600 {path}' and start again."
+        )
+
+
+def read_hub_token(path: str | os.PathLike[str]) -> str:
+    token_path = Path(path).expanduser()
+    try:
+        _private(token_path, "The token file")
+        token = token_path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise TokenFileError(
+            f"Cannot read the token file {token_path} given with --token-file: {exc.strerror}."
+        ) from None
+    if not token or any(c.isspace() for c in token):
+        raise TokenFileError(
+            f"The token file {token_path} must hold exactly one JupyterHub API token "
+            "(create one on the hub's Token page, /hub/token)."
+        )
+    return token
+
+
+def load_local_token(path: str | os.PathLike[str]) -> str:
+    """Reuse the local token at ``path``, or create it there (0600, parent 0700) on first use."""
+    token_path = Path(path).expanduser()
+    if token_path.exists():
+        _private(token_path, "The local token file")
+        token = token_path.read_text(encoding="utf-8").strip()
+        if token:
+            return token
+    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_hex(24)
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token
