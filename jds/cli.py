@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.scripts import twistd
 
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["check"]:
+        from jds.check import main as check
+
+        return check(args[1:])
     sys.argv = ["jupyter-dev-server", "--nodaemon", "--pidfile=", "jupyter-dev-server", *args]
     try:
         twistd.run()

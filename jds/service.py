@@ -18,14 +18,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from jds import __version__
 from jds.auth import Credentials
-from jds.hub import HubAPI, ServerStarter, ServerState
+from jds.hub import HubAPI, ServerStarter
 from jds.login import LoginPage
 from jds.options import Options
 from jds.paths import HubTarget, redact_query
@@ -176,8 +175,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     endpoint = serverFromString(reactor, options["listen"])
     top = service.MultiService()
     _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
-    if starter is not None:
-        _StartServerAtLaunch(starter).setServiceParent(top)
+    _LaunchChecks(options, starter, reactor).setServiceParent(top)
     log.info(
         "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}",
         version=__version__,
@@ -189,27 +187,37 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     return top
 
 
-class _StartServerAtLaunch(service.Service):
-    """In managed mode a stopped server is started right away: the IDE's first request is fast."""
+class _LaunchChecks(service.Service):
+    """
+    Once at start-up: the ``check`` steps go to the log (a failure is reported, not fatal: the hub
+    may come back), and in managed mode a stopped server is started so the IDE's first request is fast.
+    """
 
-    def __init__(self, starter: ServerStarter) -> None:
+    def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any) -> None:
+        self.options = options
         self.starter = starter
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
-        d = self.starter.api.server_state()
+        from jds.check import run_checks
 
-        def start_if_stopped(state: ServerState) -> Deferred | None:
-            log.info("Your server {url} is {state}.", url=self.starter.api.target.server_url, state=state.word)
-            if state.ready or not self.starter.allowed:
-                return None
-            return self.starter.ensure_running()
+        d = run_checks(self.reactor, self.options)
+        d.addCallback(self._log_steps)
+        d.addErrback(lambda failure: log.warn("Start-up check failed: {error}", error=failure.getErrorMessage()))
 
-        def report(failure: Failure) -> None:
-            error = failure.value
-            log.warn("{message}", message=getattr(error, "message", None) or failure.getErrorMessage())
-
-        d.addCallback(start_if_stopped).addErrback(report)
+    def _log_steps(self, steps) -> Deferred | None:
+        for step in steps:
+            if step.ok is False:
+                log.warn("check {name}: {detail} Fix: {fix}", name=step.name, detail=step.detail, fix=step.fix or "-")
+            else:
+                log.info("check {name}: {detail}", name=step.name, detail=step.detail)
+        stopped = any(step.name == "server" and step.ok is False for step in steps)
+        if not stopped or self.starter is None or not self.starter.allowed:
+            return None
+        return self.starter.ensure_running().addErrback(
+            lambda failure: log.warn("{message}", message=getattr(failure.value, "message", failure.getErrorMessage()))
+        )
 
 
 @implementer(service.IServiceMaker, IPlugin)

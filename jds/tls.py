@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -38,7 +39,7 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["HubCertificateError", "HubTLSPolicy", "TLSConfigError", "explain_failure"]
+__all__ = ["HubCertificateError", "HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure"]
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -116,6 +117,30 @@ def _asn1_time(value: bytes | None) -> str:
     return parsed.strftime("%Y-%m-%d %H:%M UTC")
 
 
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What ``jupyter-dev-server check`` reports about the hub's verified certificate."""
+
+    names: str
+    issuer: str
+    not_after: datetime.datetime | None
+
+    @classmethod
+    def of(cls, cert: X509) -> PeerCertificate:
+        raw = cert.get_notAfter()
+        try:
+            expires = datetime.datetime.strptime(raw.decode("ascii"), "%Y%m%d%H%M%SZ") if raw else None
+        except ValueError:
+            expires = None
+        if expires is not None:
+            expires = expires.replace(tzinfo=datetime.timezone.utc)
+        issuer = cert.get_issuer()
+        return cls(_describe_names(cert), issuer.CN or issuer.O or "an unnamed CA", expires)
+
+    def days_left(self, now: datetime.datetime) -> int | None:
+        return None if self.not_after is None else (self.not_after - now).days
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _PinnedClientCreator:
     """
@@ -129,6 +154,7 @@ class _PinnedClientCreator:
         self._is_dns = not (isIPAddress(name) or isIPv6Address(name))
         self._ca_source = ca_source
         self._service_id = DNS_ID(name) if self._is_dns else IPAddress_ID(name)
+        self.last_peer: PeerCertificate | None = None
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = SSL.Connection(self._options.getContext(), None)
@@ -167,6 +193,7 @@ class _PinnedClientCreator:
                             "name-mismatch",
                         )
                     )
+                self.last_peer = PeerCertificate.of(cert)
                 return True
             except Exception as exc:  # pragma: no cover - defensive, see above
                 return fail(HubCertificateError(str(exc), "Report this as a bug.", "tls-internal"))

@@ -1,0 +1,216 @@
+"""
+``jupyter-dev-server check``: walk the chain an IDE's request takes and say, for the first link that
+fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
+
+address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
+server state → kernelspecs through the proxy's own mapping, served in-process on a loopback port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from jds.auth import Credentials
+from jds.hub import HubAPI, ServerStarter
+from jds.options import Options
+from jds.paths import HubTarget
+from jds.proxy import make_agent
+from jds.tls import HubTLSPolicy
+
+__all__ = ["CheckOptions", "Step", "run_checks", "main"]
+
+# Scopes a token needs for what the proxy does with it (JupyterHub 6 splits start:servers out).
+_ACCESS = "access:servers"
+_START = ("servers", "start:servers", "admin:servers")
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool | None  # None: not checked
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
+        text = f"{mark}  {self.name:<12} {self.detail}"
+        return text + (f"\n      fix: {self.fix}" if self.fix else "")
+
+
+class CheckOptions(Options):
+    synopsis = "check --hub HOST[:PORT] --user NAME [options]"
+    longdesc = "Check every link from this machine to your server on the hub; exit 0 only if an IDE would work."
+    optFlags = [*Options.optFlags, ["json", None, "Print the steps as JSON."]]
+
+
+class _Probe(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
+def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
+    user = target.user
+    for scope in scopes:
+        base, _, _ = scope.partition("!")
+        if base == wanted or base == "admin:servers" and wanted != _ACCESS:
+            if scope == base or scope in (f"{base}!user={user}", f"{base}!user", f"{base}!server={user}/{target.server}"):
+                return True
+    return False
+
+
+@inlineCallbacks
+def run_checks(reactor: Any, options: Options):
+    target: HubTarget = options["target"]
+    policy = HubTLSPolicy(
+        reactor, target.host, target.port, target.verify_name, options["ca-cert"],
+        connect_timeout=options["connect-timeout"],
+    )
+    agent = make_agent(reactor, policy)
+    steps: list[Step] = []
+    where = f"{target.host}:{target.port}"
+
+    probe = Factory.forProtocol(_Probe)
+    probe.noisy = False
+    try:
+        protocol = yield HostnameEndpoint(reactor, target.host, target.port, timeout=policy.connect_timeout).connect(probe)
+        peer = protocol.transport.getPeer()
+        steps.append(Step("connect", True, f"{where} answers (at {peer.host})"))
+    except Exception:
+        message, hint, _ = policy.explain(Failure())
+        steps.append(Step("connect", False, message, hint))
+        return steps
+
+    try:
+        response = yield agent.request(b"GET", f"{target.url}hub/api".encode(), Headers({b"Accept": [b"application/json"]}))
+        body = yield readBody(response)
+    except Exception:
+        message, hint, _ = policy.explain(Failure())
+        steps.append(Step("tls", False, message, hint))
+        return steps
+    cert = policy.creator.last_peer
+    days = cert.days_left(datetime.datetime.now(datetime.timezone.utc)) if cert else None
+    steps.append(Step(
+        "tls", True,
+        f"verified {target.verify_name} by {policy.ca_source}; certificate for {cert.names if cert else '?'}, "
+        f"issued by {cert.issuer if cert else '?'}, {days if days is not None else '?'} days left",
+        "" if days is None or days > 14 else "The hub's certificate expires soon: tell the cluster administrators.",
+    ))
+    try:
+        version = json.loads(body).get("version")
+    except (ValueError, AttributeError):
+        version = None
+    if response.code != 200 or not version:
+        steps.append(Step(
+            "hub", False, f"{target.url}hub/api answered HTTP {response.code}, not a JupyterHub version",
+            "Check the path prefix in --hub (https://HOST:PORT/PREFIX/) and the port.",
+        ))
+        return steps
+    steps.append(Step("hub", True, f"JupyterHub {version} at {target.url}"))
+
+    token = options["hub-token"]
+    if not token:
+        for name in ("token", "server", "kernelspecs"):
+            steps.append(Step(name, None, "not checked: no --token-file or JUPYTERHUB_API_TOKEN (the IDE brings its own token)"))
+        return steps
+    api = HubAPI(agent, target, token)
+    code, me = yield api.json(b"GET", "user")
+    if code != 200 or not isinstance(me, dict):
+        steps.append(Step(
+            "token", False, f"the hub refused the token (HTTP {code})",
+            f"Create a new token at {target.url}hub/token and put it in the --token-file.",
+        ))
+        return steps
+    scopes = [str(s) for s in me.get("scopes", [])]
+    owner = me.get("name", "?")
+    expires = me.get("token_expires_at") or "never"
+    problems = []
+    if owner != target.user and me.get("kind") == "user" and not me.get("admin"):
+        problems.append(f"the token belongs to {owner}, not {target.user}")
+    if scopes and not _scope_covers(scopes, _ACCESS, target):
+        problems.append(f"it lacks the scope {_ACCESS}!user={target.user}")
+    can_start = not scopes or any(_scope_covers(scopes, s, target) for s in _START)
+    detail = f"owner {owner}, expires {expires}, {len(scopes)} scopes"
+    if problems:
+        steps.append(Step("token", False, detail + "; " + "; ".join(problems),
+                          f"Create a token for {target.user} at {target.url}hub/token."))
+        return steps
+    steps.append(Step("token", True, detail + ("" if can_start else "; cannot start servers (no 'servers' scope)")))
+
+    try:
+        state = yield api.server_state()
+    except Exception as exc:
+        steps.append(Step("server", False, getattr(exc, "message", str(exc))))
+        return steps
+    if not state.ready:
+        how = "the proxy will start it when needed" if can_start else f"start it at {target.url}hub/home"
+        steps.append(Step(
+            "server", False, f"{target.server_url} is {state.word}",
+            f"Start your server: {how}." if not state.pending else "Wait for it to finish starting.",
+        ))
+        return steps
+    steps.append(Step("server", True, f"{target.server_url} is running"))
+
+    from jds.service import build_site
+
+    credentials = Credentials(token, options["local-token"] or "check")
+    site = build_site(target, policy, reactor, credentials, ServerStarter(api, reactor, allowed=False))
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    try:
+        local = f"http://127.0.0.1:{port.getHost().port}/api/kernelspecs".encode()
+        response = yield Agent(reactor).request(
+            b"GET", local, Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
+        )
+        body = yield readBody(response)
+    finally:
+        yield port.stopListening()
+    try:
+        names = sorted(json.loads(body)["kernelspecs"])
+    except (ValueError, KeyError, TypeError):
+        names = []
+    if response.code != 200 or not names:
+        steps.append(Step("kernelspecs", False, f"/api/kernelspecs through the proxy answered HTTP {response.code}",
+                          "Run the daemon and read its log for the request."))
+    else:
+        steps.append(Step("kernelspecs", True, "kernels an IDE will offer: " + ", ".join(names)))
+    return steps
+
+
+def main(argv: list[str]) -> int:
+    from twisted.internet.task import react
+
+    options = CheckOptions()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        print(f"jupyter-dev-server check: {exc}", file=sys.stderr)
+        return 2
+    result: dict[str, int] = {}
+
+    def go(reactor_: Any):
+        def report(steps: list[Step]) -> None:
+            if options["json"]:
+                print(json.dumps([asdict(step) for step in steps], indent=2))
+            else:
+                for step in steps:
+                    print(step.line())
+            result["code"] = 0 if steps and all(step.ok is not False for step in steps) else 1
+
+        return run_checks(reactor_, options).addCallback(report)
+
+    try:
+        react(go, [])
+    except SystemExit:
+        pass
+    return result.get("code", 1)

@@ -1,0 +1,518 @@
+"""
+The WebSocket side of the proxy: each IDE socket is spliced, message by message, to a socket the
+proxy opens on the same path of the user's server on the hub.
+
+Why it is built the way it is:
+
+- The IDE's handshake is answered only once the hub has answered its own, so the IDE sees the hub's
+  verdict: the subprotocol the hub chose (Node's ``ws`` fails a socket whose offered subprotocol is
+  not echoed) or the status it refused with. The IDE-facing ``onConnect`` returns a Deferred that
+  :class:`_Link` fires from the hub side's ``onOpen`` or errbacks with ``ConnectionDeny``.
+- The hub side is an autobahn client connected through :meth:`HubTLSPolicy.endpoint`; autobahn's
+  ``connectWS`` would use an unverified TLS context. Its ``Host`` is ``target.netloc`` and its
+  ``Origin`` ``target.origin``, so jupyter_server's "Origin host == Host" check passes.
+- Messages go through whole (text as text, binary as binary) and in order; whatever arrives for a
+  side that is not open yet is queued until it is.
+- Flow control: each side's transport has the *other* socket registered as its producer, so a slow
+  IDE stops the proxy reading from the hub (and the reverse) instead of buffering without bound.
+
+Close codes pass through unchanged, which is why :meth:`_Link._close` uses autobahn's
+``sendCloseFrame`` rather than ``sendClose`` (which only takes 1000 and 3000-4999: an application's
+codes, while a relay repeats codes its peer already sent on the wire, and autobahn has checked them):
+
+=============================================================  ==========================================
+received from one side                                         sent to the other
+=============================================================  ==========================================
+close frame, code C (1000-1003, 1007-1013, 3000-4999), reason  C and the reason (cut to 123 bytes)
+close frame without a code                                     close frame without a code (seen as 1005)
+socket lost without a close frame (1006), ping timeout         1011 "The <side> connection was lost."
+the proxy shuts down                                           1001 to both sides
+=============================================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.util import encode_truncate
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from jds import __version__
+from jds.errors import error_body, render_error
+from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
+from jds.tls import HubTLSPolicy
+
+__all__ = ["HANDSHAKE_TIMEOUT", "MAX_MESSAGE_BYTES", "WebSocketRelay"]
+
+log = Logger(namespace="jds.relay")
+
+# A hub that has to wake a sleeping server or a busy proxy can take a while to answer.
+HANDSHAKE_TIMEOUT = 60.0
+# autobahn holds a whole message in memory; notebooks move outputs of tens of MB.
+MAX_MESSAGE_BYTES = 1 << 30
+# How long a shutting-down proxy waits for close handshakes before the reactor stops.
+SHUTDOWN_GRACE = 3.0
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+# Printable ASCII stays as it is; anything else is percent-encoded for the request line.
+_URI_SAFE = bytes(range(0x21, 0x7F))
+# Written by autobahn itself for the hub hop, or describing only the IDE's hop.
+_NOT_FORWARDED = frozenset(
+    {
+        b"host",
+        b"origin",
+        b"user-agent",
+        b"pragma",
+        b"cache-control",
+        b"content-length",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
+)
+
+
+def _options(ping_interval: float, handshake_timeout: float) -> dict[str, Any]:
+    """autobahn options shared by both sides."""
+    return {
+        "openHandshakeTimeout": handshake_timeout,
+        "closeHandshakeTimeout": 5,
+        "autoPingInterval": ping_interval,
+        "autoPingTimeout": ping_interval,
+        "maxFramePayloadSize": MAX_MESSAGE_BYTES,
+        "maxMessagePayloadSize": MAX_MESSAGE_BYTES,
+        "echoCloseCodeReason": True,
+        "tcpNoDelay": True,
+    }
+
+
+@implementer(IPushProducer)
+class _PeerReading:
+    """
+    Registered on one side's transport as the producer of what is written to it: when that
+    transport's buffer fills, reading from the *other* socket pauses. ``stopProducing`` is ignored:
+    when a socket goes, the relay closes the other one with a close frame, which a transport
+    tearing down its producer would lose.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:  # noqa: N802 - IPushProducer
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802 - IPushProducer
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802 - IPushProducer
+        pass
+
+
+class _Side:
+    """What both autobahn protocols report to their :class:`_Link`."""
+
+    link: _Link
+    role: str
+
+    def onOpen(self) -> None:  # noqa: N802 - autobahn callback
+        self.link.opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        self.link.forward(self, payload, isBinary)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:  # noqa: N802, N803
+        stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        if not stop:
+            self.link.close_received(self)
+        return stop
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+        self.link.lost(self)
+
+
+class _IdeSide(_Side, WebSocketServerProtocol):
+    """The IDE's socket, handed over from twisted.web by :func:`_take_over`."""
+
+    role = "IDE"
+    deny_reason = "bad-websocket-handshake"
+
+    def onConnect(self, request: Any) -> Deferred:  # noqa: N802 - autobahn callback
+        return self.link.start(request.protocols)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:  # noqa: N802, N803
+        """Answer with a Jupyter-style JSON error, as the HTTP proxy does, not a bare status line."""
+        self.wasNotCleanReason = reason
+        body = error_body(reason, self.deny_reason)
+        head = [
+            b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Error")),
+            b"Content-Type: application/json; charset=UTF-8",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        head += [f"{name}: {value}".encode("latin-1") for name, value in responseHeaders or ()]
+        self.sendData(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.dropConnection(abort=False)
+
+
+class _HubSide(_Side, WebSocketClientProtocol):
+    """The proxy's socket on the hub, on the same path as the IDE's."""
+
+    role = "hub"
+    lost_reason: Failure | None = None
+    _host_fix: tuple[bytes, bytes] | None = None
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:  # noqa: N802
+        request = self.link.upstream_request()
+        # autobahn always writes "Host: host:port", also for 443; the hub must see target.netloc.
+        written = f"\r\nHost: {request.host}:{request.port}\r\n".encode()
+        self._host_fix = (written, f"\r\nHost: {self.link.relay.target.netloc}\r\n".encode())
+        return request
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:  # noqa: N802
+        if self._host_fix is not None:
+            data = data.replace(*self._host_fix, 1)
+            self._host_fix = None
+        super().sendData(data, sync, chopsize)
+
+    def failHandshake(self, reason: str) -> None:  # noqa: N802 - autobahn API
+        self.link.hub_refused(self, reason)
+        super().failHandshake(reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.lost_reason = reason  # onClose only gets a string; explain() needs the failure
+        super().connectionLost(reason)
+
+
+class _HubFactory(WebSocketClientFactory):
+    """One per link: autobahn checks the hub's subprotocol against the factory's list."""
+
+    protocol = _HubSide
+
+    def __init__(self, link: _Link, offered: list[str], options: dict[str, Any]) -> None:
+        super().__init__(protocols=offered, reactor=link.relay.reactor)
+        self.setProtocolOptions(**options)
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> _HubSide:  # noqa: N802
+        protocol = super().buildProtocol(addr)
+        protocol.link = self.link
+        self.link.hub = protocol
+        return protocol
+
+
+class _Link:
+    """One IDE socket and its hub socket: handshake order, queues, closes and flow control."""
+
+    def __init__(self, relay: WebSocketRelay, upstream: ConnectingRequest, uri: str) -> None:
+        self.relay = relay
+        self._upstream = upstream
+        self.uri = uri
+        self.ide: _IdeSide | None = None
+        self.hub: _HubSide | None = None
+        self._handshake: Deferred | None = None
+        self._connecting: Deferred | None = None
+        self._queued: dict[str, list[tuple[bytes, bool]]] = {"IDE": [], "hub": []}
+        self._gone: set[str] = set()
+
+    # Opening
+
+    def start(self, offered: list[str]) -> Deferred:
+        """Open the hub socket; the returned Deferred answers the IDE's handshake."""
+        self._upstream.protocols = list(offered)
+        self._handshake = Deferred()
+        factory = _HubFactory(self, offered, self.relay.hub_options)
+        connecting = self._connecting = self.relay.policy.endpoint().connect(factory)
+        connecting.addCallbacks(self._connected, self._connect_failed)
+        return self._handshake
+
+    def upstream_request(self) -> ConnectingRequest:
+        return self._upstream
+
+    def _connected(self, protocol: object) -> None:
+        self._connecting = None
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        self._gone.add("hub")
+        if not failure.check(CancelledError):
+            message, hint, reason = self.relay.policy.explain(failure)
+            self._deny(502, message, reason, hint)
+        self._maybe_done()
+
+    def hub_refused(self, hub: _HubSide, why: str) -> None:
+        """The hub answered the handshake with something other than a valid 101."""
+        line = getattr(hub, "http_status_line", "") or ""
+        parts = line.split()
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 101
+        path = self._upstream.resource.partition("?")[0]
+        if status == 101:
+            self._deny(502, f"The hub's WebSocket handshake for {path} was invalid: {why}.",
+                       "hub-bad-handshake")
+        elif 300 <= status < 400:
+            where = (getattr(hub, "http_headers", {}) or {}).get("location", "elsewhere")
+            self._deny(503, f"The hub redirected the WebSocket for {path} to {where}: your server "
+                       "on the hub is probably not running.", "server-not-running",
+                       "Start your server from the hub's home page, then reconnect.")
+        else:
+            phrase = " ".join(parts[2:])
+            self._deny(status, f"The hub refused the WebSocket for {path}: {status} {phrase}.",
+                       "hub-refused")
+
+    def _deny(self, status: int, message: str, reason: str, hint: str = "") -> None:
+        handshake, self._handshake = self._handshake, None
+        if handshake is None or self.ide is None or self.ide.state != _CONNECTING:
+            return
+        log.warn("WebSocket {uri} -> {status}: {message}{hint}", uri=self.uri, status=status,
+                 message=message, hint=f" {hint}" if hint else "")
+        self.ide.deny_reason = reason
+        handshake.errback(ConnectionDeny(status, message))
+
+    def opened(self, side: _Side) -> None:
+        if side is self.hub:
+            handshake, self._handshake = self._handshake, None
+            if handshake is not None and self.ide is not None and self.ide.state == _CONNECTING:
+                handshake.callback(self.hub.websocket_protocol_in_use)
+        for payload, is_binary in self._queued.pop(side.role, []):
+            side.sendMessage(payload, is_binary)  # type: ignore[attr-defined]
+        if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
+            self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
+            self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)
+            log.info("WebSocket {uri} open (subprotocol {protocol})", uri=self.uri,
+                     protocol=self.ide.websocket_protocol_in_use)
+
+    # Traffic
+
+    def _peer(self, side: _Side) -> tuple[str, _Side | None]:
+        return ("hub", self.hub) if side is self.ide else ("IDE", self.ide)
+
+    def forward(self, side: _Side, payload: bytes, is_binary: bool) -> None:
+        role, peer = self._peer(side)
+        state = getattr(peer, "state", None)
+        if state == _OPEN:
+            peer.sendMessage(payload, is_binary)  # type: ignore[union-attr]
+        elif role in self._queued and role not in self._gone:
+            self._queued[role].append((payload, is_binary))
+
+    # Closing
+
+    def close_received(self, side: _Side) -> None:
+        code, reason = side.remoteCloseCode, side.remoteCloseReason  # type: ignore[attr-defined]
+        log.info("WebSocket {uri}: the {role} closed with {code} {reason!r}", uri=self.uri,
+                 role=side.role, code=code, reason=reason or "")
+        self._close(self._peer(side)[1], code, reason)
+
+    def lost(self, side: _Side) -> None:
+        self._gone.add(side.role)
+        self._queued.pop(side.role, None)
+        if side is self.ide:
+            self._abort_hub_handshake()
+        elif self._handshake is not None:
+            self._deny(*self._hub_lost_during_handshake())
+        if self.relay.shutting_down:
+            self._close(self._peer(side)[1], 1001, "jupyter-dev-server is shutting down.")
+        else:
+            self._close(self._peer(side)[1], 1011, f"The {side.role} connection was lost.")
+        self._maybe_done()
+
+    def _hub_lost_during_handshake(self) -> tuple[int, str, str, str]:
+        hub = self.hub
+        if hub is not None and hub.wasOpenHandshakeTimeout:
+            return (504, f"The hub did not complete the WebSocket handshake within "
+                    f"{hub.openHandshakeTimeout:g} s.", "hub-timeout", "Is the hub overloaded?")
+        if self.relay.shutting_down:
+            return (503, "jupyter-dev-server is shutting down.", "shutting-down", "")
+        failure = (hub.lost_reason if hub is not None else None) or Failure(ConnectionError())
+        message, hint, reason = self.relay.policy.explain(failure)
+        return 502, message, reason, hint
+
+    def _abort_hub_handshake(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        elif self.hub is not None and self.hub.state == _CONNECTING:
+            self.hub.dropConnection(abort=True)
+
+    def _close(self, side: _Side | None, code: int | None, reason: str | None) -> None:
+        """Send ``side`` a close frame, unless it is closing already; see the module's table."""
+        if side is None or side.state != _OPEN:  # type: ignore[attr-defined]
+            return
+        # It may have been paused for the peer's sake; it must read the close reply.
+        side.transport.resumeProducing()  # type: ignore[attr-defined]
+        encoded = encode_truncate(reason, 123) if code is not None and reason else None
+        side.sendCloseFrame(code=code, reasonUtf8=encoded, isReply=False)  # type: ignore[attr-defined]
+
+    def shut_down(self) -> None:
+        reason = "jupyter-dev-server is shutting down."
+        if self._handshake is not None:
+            self._deny(503, reason, "shutting-down")
+            self._abort_hub_handshake()
+        self._close(self.ide, 1001, reason)
+        self._close(self.hub, 1001, reason)
+
+    def _maybe_done(self) -> None:
+        if {"IDE", "hub"} <= self._gone:
+            self.relay.link_done(self)
+
+
+def _take_over(request: Request, protocol: WebSocketServerProtocol) -> None:
+    """
+    Hand the request's connection to ``protocol`` and replay the request to it, as autobahn's
+    ``WebSocketResource.render`` does (autobahn parses the handshake itself), plus: the HTTP
+    channel stops being the transport's producer (the relay registers its own) and TCP_NODELAY is
+    set, since kernel messages are small and latency-bound.
+    """
+    channel = request.channel
+    transport, channel.transport = channel.transport, None
+    transport.unregisterProducer()
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):  # not TCP (a UNIX socket, a test transport)
+        pass
+    transport.resumeProducing()
+    head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        head += [name + b": " + value for value in values]
+    protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+
+
+class WebSocketRelay:
+    """
+    Relays ``Upgrade: websocket`` requests of the local site to the user's server on the hub
+    (see the module docstring). ``allowed_origins`` are full origins (``https://host:port``)
+    allowed besides the proxy's own and none at all.
+    """
+
+    def __init__(
+        self,
+        target: HubTarget,
+        policy: HubTLSPolicy,
+        reactor: Any,
+        ping_interval: float = 30.0,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
+        self.target = target
+        self.policy = policy
+        self.reactor = reactor
+        self.allowed_origins = frozenset(o.lower().rstrip("/").encode("ascii") for o in allowed_origins)
+        self.shutting_down = False
+        self.links: set[_Link] = set()
+        self._drained: Deferred | None = None
+        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT)
+        # The IDE waits for the hub's connection and handshake, and must hear the verdict.
+        ide_timeout = HANDSHAKE_TIMEOUT + getattr(policy, "connect_timeout", 10.0) + 5
+        self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}",
+                                              reactor=reactor)
+        self.factory.protocol = _IdeSide
+        self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout))
+        self.factory.startFactory()
+        reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
+
+    def render_upgrade(self, request: Request, hub_path: bytes, query: bytes) -> bytes | int:
+        """Check the Origin, then take the connection over; nothing reaches the hub before that."""
+        refusal = self._origin_refusal(request)
+        if refusal:
+            return render_error(request, 403, refusal, "origin-refused",
+                                "Open the notebook from the IDE or from this proxy's own URL.")
+        if request.channel is None or request.channel.transport is None:
+            return render_error(request, 426, "WebSockets need HTTP/1.1.", "upgrade-required")
+        if self.shutting_down:
+            return render_error(request, 503, "jupyter-dev-server is shutting down.", "shutting-down")
+        link = _Link(self, self._upstream(request, hub_path, query),
+                     redact_query(request.uri).decode("latin-1"))
+        link.ide = self.factory.buildProtocol(request.getClientAddress())
+        link.ide.link = link
+        self.links.add(link)
+        _take_over(request, link.ide)
+        return NOT_DONE_YET
+
+    def _origin_refusal(self, request: Request) -> str | None:
+        """
+        IDEs running on Node send no Origin; a browser page may only be the proxy's own or one of
+        ``allowed_origins``. Checked here because the hub only sees its own origin.
+        """
+        origins = request.requestHeaders.getRawHeaders(b"origin") or []
+        if not origins:
+            return None
+        host = (request.getHeader(b"host") or b"").lower()
+        own = {(b"https://" if request.isSecure() else b"http://") + host} if host else set()
+        origin = origins[0].strip().lower().rstrip(b"/")
+        if len(origins) == 1 and (origin in own or origin in self.allowed_origins):
+            return None
+        shown = b", ".join(origins).decode("latin-1")
+        return f"WebSocket connections from the web page at {shown} are not allowed."
+
+    def _upstream(self, request: Request, hub_path: bytes, query: bytes) -> ConnectingRequest:
+        """The hub's handshake: same path and query, token as a header, forwarded headers."""
+        query, token = split_token(query)
+        client = request.getClientAddress()
+        pairs = upstream_request_headers(
+            [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
+            self.target,
+            client_ip=getattr(client, "host", "127.0.0.1"),
+            local_host=request.getHeader(b"host"),
+            query_token=token,
+        )
+        grouped: dict[bytes, tuple[str, list[str]]] = {}
+        for name, value in pairs:
+            text = value.decode("utf-8", "replace")
+            grouped.setdefault(name.lower(), (name.decode("latin-1"), []))[1].append(text)
+        useragent = grouped.pop(b"user-agent", (None, [f"jupyter-dev-server/{__version__}"]))[1][0]
+        headers = {
+            display: ("; " if lowered == b"cookie" else ", ").join(values)
+            for lowered, (display, values) in grouped.items()
+            if lowered not in _NOT_FORWARDED
+        }
+        resource = quote_from_bytes(hub_path + (b"?" + query if query else b""), _URI_SAFE)
+        host = self.target.verify_name
+        return ConnectingRequest(
+            host=f"[{host}]" if ":" in host else host,
+            port=self.target.port,
+            resource=resource,
+            headers=headers,
+            useragent=useragent,
+            origin=self.target.origin.decode("ascii"),
+        )
+
+    def link_done(self, link: _Link) -> None:
+        self.links.discard(link)
+        if not self.links and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def shutdown(self) -> Deferred:
+        """Close every socket with 1001 (both sides), waiting a little for the close handshakes."""
+        self.shutting_down = True
+        if not self.links:
+            return succeed(None)
+        self._drained = Deferred()
+        for link in list(self.links):
+            link.shut_down()
+        waiting = self._drained
+        waiting.addTimeout(SHUTDOWN_GRACE, self.reactor)
+        return waiting.addErrback(lambda _: None)
