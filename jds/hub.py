@@ -28,9 +28,11 @@ log = Logger(namespace="jds.hub")
 
 __all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "SpawnError", "looks_stopped"]
 
-# Hub answers that mean "the server is not running here", before any confirmation.
+# Hub answers that mean "the server is not running here", before any confirmation. JupyterHub 6
+# answers non-GET requests for a stopped server with 403 (its XSRF check) rather than the 405 of older
+# releases, and a stopped *named* server's paths fall through to the default server, which says 404.
 _REDIRECT_CODES = {301, 302, 303, 307}
-_MAYBE_STOPPED_CODES = {405, 424, 503}
+_MAYBE_STOPPED_CODES = {403, 405, 424, 503}
 
 
 def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool | None:
@@ -48,7 +50,9 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
             if path.startswith(hub + stem + user + b"/") or path == hub + stem + user:
                 return True
         return False
-    return None if code in _MAYBE_STOPPED_CODES else False
+    if code in _MAYBE_STOPPED_CODES or (code == 404 and target.server):
+        return None
+    return False
 
 
 class SpawnError(Exception):

@@ -227,18 +227,23 @@ class _Exchange:
             if stopped is None:
                 self._pending = starter.confirm_stopped()
                 self._pending.addCallbacks(
-                    lambda yes: self._wait_for_server(response) if yes else self._relay(response),
+                    lambda yes: self._wait_for_server(response) if yes else self._check_token(response),
                     lambda _: self._relay(response),
                 )
                 return
-        if starter is not None and response.code in (401, 403):
-            self._pending = starter.api.token_accepted()
-            self._pending.addCallbacks(
-                lambda ok: self._relay(response) if ok else self._token_refused(response),
-                lambda _: self._relay(response),
-            )
+        self._check_token(response)
+
+    def _check_token(self, response: IResponse) -> None:
+        """In managed mode a 401/403 may mean the hub no longer takes our token: find out."""
+        starter = self.resource.starter
+        if starter is None or response.code not in (401, 403):
+            self._relay(response)
             return
-        self._relay(response)
+        self._pending = starter.api.token_accepted()
+        self._pending.addCallbacks(
+            lambda ok: self._relay(response) if ok else self._token_refused(response),
+            lambda _: self._relay(response),
+        )
 
     def _wait_for_server(self, response: IResponse) -> None:
         """Hold this request while the server starts, then send it again, body and all."""
