@@ -160,7 +160,7 @@ class HubAPI:
     def server_state(self):
         code, user = yield self.json(b"GET", f"users/{escape_name(self.target.user)}")
         if code != 200 or not isinstance(user, dict):
-            raise SpawnError(*_api_refusal(code, user, self.target, "read your server's state"))
+            yield self._refused(code, user, "read your server's state")
         server = (user.get("servers") or {}).get(self.target.server)
         if not server:
             return ServerState(ready=False, pending=None, exists=False)
@@ -172,7 +172,13 @@ class HubAPI:
         code, body = yield self.json(b"POST", self._server_path())
         if code in (201, 202, 400):
             return code
-        raise SpawnError(*_api_refusal(code, body, self.target, "start your server"))
+        yield self._refused(code, body, "start your server")
+
+    @inlineCallbacks
+    def _refused(self, code: int, body: object, what: str):
+        """Raise the error for a refused API call; a 401/403 is either a dead token or a missing scope."""
+        token_dead = code in (401, 403) and not (yield self.token_accepted())
+        raise SpawnError(*_api_refusal(401 if token_dead else code, body, self.target, what))
 
     def follow_progress(self, on_event: Callable[[dict[str, Any]], None]) -> Deferred:
         """Fires when the hub closes the progress stream; events arrive through ``on_event``."""
@@ -203,9 +209,9 @@ def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> tuple
             f"{target.url}hub/home or use a token with the 'servers' scope.",
             "missing-scope",
         )
-    if code in (401,):
+    if code == 401:
         return (
-            503,
+            401,
             f"The hub refused the token this proxy holds ({hub_message or 'unauthorized'}): it may "
             f"have expired or been revoked. Create a new one at {target.url}hub/token.",
             "hub-token-refused",

@@ -228,10 +228,19 @@ class _Exchange:
                 self._pending = starter.confirm_stopped()
                 self._pending.addCallbacks(
                     lambda yes: self._wait_for_server(response) if yes else self._check_token(response),
-                    lambda _: self._relay(response),
+                    lambda failure: self._unconfirmed(response, failure),
                 )
                 return
         self._check_token(response)
+
+    def _unconfirmed(self, response: IResponse, failure: Failure) -> None:
+        """The hub's API would not say whether the server runs: its reason beats a bare redirect."""
+        self._pending = None
+        if failure.check(SpawnError):
+            response.deliverBody(_Discard())
+            self._spawn_failed(failure)
+        else:
+            self._relay(response)
 
     def _check_token(self, response: IResponse) -> None:
         """In managed mode a 401/403 may mean the hub no longer takes our token: find out."""
