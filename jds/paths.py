@@ -81,7 +81,8 @@ class HubTarget:
 
     @property
     def verify_name(self) -> str:
-        return self.tls_name or self.host
+        # lower case: jupyter_server compares a lower-cased Origin with Host
+        return (self.tls_name or self.host).lower()
 
     @property
     def netloc(self) -> str:

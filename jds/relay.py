@@ -55,7 +55,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from jds import __version__
+from jds.auth import Credentials
 from jds.errors import error_body, render_error
+from jds.hub import ServerStarter, SpawnError, looks_stopped
 from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
 from jds.tls import HubTLSPolicy
 
@@ -118,13 +120,13 @@ class _PeerReading:
     def __init__(self, transport: Any) -> None:
         self._transport = transport
 
-    def pauseProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def pauseProducing(self) -> None:
         self._transport.pauseProducing()
 
-    def resumeProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def resumeProducing(self) -> None:
         self._transport.resumeProducing()
 
-    def stopProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def stopProducing(self) -> None:
         pass
 
 
@@ -134,19 +136,19 @@ class _Side:
     link: _Link
     role: str
 
-    def onOpen(self) -> None:  # noqa: N802 - autobahn callback
+    def onOpen(self) -> None:
         self.link.opened(self)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.link.forward(self, payload, isBinary)
 
-    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:  # noqa: N802, N803
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
         if not stop:
             self.link.close_received(self)
         return stop
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.link.lost(self)
 
 
@@ -156,10 +158,10 @@ class _IdeSide(_Side, WebSocketServerProtocol):
     role = "IDE"
     deny_reason = "bad-websocket-handshake"
 
-    def onConnect(self, request: Any) -> Deferred:  # noqa: N802 - autobahn callback
+    def onConnect(self, request: Any) -> Deferred:
         return self.link.start(request.protocols)
 
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:  # noqa: N802, N803
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer with a Jupyter-style JSON error, as the HTTP proxy does, not a bare status line."""
         self.wasNotCleanReason = reason
         body = error_body(reason, self.deny_reason)
@@ -181,25 +183,29 @@ class _HubSide(_Side, WebSocketClientProtocol):
     lost_reason: Failure | None = None
     _host_fix: tuple[bytes, bytes] | None = None
 
-    def onConnecting(self, transport_details: Any) -> ConnectingRequest:  # noqa: N802
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         request = self.link.upstream_request()
         # autobahn always writes "Host: host:port", also for 443; the hub must see target.netloc.
         written = f"\r\nHost: {request.host}:{request.port}\r\n".encode()
-        self._host_fix = (written, f"\r\nHost: {self.link.relay.target.netloc}\r\n".encode())
+        self._host_fix = (
+            written,
+            f"\r\nHost: {self.link.relay.target.netloc}\r\n".encode(),
+        )
         return request
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:  # noqa: N802
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if self._host_fix is not None:
             data = data.replace(*self._host_fix, 1)
             self._host_fix = None
         super().sendData(data, sync, chopsize)
 
-    def failHandshake(self, reason: str) -> None:  # noqa: N802 - autobahn API
+    def failHandshake(self, reason: str) -> None:
         self.link.hub_refused(self, reason)
         super().failHandshake(reason)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self.lost_reason = reason  # onClose only gets a string; explain() needs the failure
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # onClose only gets a string; policy.explain() needs the failure.
+        self.lost_reason = reason
         super().connectionLost(reason)
 
 
@@ -207,13 +213,14 @@ class _HubFactory(WebSocketClientFactory):
     """One per link: autobahn checks the hub's subprotocol against the factory's list."""
 
     protocol = _HubSide
+    noisy = False  # one per socket: "Starting factory" lines would double the log
 
     def __init__(self, link: _Link, offered: list[str], options: dict[str, Any]) -> None:
         super().__init__(protocols=offered, reactor=link.relay.reactor)
         self.setProtocolOptions(**options)
         self.link = link
 
-    def buildProtocol(self, addr: Any) -> _HubSide:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> _HubSide:
         protocol = super().buildProtocol(addr)
         protocol.link = self.link
         self.link.hub = protocol
@@ -233,17 +240,22 @@ class _Link:
         self._connecting: Deferred | None = None
         self._queued: dict[str, list[tuple[bytes, bool]]] = {"IDE": [], "hub": []}
         self._gone: set[str] = set()
+        self._spawned = False  # one server start per socket, then the hub's answer stands
+        self._waiting_for_server = False
 
     # Opening
 
     def start(self, offered: list[str]) -> Deferred:
         """Open the hub socket; the returned Deferred answers the IDE's handshake."""
         self._upstream.protocols = list(offered)
-        self._handshake = Deferred()
-        factory = _HubFactory(self, offered, self.relay.hub_options)
+        handshake = self._handshake = Deferred()
+        self._connect()
+        return handshake  # may have failed already: the endpoint can fail synchronously
+
+    def _connect(self) -> None:
+        factory = _HubFactory(self, self._upstream.protocols, self.relay.hub_options)
         connecting = self._connecting = self.relay.policy.endpoint().connect(factory)
         connecting.addCallbacks(self._connected, self._connect_failed)
-        return self._handshake
 
     def upstream_request(self) -> ConnectingRequest:
         return self._upstream
@@ -264,26 +276,85 @@ class _Link:
         line = getattr(hub, "http_status_line", "") or ""
         parts = line.split()
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 101
+        location = (getattr(hub, "http_headers", {}) or {}).get("location")
+        starter = self.relay.starter
+        if starter is not None and not self._spawned:
+            stopped = looks_stopped(status, location.encode("latin-1") if location else None, self.relay.target)
+            if stopped is not False:
+                self._start_server_then_retry(starter, bool(stopped), lambda: self._refused(hub, why, status))
+                return
+        self._refused(hub, why, status)
+
+    def _start_server_then_retry(self, starter: ServerStarter, certain: bool, otherwise: Any) -> None:
+        """
+        The hub says the server is not running: start it (one spawn for all waiting requests), then
+        open the hub side again while the IDE's handshake waits.
+        """
+        self._spawned = self._waiting_for_server = True
+
+        def decide(stopped: bool) -> Deferred | None:
+            if not stopped:
+                self._waiting_for_server = False
+                otherwise()
+                return None
+            return starter.ensure_running().addCallback(lambda _: self._reconnect())
+
+        def failed(failure: Failure) -> None:
+            self._waiting_for_server = False
+            error = failure.value
+            if isinstance(error, SpawnError):
+                self._deny(error.status, error.message, error.reason)
+            else:
+                self._deny(503, f"Starting your server failed: {failure.getErrorMessage()}", "spawn-failed")
+            self._maybe_done()
+
+        (succeed(True) if certain else starter.confirm_stopped()).addCallback(decide).addErrback(failed)
+
+    def _reconnect(self) -> None:
+        self._waiting_for_server = False
+        if "IDE" in self._gone or self._handshake is None:
+            self._maybe_done()
+            return
+        self._gone.discard("hub")
+        self.hub = None
+        self._connect()
+
+    def _refused(self, hub: _HubSide, why: str, status: int) -> None:
         path = self._upstream.resource.partition("?")[0]
         if status == 101:
-            self._deny(502, f"The hub's WebSocket handshake for {path} was invalid: {why}.",
-                       "hub-bad-handshake")
+            self._deny(
+                502,
+                f"The hub's WebSocket handshake for {path} was invalid: {why}.",
+                "hub-bad-handshake",
+            )
         elif 300 <= status < 400:
             where = (getattr(hub, "http_headers", {}) or {}).get("location", "elsewhere")
-            self._deny(503, f"The hub redirected the WebSocket for {path} to {where}: your server "
-                       "on the hub is probably not running.", "server-not-running",
-                       "Start your server from the hub's home page, then reconnect.")
+            self._deny(
+                503,
+                f"The hub redirected the WebSocket for {path} to {where}: your server "
+                "on the hub is probably not running.",
+                "server-not-running",
+                "Start your server from the hub's home page, then reconnect.",
+            )
         else:
-            phrase = " ".join(parts[2:])
-            self._deny(status, f"The hub refused the WebSocket for {path}: {status} {phrase}.",
-                       "hub-refused")
+            phrase = " ".join((getattr(hub, "http_status_line", "") or "").split()[2:])
+            self._deny(
+                status,
+                f"The hub refused the WebSocket for {path}: {status} {phrase}.",
+                "hub-refused",
+            )
 
     def _deny(self, status: int, message: str, reason: str, hint: str = "") -> None:
         handshake, self._handshake = self._handshake, None
         if handshake is None or self.ide is None or self.ide.state != _CONNECTING:
             return
-        log.warn("WebSocket {uri} -> {status}: {message}{hint}", uri=self.uri, status=status,
-                 message=message, hint=f" {hint}" if hint else "")
+        log.warn(
+            "WebSocket {uri} -> {status}: {message}{hint}",
+            uri=self.uri,
+            status=status,
+            message=message,
+            hint=f" {hint}" if hint else "",
+        )
         self.ide.deny_reason = reason
         handshake.errback(ConnectionDeny(status, message))
 
@@ -297,8 +368,11 @@ class _Link:
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
             self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
             self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)
-            log.info("WebSocket {uri} open (subprotocol {protocol})", uri=self.uri,
-                     protocol=self.ide.websocket_protocol_in_use)
+            log.info(
+                "WebSocket {uri} open (subprotocol {protocol})",
+                uri=self.uri,
+                protocol=self.ide.websocket_protocol_in_use,
+            )
 
     # Traffic
 
@@ -317,14 +391,24 @@ class _Link:
 
     def close_received(self, side: _Side) -> None:
         code, reason = side.remoteCloseCode, side.remoteCloseReason  # type: ignore[attr-defined]
-        log.info("WebSocket {uri}: the {role} closed with {code} {reason!r}", uri=self.uri,
-                 role=side.role, code=code, reason=reason or "")
-        self._close(self._peer(side)[1], code, reason)
+        if self._close(self._peer(side)[1], code, reason):
+            log.info(
+                "WebSocket {uri}: the {role} closed it with {code} {reason}",
+                uri=self.uri,
+                role=side.role,
+                code=code,
+                reason=reason or "",
+            )
 
     def lost(self, side: _Side) -> None:
+        if side.role == "hub" and (self._waiting_for_server or side is not self.hub):
+            # a refused handshake: another hub socket follows once the server runs
+            self._gone.add("hub")
+            return
         self._gone.add(side.role)
         self._queued.pop(side.role, None)
         if side is self.ide:
+            self._handshake = None
             self._abort_hub_handshake()
         elif self._handshake is not None:
             self._deny(*self._hub_lost_during_handshake())
@@ -337,8 +421,9 @@ class _Link:
     def _hub_lost_during_handshake(self) -> tuple[int, str, str, str]:
         hub = self.hub
         if hub is not None and hub.wasOpenHandshakeTimeout:
-            return (504, f"The hub did not complete the WebSocket handshake within "
-                    f"{hub.openHandshakeTimeout:g} s.", "hub-timeout", "Is the hub overloaded?")
+            waited = f"{hub.openHandshakeTimeout:g} s"
+            message = f"The hub did not complete the WebSocket handshake within {waited}."
+            return 504, message, "hub-timeout", "Is the hub overloaded?"
         if self.relay.shutting_down:
             return (503, "jupyter-dev-server is shutting down.", "shutting-down", "")
         failure = (hub.lost_reason if hub is not None else None) or Failure(ConnectionError())
@@ -351,14 +436,15 @@ class _Link:
         elif self.hub is not None and self.hub.state == _CONNECTING:
             self.hub.dropConnection(abort=True)
 
-    def _close(self, side: _Side | None, code: int | None, reason: str | None) -> None:
+    def _close(self, side: _Side | None, code: int | None, reason: str | None) -> bool:
         """Send ``side`` a close frame, unless it is closing already; see the module's table."""
         if side is None or side.state != _OPEN:  # type: ignore[attr-defined]
-            return
+            return False
         # It may have been paused for the peer's sake; it must read the close reply.
         side.transport.resumeProducing()  # type: ignore[attr-defined]
         encoded = encode_truncate(reason, 123) if code is not None and reason else None
         side.sendCloseFrame(code=code, reasonUtf8=encoded, isReply=False)  # type: ignore[attr-defined]
+        return True
 
     def shut_down(self) -> None:
         reason = "jupyter-dev-server is shutting down."
@@ -369,7 +455,10 @@ class _Link:
         self._close(self.hub, 1001, reason)
 
     def _maybe_done(self) -> None:
-        if {"IDE", "hub"} <= self._gone:
+        if self._waiting_for_server:
+            return
+        hub_gone = "hub" in self._gone or (self.hub is None and self._connecting is None)
+        if "IDE" in self._gone and hub_gone:
             self.relay.link_done(self)
 
 
@@ -405,7 +494,8 @@ class WebSocketRelay:
     """
     Relays ``Upgrade: websocket`` requests of the local site to the user's server on the hub
     (see the module docstring). ``allowed_origins`` are full origins (``https://host:port``)
-    allowed besides the proxy's own and none at all.
+    allowed besides the proxy's own and none at all. ``credentials`` in managed mode swap the
+    local token for the hub token, as they do for HTTP requests.
     """
 
     def __init__(
@@ -415,8 +505,12 @@ class WebSocketRelay:
         reactor: Any,
         ping_interval: float = 30.0,
         allowed_origins: tuple[str, ...] = (),
+        credentials: Credentials | None = None,
+        starter: ServerStarter | None = None,
     ) -> None:
         self.target = target
+        self.credentials = credentials or Credentials()
+        self.starter = starter
         self.policy = policy
         self.reactor = reactor
         self.allowed_origins = frozenset(o.lower().rstrip("/").encode("ascii") for o in allowed_origins)
@@ -426,8 +520,9 @@ class WebSocketRelay:
         self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT)
         # The IDE waits for the hub's connection and handshake, and must hear the verdict.
         ide_timeout = HANDSHAKE_TIMEOUT + getattr(policy, "connect_timeout", 10.0) + 5
-        self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}",
-                                              reactor=reactor)
+        if starter is not None:  # and it may wait for the server to start first
+            ide_timeout += starter.timeout
+        self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}", reactor=reactor)
         self.factory.protocol = _IdeSide
         self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout))
         self.factory.startFactory()
@@ -437,14 +532,22 @@ class WebSocketRelay:
         """Check the Origin, then take the connection over; nothing reaches the hub before that."""
         refusal = self._origin_refusal(request)
         if refusal:
-            return render_error(request, 403, refusal, "origin-refused",
-                                "Open the notebook from the IDE or from this proxy's own URL.")
+            return render_error(
+                request,
+                403,
+                refusal,
+                "origin-refused",
+                "Open the notebook from the IDE or from this proxy's own URL.",
+            )
         if request.channel is None or request.channel.transport is None:
             return render_error(request, 426, "WebSockets need HTTP/1.1.", "upgrade-required")
         if self.shutting_down:
             return render_error(request, 503, "jupyter-dev-server is shutting down.", "shutting-down")
-        link = _Link(self, self._upstream(request, hub_path, query),
-                     redact_query(request.uri).decode("latin-1"))
+        link = _Link(
+            self,
+            self._upstream(request, hub_path, query),
+            redact_query(request.uri).decode("latin-1"),
+        )
         link.ide = self.factory.buildProtocol(request.getClientAddress())
         link.ide.link = link
         self.links.add(link)
@@ -471,8 +574,10 @@ class WebSocketRelay:
         """The hub's handshake: same path and query, token as a header, forwarded headers."""
         query, token = split_token(query)
         client = request.getClientAddress()
+        raw = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+        raw, token = self.credentials.upstream(raw, token)
         pairs = upstream_request_headers(
-            [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
+            raw,
             self.target,
             client_ip=getattr(client, "host", "127.0.0.1"),
             local_host=request.getHeader(b"host"),
@@ -501,15 +606,15 @@ class WebSocketRelay:
 
     def link_done(self, link: _Link) -> None:
         self.links.discard(link)
-        if not self.links and self._drained is not None:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
+        if not self.links and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
 
     def shutdown(self) -> Deferred:
         """Close every socket with 1001 (both sides), waiting a little for the close handshakes."""
         self.shutting_down = True
         if not self.links:
             return succeed(None)
+        log.info("Closing {count} WebSocket(s) with 1001.", count=len(self.links))
         self._drained = Deferred()
         for link in list(self.links):
             link.shut_down()

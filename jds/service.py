@@ -2,7 +2,7 @@
 Service wiring: options in, a listening twistd service out.
 
 This is the only module that knows how the pieces fit: the TLS policy, the HTTP proxy resource, the
-WebSocket relay and the local site with its redacted access log.
+WebSocket relay, the status page and the local site with its redacted access log and its counters.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.plugin import IPlugin
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -26,10 +26,12 @@ from jds import __version__
 from jds.auth import Credentials
 from jds.hub import HubAPI, ServerStarter
 from jds.login import LoginPage
+from jds.logs import json_observer_for
 from jds.options import Options
 from jds.paths import HubTarget, redact_query
 from jds.progress import ProgressBar
 from jds.proxy import HubProxyResource, make_agent
+from jds.status import Stats, StatusResource
 from jds.tls import HubTLSPolicy
 
 log = Logger(namespace="jds")
@@ -42,11 +44,32 @@ class ListenError(Exception):
 
 
 class _TimedRequest(Request):
-    """Records when it started so the access line can say how long the exchange took."""
+    """
+    Records when it started so the access line can say how long the exchange took, and counts
+    itself in the site's :class:`~jds.status.Stats` while it is relayed to the hub.
+    """
+
+    relayed = False
+    received = 0
 
     def process(self) -> None:
         self.started = time.monotonic()
+        if self.content is not None:
+            self.received = self.content.seek(0, 2)
+            self.content.seek(0)
         super().process()
+
+    def render(self, resource: Resource) -> None:
+        stats: Stats | None = getattr(getattr(self, "site", None), "stats", None)
+        if stats is None or not isinstance(resource, HubProxyResource):
+            super().render(resource)
+            return
+        self.relayed = True
+        closed = stats.http_opened()
+        self.notifyFinish().addBoth(closed)
+        super().render(resource)
+        if not self.finished and self.channel is not None and self.channel.transport is None:
+            closed()  # the WebSocket relay took the connection over: no longer an HTTP exchange
 
 
 class LocalSite(Site):
@@ -56,7 +79,13 @@ class LocalSite(Site):
     displayTracebacks = False
     noisy = False
 
+    def __init__(self, resource: Resource, stats: Stats | None = None) -> None:
+        super().__init__(resource)
+        self.stats = stats if stats is not None else Stats()
+
     def log(self, request: Request) -> None:
+        if getattr(request, "relayed", False):
+            self.stats.http_finished(getattr(request, "received", 0), request.sentLength)
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
         log.info(
@@ -70,16 +99,24 @@ class LocalSite(Site):
 
 
 class LocalRoot(Resource):
-    """The proxy serves every path, except the few the daemon answers itself (``/login``)."""
+    """
+    The proxy serves every path, except the few the daemon answers itself: ``/login`` (managed
+    mode) and ``/_jds/`` (its status page; no Jupyter server uses that prefix).
+    """
 
-    def __init__(self, proxy: HubProxyResource, login: LoginPage | None) -> None:
+    def __init__(
+        self, proxy: HubProxyResource, login: LoginPage | None, status: StatusResource | None = None
+    ) -> None:
         super().__init__()
         self.proxy = proxy
         self.login = login
+        self.status = status
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"login" and self.login is not None and not request.postpath:
             return self.login
+        if path == b"_jds" and self.status is not None:
+            return self.status
         return self.proxy
 
     def render(self, request: Request) -> bytes | int:
@@ -94,8 +131,10 @@ def build_site(
     starter: ServerStarter | None = None,
     allowed_origins: tuple[str, ...] = (),
     ping_interval: float = 30.0,
+    stats: Stats | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
+    stats = stats if stats is not None else Stats()
     agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
     websockets = None
     try:
@@ -104,14 +143,18 @@ def build_site(
         pass
     else:
         websockets = WebSocketRelay(
-            target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins
+            target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
+            credentials=credentials, starter=starter,
         )
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
         starter=starter,
     )
     login = LoginPage(credentials) if credentials.managed else None
-    return LocalSite(LocalRoot(proxy, login))
+    status = StatusResource(
+        stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor
+    )
+    return LocalSite(LocalRoot(proxy, login, status), stats)
 
 
 class _ProxyListener(StreamServerEndpointService):
@@ -173,7 +216,9 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
     )
     endpoint = serverFromString(reactor, options["listen"])
-    top = service.MultiService()
+    top = _Daemon()
+    if options.get("log-format") == "json":
+        top.log_observer = json_observer_for(getattr(options, "parent", None))
     _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
     log.info(
@@ -185,6 +230,20 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         ca=policy.ca_source,
     )
     return top
+
+
+class _Daemon(service.MultiService):
+    """
+    The daemon's top service. It hands twistd the observer ``--log-format json`` asked for, as an
+    ``ILogObserver`` component of the application: twistd uses that when no ``--logger`` is given.
+    """
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
 
 class _LaunchChecks(service.Service):

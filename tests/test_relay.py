@@ -1,0 +1,585 @@
+"""
+The WebSocket relay driven in memory: an autobahn client playing the IDE talks raw bytes to the
+local Site (so the proxy resource, the take-over and the relay all run), and the relay's hub side
+talks to an autobahn server playing jupyter_server. Both hops are in-memory wires moved by
+:meth:`Network.pump`; time is a clock (autobahn's timers included, through txaio's loop).
+"""
+
+from __future__ import annotations
+
+import json
+
+import txaio
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionRefusedError as Refused
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from jds.auth import Credentials
+from jds.paths import HubTarget
+from jds.proxy import HubProxyResource
+from jds.relay import WebSocketRelay, _Link, _PeerReading
+
+V1 = "v1.kernel.websocket.jupyter.org"
+TOKEN = "secret-hub-token-4711"
+KERNEL_PATH = f"/api/kernels/k1/channels?session_id=s1&token={TOKEN}"
+TARGET = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.test")
+
+
+class Wire(StringTransport):
+    """One end of an in-memory connection. ``protocol`` is looked up on delivery, as a socket
+    does, so a take-over of the transport is honoured."""
+
+    def __init__(self, network: Network, host: IPv4Address, peer: IPv4Address) -> None:
+        super().__init__(hostAddress=host, peerAddress=peer)
+        self.network = network
+        self.other: Wire | None = None
+        self.protocol = None
+        self.nodelay: bool | None = None
+        self.closed = False
+        self.history = b""
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            super().write(data)
+            self.history += data
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    # Lenient like a socket: autobahn unregisters on every drop, registered or not.
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        if self.producerState != "stopped":
+            self.producerState = "paused"
+
+    def resumeProducing(self) -> None:
+        if self.producerState != "stopped":
+            self.producerState = "producing"
+
+
+class Network:
+    def __init__(self) -> None:
+        self.wires: list[Wire] = []
+        self._port = 40000
+
+    def connect(self, server_protocol, client_protocol, server_port: int) -> tuple[Wire, Wire]:
+        """A TCP connection: server side first (it listens), then the client's connectionMade."""
+        self._port += 1
+        server_addr = IPv4Address("TCP", "127.0.0.1", server_port)
+        client_addr = IPv4Address("TCP", "127.0.0.1", self._port)
+        server, client = Wire(self, server_addr, client_addr), Wire(self, client_addr, server_addr)
+        server.other, client.other = client, server
+        server.protocol, client.protocol = server_protocol, client_protocol
+        self.wires += [server, client]
+        server_protocol.makeConnection(server)
+        client_protocol.makeConnection(client)
+        return server, client
+
+    def pump(self) -> None:
+        """Deliver bytes (not to a side that paused reading) and closes until nothing moves."""
+        moved = True
+        while moved:
+            moved = False
+            for wire in list(self.wires):
+                other = wire.other
+                data = wire.value()
+                if data and not other.closed and other.producerState == "producing":
+                    wire.clear()
+                    other.protocol.dataReceived(data)
+                    moved = True
+                elif wire.disconnecting and not wire.closed and (not data or wire.disconnected):
+                    self._close(wire)
+                    moved = True
+
+    def _close(self, wire: Wire) -> None:
+        other = wire.other
+        wire.closed = other.closed = True
+        local, remote = (
+            (ConnectionAborted(), ConnectionLost())
+            if wire.disconnected
+            else (ConnectionDone(), ConnectionDone())
+        )
+        wire.protocol.connectionLost(Failure(local))
+        other.protocol.connectionLost(Failure(remote))
+
+
+class Ide(WebSocketClientProtocol):
+    """The IDE: records what it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = False
+        self.messages: list[tuple[bytes, bool]] = []
+        self.pings = 0
+        self.closed: tuple[bool, int | None, str | None] | None = None
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((payload, isBinary))
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings += 1
+        super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (wasClean, code, reason)
+
+
+class FakeHub(WebSocketServerProtocol):
+    """jupyter_server's kernel socket: picks v1 when offered, echoes if asked to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[tuple[bytes, bool]] = []
+        self.pings = 0
+        self.closed: tuple[bool, int | None, str | None] | None = None
+
+    def onConnect(self, request):
+        self.factory.hubs.append(self)
+        self.request = request
+        return self.factory.answer(request)
+
+    def onOpen(self) -> None:
+        for payload, is_binary in self.factory.greeting:
+            self.sendMessage(payload, is_binary)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((payload, isBinary))
+        if self.factory.echo:
+            self.sendMessage(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings += 1
+        super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (wasClean, code, reason)
+
+
+def jupyter_answer(request):
+    return V1 if V1 in request.protocols else None
+
+
+class FakePolicy:
+    """Stands in for HubTLSPolicy: connects in memory to a FakeHub and counts attempts."""
+
+    connect_timeout = 10.0
+
+    def __init__(self, network: Network, hub_factory: WebSocketServerFactory) -> None:
+        self.network = network
+        self.hub_factory = hub_factory
+        self.attempts = 0
+        self.failure: Failure | None = None
+        self.hold: Deferred | None = None
+        self.cancelled = 0
+
+    def endpoint(self) -> FakePolicy:
+        return self
+
+    def connect(self, factory) -> Deferred:
+        self.attempts += 1
+        if self.failure is not None:
+            return fail(self.failure)
+        if self.hold is not None:
+            self.hold = Deferred(lambda d: setattr(self, "cancelled", self.cancelled + 1))
+            return self.hold
+        relay_side = factory.buildProtocol(None)
+        self.network.connect(self.hub_factory.buildProtocol(None), relay_side, TARGET.port)
+        return succeed(relay_side)
+
+    def explain(self, failure: Failure) -> tuple[str, str, str]:
+        return "The hub at 127.0.0.1:8443 refused the connection.", "Is it running?", "hub-unreachable"
+
+
+class RelayTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.patch(txaio.config, "loop", self.clock)
+        self.network = Network()
+        self.hub_factory = WebSocketServerFactory(reactor=self.clock)
+        self.hub_factory.protocol = FakeHub
+        self.hub_factory.setProtocolOptions(openHandshakeTimeout=0)
+        self.hub_factory.hubs = []
+        self.hub_factory.answer = jupyter_answer
+        self.hub_factory.greeting = []
+        self.hub_factory.echo = False
+        self.policy = FakePolicy(self.network, self.hub_factory)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.make_relay()
+
+    def make_relay(self, target: HubTarget = TARGET, **kwargs) -> None:
+        self.target = target
+        self.relay = WebSocketRelay(target, self.policy, self.clock, **kwargs)
+        resource = HubProxyResource(
+            target,
+            self.policy,
+            self.clock,
+            agent=object(),
+            websockets=self.relay,
+            credentials=kwargs.get("credentials"),
+        )
+        self.site = Site(resource, reactor=self.clock)
+
+    def open_ide(self, path: str = KERNEL_PATH, protocols=(V1,), origin=None, headers=None):
+        """Connect an IDE; returns it and the proxy's end of its connection."""
+        factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:8888{path}",
+            protocols=list(protocols),
+            origin=origin,
+            headers=headers or {},
+            useragent="VSCode-Jupyter/1.0",
+            reactor=self.clock,
+        )
+        factory.protocol = Ide
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        ide = factory.buildProtocol(None)
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        proxy_end, _ = self.network.connect(channel, ide, 8888)
+        self.network.pump()
+        return ide, proxy_end
+
+    @property
+    def hub(self) -> FakeHub:
+        [hub] = self.hub_factory.hubs
+        return hub
+
+    def response(self, proxy_end: Wire) -> tuple[bytes, dict]:
+        head, _, body = proxy_end.history.partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], json.loads(body)
+
+    def assertLogsClean(self) -> None:
+        text = " ".join(formatEvent(event) or "" for event in self.events)
+        self.assertNotIn(TOKEN, text)
+
+
+class HandshakeTests(RelayTestCase):
+    def test_client_handshake_waits_for_the_hubs(self) -> None:
+        answer: Deferred = Deferred()
+        self.hub_factory.answer = lambda request: answer
+        ide, proxy_end = self.open_ide()
+        self.assertEqual(len(self.hub_factory.hubs), 1)
+        self.assertFalse(ide.opened)
+        self.assertNotIn(b"101", proxy_end.history)
+        answer.callback(V1)
+        self.network.pump()
+        self.assertTrue(ide.opened)
+        self.assertEqual(ide.websocket_protocol_in_use, V1)
+        self.assertLogsClean()
+
+    def test_upstream_request(self) -> None:
+        self.open_ide(headers={"Cookie": "a=1", "X-Extra": "yes"})
+        request = self.hub.request
+        self.assertEqual(request.path, "/user/alice/api/kernels/k1/channels")
+        self.assertEqual(request.params, {"session_id": ["s1"]})
+        headers = request.headers
+        self.assertEqual(headers["authorization"], f"token {TOKEN}")
+        self.assertEqual(headers["origin"], "https://hub.test:8443")
+        self.assertEqual(headers["host"], "hub.test:8443")
+        self.assertEqual(headers["user-agent"], "VSCode-Jupyter/1.0")
+        self.assertEqual(headers["cookie"], "a=1")
+        self.assertEqual(headers["x-extra"], "yes")
+        self.assertEqual(headers["x-forwarded-host"], "127.0.0.1:8888")
+        self.assertEqual(request.protocols, [V1])
+        raw = self.hub.http_request_data.lower()
+        self.assertEqual(raw.count(b"\r\nhost:"), 1)
+        self.assertEqual(raw.count(b"\r\nsec-websocket-key:"), 1)
+        self.assertEqual(raw.count(b"\r\nsec-websocket-version:"), 1)
+        self.assertNotIn(TOKEN.encode(), raw.split(b"\r\n")[0])
+
+    def test_client_authorization_wins_over_query_token(self) -> None:
+        self.open_ide(headers={"Authorization": "token from-header"})
+        self.assertEqual(self.hub.request.headers["authorization"], "token from-header")
+
+    def test_port_443_host_without_port(self) -> None:
+        self.make_relay(HubTarget(host="10.0.0.1", port=443, user="alice", tls_name="hub.test"))
+        self.open_ide()
+        self.assertEqual(self.hub.request.headers["host"], "hub.test")
+        self.assertEqual(self.hub.request.headers["origin"], "https://hub.test")
+
+    def test_managed_mode_sends_the_hub_token(self) -> None:
+        self.make_relay(credentials=Credentials(hub_token="HUB-TOKEN", local_token=TOKEN))
+        ide, _ = self.open_ide()
+        self.assertTrue(ide.opened)
+        self.assertEqual(self.hub.request.headers["authorization"], "token HUB-TOKEN")
+        self.assertNotIn(TOKEN.encode(), self.hub.http_request_data)
+
+    def test_no_subprotocol_when_none_offered(self) -> None:
+        ide, proxy_end = self.open_ide(protocols=())
+        self.assertTrue(ide.opened)
+        self.assertEqual(self.hub.request.protocols, [])
+        self.assertIsNone(ide.websocket_protocol_in_use)
+        self.assertNotIn(b"sec-websocket-protocol", proxy_end.history.lower())
+
+    def test_client_facing_socket_has_tcp_nodelay(self) -> None:
+        _, proxy_end = self.open_ide()
+        self.assertIs(proxy_end.nodelay, True)
+
+    def test_keepalive_pings_both_sides(self) -> None:
+        self.make_relay(ping_interval=5.0)
+        ide, _ = self.open_ide()
+        for _ in range(3):
+            self.clock.advance(2.5)
+            self.network.pump()
+        self.assertGreaterEqual(ide.pings, 1)
+        self.assertGreaterEqual(self.hub.pings, 1)
+        self.assertIsNone(ide.closed)
+
+
+class RefusalTests(RelayTestCase):
+    def test_hub_refusal_status_reaches_the_client(self) -> None:
+        def refuse(request):
+            raise ConnectionDeny(403, "Forbidden")
+
+        self.hub_factory.answer = refuse
+        ide, proxy_end = self.open_ide()
+        status, body = self.response(proxy_end)
+        self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
+        self.assertEqual(body["reason"], "hub-refused")
+        self.assertIn("403", body["message"])
+        self.assertFalse(ide.opened)
+        self.assertTrue(proxy_end.closed)
+        self.assertEqual(self.relay.links, set())
+
+    def test_hub_redirect_means_server_not_running(self) -> None:
+        def redirect(request):
+            raise ConnectionDeny(302, "Found")
+
+        self.hub_factory.answer = redirect
+        _, proxy_end = self.open_ide()
+        status, body = self.response(proxy_end)
+        self.assertEqual(status, b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(body["reason"], "server-not-running")
+
+    def test_unreachable_hub_is_502_with_the_policys_explanation(self) -> None:
+        self.policy.failure = Failure(Refused())
+        ide, proxy_end = self.open_ide()
+        status, body = self.response(proxy_end)
+        self.assertEqual(status, b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(
+            body,
+            {"message": "The hub at 127.0.0.1:8443 refused the connection.", "reason": "hub-unreachable"},
+        )
+        self.assertFalse(ide.opened)
+        self.assertEqual(self.relay.links, set())
+        self.assertLogsClean()
+
+    def test_hub_handshake_timeout_is_504(self) -> None:
+        self.hub_factory.answer = lambda request: Deferred()
+        ide, proxy_end = self.open_ide()
+        self.clock.advance(61)
+        self.network.pump()
+        status, body = self.response(proxy_end)
+        self.assertTrue(status.startswith(b"HTTP/1.1 504 "), status)
+        self.assertEqual(body["reason"], "hub-timeout")
+
+    def test_foreign_origin_is_refused_before_contacting_the_hub(self) -> None:
+        ide, proxy_end = self.open_ide(origin="https://evil.example")
+        status, body = self.response(proxy_end)
+        self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
+        self.assertEqual(body["reason"], "origin-refused")
+        self.assertEqual(self.policy.attempts, 0)
+        self.assertFalse(ide.opened)
+        self.assertEqual(self.relay.links, set())
+
+    def test_accepted_origins(self) -> None:
+        self.make_relay(allowed_origins=("https://lab.example.org",))
+        for origin in (None, "http://127.0.0.1:8888", "https://lab.example.org"):
+            ide, _ = self.open_ide(origin=origin)
+            self.assertTrue(ide.opened, origin)
+        self.assertEqual(self.policy.attempts, 3)
+
+    def test_client_gone_during_hub_connect_cancels_it(self) -> None:
+        self.policy.hold = Deferred()
+        ide, proxy_end = self.open_ide()
+        proxy_end.other.abortConnection()
+        self.network.pump()
+        self.assertEqual(self.policy.cancelled, 1)
+        self.assertEqual(self.relay.links, set())
+
+    def test_client_gone_during_hub_handshake_drops_the_hub(self) -> None:
+        self.hub_factory.answer = lambda request: Deferred()
+        _, proxy_end = self.open_ide()
+        proxy_end.other.abortConnection()
+        self.network.pump()
+        self.assertIsNotNone(self.hub.closed)
+        self.assertEqual(self.relay.links, set())
+
+
+class TrafficTests(RelayTestCase):
+    def test_messages_in_order_with_their_types(self) -> None:
+        ide, _ = self.open_ide()
+        sent = [
+            (b"one", False),
+            (b"\x00\xff\x01", True),
+            ("\u00e9t\u00e9".encode(), False),
+            (b"", True),
+            (b"four", False),
+        ]
+        for payload, is_binary in sent:
+            ide.sendMessage(payload, is_binary)
+        self.network.pump()
+        self.assertEqual(self.hub.messages, sent)
+        for payload, is_binary in reversed(sent):
+            self.hub.sendMessage(payload, is_binary)
+        self.network.pump()
+        self.assertEqual(ide.messages, list(reversed(sent)))
+
+    def test_large_messages(self) -> None:
+        self.hub_factory.echo = True
+        ide, _ = self.open_ide()
+        big_binary = bytes(range(256)) * (80 * 1024)  # 20 MiB
+        big_text = b"x" * (5 * 1024 * 1024)
+        ide.sendMessage(big_binary, True)
+        ide.sendMessage(big_text, False)
+        self.network.pump()
+        self.assertEqual(ide.messages, [(big_binary, True), (big_text, False)])
+
+    def test_hub_messages_right_after_its_handshake_arrive(self) -> None:
+        greeting = [(b'{"status": "starting"}', False), (b"\x01\x02", True)]
+        self.hub_factory.greeting = greeting
+        ide, _ = self.open_ide()
+        self.assertEqual(ide.messages, greeting)
+
+    def test_queued_until_the_side_opens(self) -> None:
+        """Whatever arrives for a side that is not open yet waits for it, in order."""
+        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link.ide = StubSide("IDE", WebSocketProtocol.STATE_CONNECTING)
+        link.forward(link.ide, b"to hub 1", False)  # the hub side does not even exist yet
+        link.forward(link.ide, b"to hub 2", True)
+        link.hub = StubSide("hub", WebSocketProtocol.STATE_OPEN)
+        link.forward(link.hub, b"to ide", False)
+        link.opened(link.hub)
+        self.assertEqual(link.hub.sent, [(b"to hub 1", False), (b"to hub 2", True)])
+        self.assertEqual(link.ide.sent, [])
+        link.ide.state = WebSocketProtocol.STATE_OPEN
+        link.opened(link.ide)
+        link.forward(link.hub, b"after", True)
+        self.assertEqual(link.ide.sent, [(b"to ide", False), (b"after", True)])
+
+    def test_backpressure_pauses_the_other_socket(self) -> None:
+        ide, proxy_end = self.open_ide()
+        hub_end = self.hub.transport.other  # the relay's end of the hub connection
+        self.assertIsInstance(proxy_end.producer, _PeerReading)
+        self.assertIsInstance(hub_end.producer, _PeerReading)
+        # The IDE reads slowly: the IDE socket's buffer is full, Twisted pauses its producer.
+        proxy_end.producer.pauseProducing()
+        self.assertEqual(hub_end.producerState, "paused")
+        self.hub.sendMessage(b"held back", False)
+        self.network.pump()
+        self.assertEqual(ide.messages, [])
+        proxy_end.producer.resumeProducing()
+        self.network.pump()
+        self.assertEqual(ide.messages, [(b"held back", False)])
+        # And the other way: a slow hub pauses reading from the IDE.
+        hub_end.producer.pauseProducing()
+        self.assertEqual(proxy_end.producerState, "paused")
+        hub_end.producer.resumeProducing()
+        self.assertEqual(proxy_end.producerState, "producing")
+
+
+class StubSide:
+    def __init__(self, role: str, state: int) -> None:
+        self.role = role
+        self.state = state
+        self.sent: list[tuple[bytes, bool]] = []
+        self.transport = StringTransport()
+        self.websocket_protocol_in_use = None
+
+    def sendMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sent.append((payload, isBinary))
+
+
+class CloseTests(RelayTestCase):
+    def test_client_close_code_reaches_the_hub(self) -> None:
+        for code, reason in ((1000, None), (4001, "bye"), (3000, "kernel restart")):
+            self.hub_factory.hubs.clear()
+            ide, _ = self.open_ide()
+            ide.sendClose(code, reason)
+            self.network.pump()
+            self.assertEqual(self.hub.closed, (True, code, reason))
+            self.assertEqual(ide.closed[:2], (True, code))
+        self.assertEqual(self.relay.links, set())
+
+    def test_hub_close_code_reaches_the_client(self) -> None:
+        ide, _ = self.open_ide()
+        self.hub.sendClose(4002, "kernel died")
+        self.network.pump()
+        self.assertEqual(ide.closed, (True, 4002, "kernel died"))
+        self.assertEqual(self.hub.closed[:2], (True, 4002))
+        self.assertEqual(self.relay.links, set())
+
+    def test_protocol_level_codes_pass_unchanged(self) -> None:
+        """1001 (going away) and 1011 are not for sendClose, but a relay repeats them as sent."""
+        for code in (1001, 1011):
+            self.hub_factory.hubs.clear()
+            ide, _ = self.open_ide()
+            self.hub.sendCloseFrame(code, b"server going away")
+            self.network.pump()
+            self.assertEqual(ide.closed, (True, code, "server going away"))
+
+    def test_close_without_code(self) -> None:
+        ide, _ = self.open_ide()
+        ide.sendClose()
+        self.network.pump()
+        self.assertEqual(self.hub.closed, (True, None, None))
+
+    def test_client_dropping_without_close_gives_the_hub_1011(self) -> None:
+        _, proxy_end = self.open_ide()
+        proxy_end.other.abortConnection()
+        self.network.pump()
+        self.assertEqual(self.hub.closed, (True, 1011, "The IDE connection was lost."))
+        self.assertEqual(self.relay.links, set())
+
+    def test_hub_dropping_without_close_gives_the_client_1011(self) -> None:
+        ide, _ = self.open_ide()
+        self.hub.transport.abortConnection()
+        self.network.pump()
+        self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
+        self.assertEqual(self.relay.links, set())
+
+    def test_paused_side_still_gets_its_close(self) -> None:
+        """A hub paused for a slow IDE must read again to see the close when the IDE drops."""
+        _, proxy_end = self.open_ide()
+        proxy_end.producer.pauseProducing()
+        proxy_end.other.abortConnection()
+        self.network.pump()
+        self.assertEqual(self.hub.closed[:2], (True, 1011))
+
+    def test_shutdown_closes_both_sides_with_1001(self) -> None:
+        ide, _ = self.open_ide()
+        hub = self.hub
+        done = self.relay.shutdown()
+        self.network.pump()
+        self.assertEqual(ide.closed[:2], (True, 1001))
+        self.assertEqual(hub.closed[:2], (True, 1001))
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(self.relay.links, set())
+        _, proxy_end = self.open_ide()
+        status, body = self.response(proxy_end)
+        self.assertEqual(status, b"HTTP/1.1 503 Service Unavailable")
+
+    def test_shutdown_is_registered_with_the_reactor(self) -> None:
+        self.assertIn(self.relay.shutdown, [t[0] for t in self.clock.triggers["before"]["shutdown"]])
