@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -58,6 +58,8 @@ __all__ = ["HubProxyResource", "WebSocketUpgrader", "make_agent"]
 # Node's http server (configurable-http-proxy) drops idle keep-alive connections after 5 s; closing
 # ours first avoids sending a request down a socket the hub is closing.
 IDLE_UPSTREAM_SECONDS = 4.0
+# Long enough for a kernel restart or a large save to be answered, short of waiting for ever.
+RESPONSE_TIMEOUT = 300.0
 # Status codes whose responses never have a body (RFC 9110 6.4.1).
 _NO_BODY = {204, 304}
 _BODYLESS_METHODS = (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
@@ -194,6 +196,8 @@ class _Exchange:
         self._pending = self.resource.agent.request(
             request.method, uri, Headers(_group(headers)), self._body_producer()
         )
+        # A hub that accepts the connection but never answers must not hold the request for ever.
+        self._pending.addTimeout(RESPONSE_TIMEOUT, self.resource.reactor)
         self._pending.addCallbacks(self._got_response, self._failed)
 
     def _rewrites_kernelspecs(self) -> bool:
@@ -361,6 +365,13 @@ class _Exchange:
     def _failed(self, failure: Failure) -> None:
         self._pending = None
         if self._client_gone or failure.check(CancelledError):
+            return
+        if failure.check(TimeoutError):
+            write_error(
+                self.request, 504,
+                f"The hub did not answer this request within {RESPONSE_TIMEOUT:g} s.", "hub-no-answer",
+                "The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
+            )
             return
         message, hint, reason = self.resource.policy.explain(failure)
         write_error(self.request, 502, message, reason, hint)

@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
@@ -27,6 +29,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
+    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import (
@@ -76,9 +79,18 @@ def _describe_names(cert: X509) -> str:
     return ", ".join(names) or "none"
 
 
+def _common_name(name: x509.Name) -> str:
+    for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME):
+        values = name.get_attributes_for_oid(oid)
+        if values:
+            return str(values[0].value)
+    return ""
+
+
 def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> HubCertificateError:
-    subject = cert.get_subject().CN or "the hub's certificate"
-    issuer = cert.get_issuer().CN or "an unnamed CA"
+    parsed = cert.to_cryptography()
+    subject = _common_name(parsed.subject) or "the hub's certificate"
+    issuer = _common_name(parsed.issuer) or "an unnamed CA"
     if err in _UNKNOWN_CA:
         return HubCertificateError(
             f"The hub's certificate ({subject}, issued by {issuer}) is not signed by {ca_source}.",
@@ -92,8 +104,8 @@ def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> HubC
             "self-signed",
         )
     if err in (_EXPIRED, _NOT_YET_VALID):
-        when = cert.get_notAfter() if err == _EXPIRED else cert.get_notBefore()
-        stamp = _asn1_time(when)
+        when = parsed.not_valid_after_utc if err == _EXPIRED else parsed.not_valid_before_utc
+        stamp = when.strftime("%Y-%m-%d %H:%M UTC")
         state = "expired on" if err == _EXPIRED else "is not valid before"
         return HubCertificateError(
             f"The hub's certificate ({subject}, depth {depth}) {state} {stamp}.",
@@ -107,16 +119,6 @@ def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> HubC
     )
 
 
-def _asn1_time(value: bytes | None) -> str:
-    if not value:
-        return "an unknown date"
-    try:
-        parsed = datetime.datetime.strptime(value.decode("ascii"), "%Y%m%d%H%M%SZ")
-    except ValueError:
-        return value.decode("ascii", "replace")
-    return parsed.strftime("%Y-%m-%d %H:%M UTC")
-
-
 @dataclass(frozen=True)
 class PeerCertificate:
     """What ``jupyter-dev-server check`` reports about the hub's verified certificate."""
@@ -127,15 +129,9 @@ class PeerCertificate:
 
     @classmethod
     def of(cls, cert: X509) -> PeerCertificate:
-        raw = cert.get_notAfter()
-        try:
-            expires = datetime.datetime.strptime(raw.decode("ascii"), "%Y%m%d%H%M%SZ") if raw else None
-        except ValueError:
-            expires = None
-        if expires is not None:
-            expires = expires.replace(tzinfo=datetime.timezone.utc)
-        issuer = cert.get_issuer()
-        return cls(_describe_names(cert), issuer.CN or issuer.O or "an unnamed CA", expires)
+        parsed = cert.to_cryptography()
+        issuer = _common_name(parsed.issuer) or "an unnamed CA"
+        return cls(_describe_names(cert), issuer, parsed.not_valid_after_utc)
 
     def days_left(self, now: datetime.datetime) -> int | None:
         return None if self.not_after is None else (self.not_after - now).days
@@ -194,6 +190,7 @@ class _PinnedClientCreator:
                         )
                     )
                 self.last_peer = PeerCertificate.of(cert)
+                tlsProtocol.jds_verified = True  # type: ignore[attr-defined]
                 return True
             except Exception as exc:  # pragma: no cover - defensive, see above
                 return fail(HubCertificateError(str(exc), "Report this as a bug.", "tls-internal"))
@@ -229,20 +226,50 @@ def load_trust_root(ca_path: str | None) -> tuple[object, str]:
 
 
 @implementer(IStreamClientEndpoint)
-class _NoDelayEndpoint:
-    """Small kernel messages must not wait for a delayed ACK (Nagle): set TCP_NODELAY on connect."""
+class _HubSocketEndpoint:
+    """
+    The TCP side of every hub connection. Small kernel messages must not wait for a delayed ACK
+    (Nagle), so TCP_NODELAY is set; and a peer that takes the connection but never completes a TLS
+    handshake (a plain-HTTP port, a wedged load balancer) is dropped after ``timeout`` seconds with
+    that reason, instead of holding the request until some far larger timeout.
+    """
 
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
+    def __init__(self, inner: IStreamClientEndpoint, reactor: IReactorTime, timeout: float) -> None:
         self._inner = inner
+        self._reactor = reactor
+        self._timeout = timeout
 
     def connect(self, protocolFactory):  # noqa: N803 - interface name
-        def nodelay(protocol):
-            transport = getattr(protocol, "transport", None)
+        def connected(tls_protocol):
+            transport = getattr(tls_protocol, "transport", None)
             if transport is not None and hasattr(transport, "setTcpNoDelay"):
                 transport.setTcpNoDelay(True)
-            return protocol
+            deadline = self._reactor.callLater(self._timeout, self._check_handshake, tls_protocol)
+            lost = tls_protocol.connectionLost
 
-        return self._inner.connect(protocolFactory).addCallback(nodelay)
+            def connection_lost(reason):
+                if deadline.active():
+                    deadline.cancel()
+                return lost(reason)
+
+            tls_protocol.connectionLost = connection_lost
+            return tls_protocol
+
+        return self._inner.connect(protocolFactory).addCallback(connected)
+
+    def _check_handshake(self, tls_protocol) -> None:
+        transport = getattr(tls_protocol, "transport", None)
+        if getattr(tls_protocol, "jds_verified", False) or transport is None or transport.disconnected:
+            return
+        tls_protocol.failVerification(
+            Failure(
+                HubCertificateError(
+                    f"The hub did not complete a TLS handshake within {self._timeout:g} s.",
+                    "Check that the port in --hub is the hub's https port.",
+                    "tls-handshake-timeout",
+                )
+            )
+        )
 
 
 class HubTLSPolicy:
@@ -268,7 +295,7 @@ class HubTLSPolicy:
 
     def endpoint(self) -> IStreamClientEndpoint:
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
-        return wrapClientTLS(self.creator, _NoDelayEndpoint(tcp))
+        return wrapClientTLS(self.creator, _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout))
 
     def explain(self, failure: Failure) -> tuple[str, str, str]:
         return explain_failure(failure, self.host, self.port, self.connect_timeout)
@@ -341,6 +368,13 @@ def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> t
                 "hub-unreachable",
             )
     first = leaves[0]
+    if first.check(net_error.ConnectionLost, net_error.ConnectionDone):
+        return (
+            f"The hub at {where} closed the connection without answering.",
+            "Check that the port in --hub is the hub's https port, and the hub's health "
+            "('jupyter-dev-server check').",
+            "hub-connection-lost",
+        )
     return (
         f"The connection to the hub at {where} failed: {first.getErrorMessage()}.",
         "Check the hub's health; the request was not completed.",

@@ -1,0 +1,175 @@
+"""
+The TLS policy against real TLS servers on loopback, one per way a hub's TLS can be wrong: each gives
+a distinct, actionable error, and none is ever retried without verification.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import readBody
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from jds.proxy import make_agent
+from jds.tls import HubTLSPolicy
+
+NAME = "hub.jds.test"
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"hello"
+
+
+def _pem_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
+    return PrivateCertificate.loadPEM(key_pem + cert_pem).options()
+
+
+class _OldTLSOnly:
+    """A server context that offers nothing newer than TLS 1.1, as very old hubs did."""
+
+    def __init__(self, leaf: trustme.LeafCert) -> None:
+        self._leaf = leaf
+
+    def getContext(self) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_max_proto_version(SSL.TLS1_1_VERSION)
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        context.use_privatekey(
+            serialization.load_pem_private_key(self._leaf.private_key_pem.bytes(), None)
+        )
+        context.use_certificate(x509.load_pem_x509_certificate(self._leaf.cert_chain_pems[0].bytes()))
+        return context
+
+
+def _self_signed(name: str) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+class HubTLSFailureTests(TestCase):
+    def setUp(self) -> None:
+        self.ca = trustme.CA()
+        self.ca_path = Path(self.mktemp() + "-ca.pem")
+        self.ca.cert_pem.write_to_path(str(self.ca_path))
+
+    def serve_tls(self, context_factory) -> int:
+        port = reactor.listenSSL(0, Site(Hello()), context_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def serve_plain(self) -> int:
+        port = reactor.listenTCP(0, Site(Hello()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def leaf_options(self, leaf: trustme.LeafCert) -> CertificateOptions:
+        return _pem_options(leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+
+    @inlineCallbacks
+    def fetch(self, port: int, name: str = NAME, ca_path: Path | None = None):
+        policy = HubTLSPolicy(reactor, "127.0.0.1", port, name, str(ca_path or self.ca_path), connect_timeout=2)
+        agent = make_agent(reactor, policy)
+        self.addCleanup(agent._pool.closeCachedConnections)
+        try:
+            response = yield agent.request(b"GET", f"https://{name}:{port}/".encode())
+            body = yield readBody(response)
+        except Exception:
+            return policy.explain(Failure())
+        return body
+
+    @inlineCallbacks
+    def test_verified_hub_answers(self):
+        port = self.serve_tls(self.leaf_options(self.ca.issue_cert(NAME, "127.0.0.1")))
+        self.assertEqual((yield self.fetch(port)), b"hello")
+        # an IP address can be the verified name too, when the certificate lists it
+        self.assertEqual((yield self.fetch(port, name="127.0.0.1")), b"hello")
+
+    @inlineCallbacks
+    def test_unknown_ca(self):
+        port = self.serve_tls(self.leaf_options(trustme.CA().issue_cert(NAME)))
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "unknown-ca")
+        self.assertIn("--ca-cert", hint)
+        self.assertIn(str(self.ca_path), message)
+
+    @inlineCallbacks
+    def test_wrong_name(self):
+        port = self.serve_tls(self.leaf_options(self.ca.issue_cert("other.jds.test")))
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "name-mismatch")
+        self.assertIn("other.jds.test", message)
+        self.assertIn("--tls-name", hint)
+
+    @inlineCallbacks
+    def test_expired(self):
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3)
+        leaf = self.ca.issue_cert(NAME, not_before=past - datetime.timedelta(days=30), not_after=past)
+        port = self.serve_tls(self.leaf_options(leaf))
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "expired")
+        self.assertIn(past.strftime("%Y-%m-%d"), message)
+        self.assertIn("renew", hint)
+
+    @inlineCallbacks
+    def test_self_signed_leaf(self):
+        cert_pem, key_pem = _self_signed(NAME)
+        port = self.serve_tls(_pem_options(cert_pem, key_pem))
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "self-signed")
+        self.assertIn("--ca-cert", hint)
+
+    @inlineCallbacks
+    def test_only_old_tls_versions(self):
+        port = self.serve_tls(_OldTLSOnly(self.ca.issue_cert(NAME)))
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "tls-version")
+        self.assertIn("1.2", message)
+
+    @inlineCallbacks
+    def test_plain_http_port(self):
+        port = self.serve_plain()
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "tls-handshake-timeout")
+        self.assertIn("https port", hint)
+
+    @inlineCallbacks
+    def test_nothing_listening(self):
+        free = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        number = free.getHost().port
+        yield free.stopListening()
+        message, hint, reason = yield self.fetch(number)
+        self.assertEqual(reason, "hub-unreachable")
+        self.assertIn(f"127.0.0.1:{number}", message)
