@@ -6,6 +6,8 @@ a distinct, actionable error, and none is ever retried without verification.
 from __future__ import annotations
 
 import datetime
+import shutil
+import tempfile
 from pathlib import Path
 
 import trustme
@@ -82,7 +84,9 @@ def _self_signed(name: str) -> tuple[bytes, bytes]:
 class HubTLSFailureTests(TestCase):
     def setUp(self) -> None:
         self.ca = trustme.CA()
-        self.ca_path = Path(self.mktemp() + "-ca.pem")
+        directory = tempfile.mkdtemp(prefix="jds-tls-")
+        self.addCleanup(shutil.rmtree, directory)
+        self.ca_path = Path(directory, "ca.pem")
         self.ca.cert_pem.write_to_path(str(self.ca_path))
 
     def serve_tls(self, context_factory) -> int:
