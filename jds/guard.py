@@ -95,7 +95,8 @@ class LocalGuard:
         if raw in self.allowed_hosts:
             return None
         name, port = _split_host(raw)
-        if name in self.allowed_hosts or (name in self.names and port in (self.port, None)):
+        port_ok = self.port is None or port in (self.port, None)
+        if name in self.allowed_hosts or (name in self.names and port_ok):
             return None
         return (
             f"Host {raw!r} is not a name this proxy listens as (DNS rebinding?); "
@@ -159,6 +160,10 @@ class GuardedChannel(HTTPChannel):
         )
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
         self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """LineReceiver would drop the connection without a word; say 400 like any bad request."""
+        self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         log.warn(

@@ -15,6 +15,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from jds.guard import is_loopback
 from jds.paths import HubTarget
 from jds.tls import TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
@@ -61,6 +62,17 @@ def _port(value: str, what: str) -> int:
     return port
 
 
+def listen_interface(description: str) -> str:
+    """The address a listen endpoint binds; a UNIX socket counts as loopback."""
+    kind = description.split(":", 1)[0].lower()
+    if kind == "unix":
+        return "127.0.0.1"
+    for part in description.replace("\\:", "\x00").split(":"):
+        if part.startswith("interface="):
+            return part[len("interface="):].replace("\x00", ":")
+    return "0.0.0.0"
+
+
 def _seconds(value: str, name: str) -> float:
     try:
         seconds = float(value)
@@ -76,7 +88,10 @@ class Options(usage.Options):
     longdesc = (
         "Serve your server on a JupyterHub to a local IDE as a plain Jupyter server. Configure the "
         "IDE with the 'existing Jupyter server' URL printed at start-up. Each option falls back to "
-        "the environment variable of the original jupyter-dev-server script named in its help."
+        "the environment variable of the original jupyter-dev-server script named in its help. "
+        "Helpers: 'jupyter-dev-server check' (test the chain to your server), 'jupyter-dev-server "
+        "status' (ask a running daemon), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
+        "each takes --help."
     )
     optParameters = [
         ["hub", None, None,
@@ -103,6 +118,10 @@ class Options(usage.Options):
          "[default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
         ["spawn-timeout", None, "600", "Seconds to wait for your server to start (batch queues are slow)."],
         ["ping-interval", None, "30", "Seconds between WebSocket pings that keep idle kernels connected."],
+        ["header-timeout", None, "30", "Seconds a client has to send a request's headers (against slowloris)."],
+        ["log-format", None, "text",
+         "How log events are written: 'text' (one line each: time, [namespace#level], message) or "
+         "'json' (one object per line: time, level, namespace, message, fields)."],
     ]
     optFlags = [
         ["no-spawn", None, "Never start your server; say how to start it instead."],
@@ -111,6 +130,10 @@ class Options(usage.Options):
     def opt_allow_origin(self, origin: str) -> None:
         """A web page origin allowed to use the proxy (repeatable), e.g. http://localhost:3000."""
         self.setdefault("allow-origin", []).append(origin.rstrip("/"))
+
+    def opt_allow_host(self, host: str) -> None:
+        """A Host name the proxy answers to besides localhost, 127.0.0.1 and [::1] (repeatable)."""
+        self.setdefault("allow-host", []).append(host.strip().lower())
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -142,9 +165,12 @@ class Options(usage.Options):
         except TLSConfigError as exc:
             raise usage.UsageError(str(exc)) from None
 
-        for name in ("connect-timeout", "spawn-timeout", "ping-interval"):
+        for name in ("connect-timeout", "spawn-timeout", "ping-interval", "header-timeout"):
             self[name] = _seconds(self[name], name)
         self.setdefault("allow-origin", [])
+        self.setdefault("allow-host", [])
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be 'text' or 'json', not {self['log-format']!r}.")
         self._tokens()
 
         self["listen"] = self["listen"] or self._listen_from_env()
@@ -155,6 +181,13 @@ class Options(usage.Options):
                 f"--listen {self['listen']!r} is not a Twisted endpoint description ({exc}); "
                 f"for example {DEFAULT_LISTEN}."
             ) from None
+
+        self["interface"] = listen_interface(self["listen"])
+        if not is_loopback(self["interface"]) and not self["hub-token"]:
+            raise usage.UsageError(
+                f"--listen {self['listen']!r} is reachable from other machines; that needs managed mode "
+                "(--token-file), so that every request must carry the local token."
+            )
 
         self["target"] = HubTarget(
             host=host, port=port, user=user, server=self["server"] or "", base_path=base,

@@ -57,6 +57,7 @@ from zope.interface import implementer
 from jds import __version__
 from jds.auth import Credentials
 from jds.errors import error_body, render_error
+from jds.guard import origin_refusal
 from jds.hub import ServerStarter, SpawnError, looks_stopped
 from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
 from jds.tls import HubTLSPolicy
@@ -530,7 +531,7 @@ class WebSocketRelay:
 
     def render_upgrade(self, request: Request, hub_path: bytes, query: bytes) -> bytes | int:
         """Check the Origin, then take the connection over; nothing reaches the hub before that."""
-        refusal = self._origin_refusal(request)
+        refusal = origin_refusal(request, self.allowed_origins)
         if refusal:
             return render_error(
                 request,
@@ -553,22 +554,6 @@ class WebSocketRelay:
         self.links.add(link)
         _take_over(request, link.ide)
         return NOT_DONE_YET
-
-    def _origin_refusal(self, request: Request) -> str | None:
-        """
-        IDEs running on Node send no Origin; a browser page may only be the proxy's own or one of
-        ``allowed_origins``. Checked here because the hub only sees its own origin.
-        """
-        origins = request.requestHeaders.getRawHeaders(b"origin") or []
-        if not origins:
-            return None
-        host = (request.getHeader(b"host") or b"").lower()
-        own = {(b"https://" if request.isSecure() else b"http://") + host} if host else set()
-        origin = origins[0].strip().lower().rstrip(b"/")
-        if len(origins) == 1 and (origin in own or origin in self.allowed_origins):
-            return None
-        shown = b", ".join(origins).decode("latin-1")
-        return f"WebSocket connections from the web page at {shown} are not allowed."
 
     def _upstream(self, request: Request, hub_path: bytes, query: bytes) -> ConnectingRequest:
         """The hub's handshake: same path and query, token as a header, forwarded headers."""

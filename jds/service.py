@@ -7,7 +7,9 @@ WebSocket relay, the status page and the local site with its redacted access log
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.plugin import IPlugin
 from twisted.web.resource import Resource
@@ -24,6 +27,8 @@ from zope.interface import implementer
 
 from jds import __version__
 from jds.auth import Credentials
+from jds.errors import render_error
+from jds.guard import HEADER_TIMEOUT, GuardedChannel, LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.login import LoginPage
 from jds.logs import json_observer_for
@@ -79,9 +84,29 @@ class LocalSite(Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, resource: Resource, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        stats: Stats | None = None,
+        guard: LocalGuard | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
         super().__init__(resource)
         self.stats = stats if stats is not None else Stats()
+        self.guard = guard if guard is not None else LocalGuard()
+        self.header_timeout = header_timeout
+
+    def protocol(self) -> GuardedChannel:  # type: ignore[override]
+        channel = GuardedChannel()
+        channel.header_timeout = self.header_timeout
+        return channel
+
+    def getResourceFor(self, request: Request) -> Resource:
+        """Host and Origin are judged before any resource, the login page and status included."""
+        refusal = self.guard.refusal(request)
+        if refusal is not None:
+            return _Refused(*refusal)
+        return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):
@@ -96,6 +121,18 @@ class LocalSite(Site):
             bytes=request.sentLength,
             ms=elapsed,
         )
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__()
+        self.message = message
+        self.reason = reason
+
+    def render(self, request: Request) -> bytes:
+        return render_error(request, 403, self.message, self.reason)
 
 
 class LocalRoot(Resource):
@@ -132,6 +169,8 @@ def build_site(
     allowed_origins: tuple[str, ...] = (),
     ping_interval: float = 30.0,
     stats: Stats | None = None,
+    guard: LocalGuard | None = None,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> LocalSite:
     credentials = credentials or Credentials()
     stats = stats if stats is not None else Stats()
@@ -154,7 +193,7 @@ def build_site(
     status = StatusResource(
         stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor
     )
-    return LocalSite(LocalRoot(proxy, login, status), stats)
+    return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout)
 
 
 class _ProxyListener(StreamServerEndpointService):
@@ -180,6 +219,9 @@ class _ProxyListener(StreamServerEndpointService):
     def _announce(self, port):
         address = port.getHost()
         host = getattr(address, "host", "127.0.0.1")
+        guard = getattr(self.factory, "guard", None)
+        if guard is not None:
+            guard.listening(host, getattr(address, "port", None))
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         if ":" in host:
@@ -211,9 +253,11 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
             api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
             on_progress=ProgressBar(sys.stderr).update,
         )
+    guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
     site = build_site(
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
+        guard=guard, header_timeout=options["header-timeout"],
     )
     endpoint = serverFromString(reactor, options["listen"])
     top = _Daemon()
@@ -221,6 +265,13 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         top.log_observer = json_observer_for(getattr(options, "parent", None))
     _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
+    _GracefulStop(site, reactor).setServiceParent(top)
+    if not is_loopback(options["interface"]):
+        log.warn(
+            "Listening on {interface}: other machines can reach this proxy. Every request must carry "
+            "the local token; keep it secret.",
+            interface=options["interface"],
+        )
     log.info(
         "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}",
         version=__version__,
@@ -244,6 +295,51 @@ class _Daemon(service.MultiService):
         if self.log_observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
+
+
+class _GracefulStop(service.Service):
+    """
+    SIGTERM and SIGINT stop the daemon cleanly and with exit status 0: listening stops, WebSockets
+    are closed with 1001 (the relay's own shutdown trigger), and requests in flight get a few
+    seconds to finish. twistd's own handlers would re-raise the signal, so it exits "killed".
+    """
+
+    drain_seconds = 5.0
+
+    def __init__(self, site: LocalSite, reactor: Any) -> None:
+        self.site = site
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._install)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._drain)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        log.info("Received {signal}: shutting down.", signal=signal.Signals(signum).name)
+        self.reactor.callFromThread(self._stop_once)
+
+    def _stop_once(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _drain(self) -> Deferred | None:
+        deadline = time.monotonic() + self.drain_seconds
+
+        def idle(_: object = None) -> Deferred | None:
+            if self.site.stats.open_http <= 0 or time.monotonic() >= deadline:
+                if self.site.stats.open_http > 0:
+                    log.warn("Stopping with {count} request(s) still in flight.", count=self.site.stats.open_http)
+                return None
+            return deferLater(self.reactor, 0.05, idle)
+
+        return idle()
 
 
 class _LaunchChecks(service.Service):

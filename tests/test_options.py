@@ -46,12 +46,12 @@ def test_parse_hub_refuses(value: str) -> None:
 
 def test_command_line(ca_file: str) -> None:
     options = parse(["--hub", "https://hub.example.org:8443/j/", "--user", "a@b", "--server", "gpu",
-                     "--tls-name", "jupyterhub", "--ca-cert", ca_file, "--listen", "tcp:0"])
+                     "--tls-name", "jupyterhub", "--ca-cert", ca_file, "--listen", "tcp:0:interface=127.0.0.1"])
     target = options["target"]
     assert (target.host, target.port, target.base, target.user, target.server) == (
         "hub.example.org", 8443, "/j/", "a@b", "gpu")
     assert target.verify_name == "jupyterhub"
-    assert options["listen"] == "tcp:0"
+    assert options["listen"] == "tcp:0:interface=127.0.0.1"
     assert options["ca-cert"] == ca_file
 
 
@@ -70,9 +70,9 @@ def test_environment_of_the_original_tool(ca_file: str) -> None:
     assert (target.host, target.port, target.user, target.verify_name) == ("1.2.3.4", 8443, "myname", "jupyterhub")
     assert options["listen"] == "tcp:9000:interface=127.0.0.2"
     # the command line wins
-    options = parse(["--user", "other", "--hub", "h:1", "--listen", "tcp:0"], env)
+    options = parse(["--user", "other", "--hub", "h:1", "--listen", "unix:/tmp/jds.sock"], env)
     assert (options["target"].user, options["target"].host, options["target"].port) == ("other", "h", 1)
-    assert options["listen"] == "tcp:0"
+    assert options["listen"] == "unix:/tmp/jds.sock"
 
 
 def test_defaults() -> None:
@@ -117,3 +117,31 @@ def test_ca_bundle(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes())
     assert parse(["--hub", "h", "--user", "u", "--ca-cert", str(bundle)])["ca-cert"] == str(bundle)
+
+
+def test_other_machines_need_managed_mode(tmp_path: Path) -> None:
+    for listen in ("tcp:8000", "tcp:8000:interface=0.0.0.0", "tcp:8000:interface=192.0.2.7"):
+        with pytest.raises(usage.UsageError, match="managed mode"):
+            parse(["--hub", "h", "--user", "u", "--listen", listen])
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    token.chmod(0o600)
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    options = parse(["--hub", "h", "--user", "u", "--listen", "tcp:8000", "--token-file", str(token)], env)
+    assert options["interface"] == "0.0.0.0" and options["hub-token"] == "abc"
+
+
+def test_token_files(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    token.chmod(0o644)
+    with pytest.raises(usage.UsageError, match="chmod 600"):
+        parse(["--hub", "h", "--user", "u", "--token-file", str(token)])
+    token.chmod(0o600)
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    first = parse(["--hub", "h", "--user", "u", "--token-file", str(token)], env)
+    again = parse(["--hub", "h", "--user", "u"], {**env, "JUPYTERHUB_API_TOKEN": "abc"})
+    assert first["local-token"] == again["local-token"] != "abc"
+    stored = tmp_path / "state" / "jupyter-dev-server" / "local-token"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert parse(["--hub", "h", "--user", "u"], env)["local-token"] is None

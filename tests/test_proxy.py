@@ -109,7 +109,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertIsNone(body)
 
     def test_response_streams_with_mapped_headers(self) -> None:
-        self.send(b"POST /api/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.send(b"POST /api/sessions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
         [(_, _, _, body, d)] = self.agent.calls
         self.assertIsNotNone(body)
         self.assertEqual(body.length, 2)
@@ -132,7 +132,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_kernelspec_resources_are_local(self) -> None:
-        self.send(b"GET /api/kernelspecs?1638511749274 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        self.send(b"GET /api/kernelspecs?1638511749274 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept-Encoding: gzip\r\n\r\n")
         [(_, uri, headers, _, d)] = self.agent.calls
         self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/kernelspecs?1638511749274")
         self.assertIsNone(headers.getRawHeaders(b"accept-encoding"))
@@ -148,7 +148,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: %d\r\n" % len(sent), head + b"\r\n")
 
     def test_slow_client_pauses_the_hub(self) -> None:
-        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
         response = FakeResponse(200, {}, length=UNKNOWN_LENGTH)
         d.callback(response)
@@ -160,7 +160,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertFalse(response.upstream.paused)
 
     def test_truncated_upstream_body_aborts_the_client(self) -> None:
-        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
         response = FakeResponse(200, {}, length=100)
         d.callback(response)
@@ -169,7 +169,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: 100\r\n", self.written())
 
     def test_client_going_away_stops_the_upstream_body(self) -> None:
-        self.send(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
         response = FakeResponse(200, {}, length=100)
         d.callback(response)
@@ -178,14 +178,14 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(response.upstream.stopped)
 
     def test_client_going_away_cancels_the_pending_request(self) -> None:
-        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         self.transport.clear()
         self.channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.agent.cancelled, [b"https://hub.example.org:8443/user/alice/api/kernels"])
         self.assertEqual(self.written(), b"")
 
     def test_unreachable_hub_is_502_json(self) -> None:
-        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
         d.errback(Failure(ConnectionRefusedError()))
         head, _, body = self.written().partition(b"\r\n\r\n")
@@ -197,14 +197,14 @@ class ProxyResourceTests(SynchronousTestCase):
     def test_refused_paths_never_reach_the_hub(self) -> None:
         for path, status in ((b"/hub/api", b"404"), (b"/../user/bob/", b"400"), (b"/a/%2e%2e/%2e%2e/x", b"400")):
             self.transport.clear()
-            self.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.send(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
             head, _, body = self.written().partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 " + status), head)
             self.assertIn("message", json.loads(body))
         self.assertEqual(self.agent.calls, [])
 
     def test_repeated_request_headers_keep_every_value(self) -> None:
-        self.send(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\n")
+        self.send(b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nX-A: 1\r\nX-A: 2\r\n\r\n")
         [(_, _, headers, _, _)] = self.agent.calls
         self.assertEqual(headers.getRawHeaders(b"x-a"), [b"1", b"2"])
 

@@ -1,0 +1,106 @@
+"""The local port's defences, in memory: Host and Origin checks, the header deadline, bad requests."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from jds.guard import LocalGuard
+from jds.service import LocalSite
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return b"hello"
+
+
+class GuardTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        guard = LocalGuard.build(["jds.internal"], ["http://localhost:3000"])
+        guard.listening("127.0.0.1", 8000)
+        self.site = LocalSite(Hello(), guard=guard, header_timeout=5)
+        self.site.callLater = self.clock.callLater
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self) -> tuple[object, StringTransport]:
+        channel = self.site.buildProtocol(None)
+        channel.callLater = self.clock.callLater
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def ask(self, head: bytes) -> tuple[bytes, bytes]:
+        channel, transport = self.connect()
+        channel.dataReceived(head)
+        status, _, rest = transport.value().partition(b"\r\n")
+        return status, rest.partition(b"\r\n\r\n")[2]
+
+    def test_own_names_pass(self) -> None:
+        for host in (b"127.0.0.1:8000", b"localhost:8000", b"[::1]:8000", b"localhost", b"jds.internal:9"):
+            status, body = self.ask(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual((status, body), (b"HTTP/1.1 200 OK", b"hello"), host)
+
+    def test_rebinding_host_is_refused(self) -> None:
+        for host in (b"evil.example:8000", b"127.0.0.1:9999", b"localhost.evil.example"):
+            status, body = self.ask(b"GET /api/kernels HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual(status, b"HTTP/1.1 403 Forbidden", host)
+            self.assertEqual(json.loads(body)["reason"], "host-refused")
+        status, _ = self.ask(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nHost: evil.example\r\n\r\n")
+        self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
+
+    def test_foreign_origin_is_refused(self) -> None:
+        base = b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nOrigin: "
+        for origin, expected in (
+            (b"http://127.0.0.1:8000", b"HTTP/1.1 200 OK"),
+            (b"http://localhost:3000", b"HTTP/1.1 200 OK"),
+            (b"https://evil.example", b"HTTP/1.1 403 Forbidden"),
+            (b"null", b"HTTP/1.1 403 Forbidden"),
+            (b"http://127.0.0.1:9999", b"HTTP/1.1 403 Forbidden"),
+        ):
+            status, body = self.ask(base + origin + b"\r\n\r\n")
+            self.assertEqual(status, expected, origin)
+            if expected.endswith(b"Forbidden"):
+                self.assertEqual(json.loads(body)["reason"], "origin-refused")
+                self.assertIn("--allow-origin", json.loads(body)["message"])
+
+    def test_trickled_headers_are_cut_off(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        for _ in range(4):
+            self.clock.advance(1)
+            channel.dataReceived(b"X: y\r\n")  # each byte resets the idle timeout, not this one
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(any("did not send its request headers" in str(e.get("log_format")) for e in self.events))
+
+    def test_idle_keep_alive_is_not_the_header_deadline(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.clock.advance(30)  # past the header deadline, within the idle timeout
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
+    def test_malformed_requests_are_logged(self) -> None:
+        for head in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(1000)) + b"\r\n",
+        ):
+            self.events.clear()
+            channel, transport = self.connect()
+            channel.dataReceived(head)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"), head[:20])
+            lines = [e for e in self.events if "malformed" in str(e.get("log_format"))]
+            self.assertEqual(len(lines), 1)
