@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
@@ -278,6 +279,10 @@ class ServerStarter:
     def _spawn(self):
         self.progress = Progress()
         state = yield self.api.server_state()
+        while state.pending == "stop" and self._waiters:
+            # the hub refuses to start a server it is still stopping; the spawn timeout bounds this
+            yield deferLater(self.reactor, 0.5, lambda: None)
+            state = yield self.api.server_state()
         if state.ready:
             return None
         log.info("Starting your server {url} on the hub.", url=self.api.target.server_url)

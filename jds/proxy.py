@@ -200,6 +200,11 @@ class _Exchange:
         self._pending.addTimeout(RESPONSE_TIMEOUT, self.resource.reactor)
         self._pending.addCallbacks(self._got_response, self._failed)
 
+    def _is_api(self) -> bool:
+        local = local_path(self.hub_path, self.resource.target) or b""
+        accept = self.request.getHeader(b"accept") or b""
+        return local.startswith(b"/api/") or b"application/json" in accept
+
     def _rewrites_kernelspecs(self) -> bool:
         local = local_path(self.hub_path, self.resource.target)
         return self.request.method == b"GET" and local is not None and is_kernelspec_path(local)
@@ -222,6 +227,20 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         starter = self.resource.starter
+        if starter is None and self._is_api() and looks_stopped(
+            response.code, (response.headers.getRawHeaders(b"location") or [None])[0], self.resource.target
+        ):
+            # Without a hub token the proxy cannot start the server; an IDE cannot follow the hub's
+            # redirect either (another name, another CA), so say what is wrong instead.
+            response.deliverBody(_Discard())
+            target = self.resource.target
+            write_error(
+                self.request, 503,
+                f"Your server at {target.server_url} is not running. Start it at {target.url}hub/home, "
+                "or run jupyter-dev-server with --token-file so that it starts the server itself.",
+                "server-not-running",
+            )
+            return
         if starter is not None and not self._replayed:
             location = (response.headers.getRawHeaders(b"location") or [None])[0]
             stopped = looks_stopped(response.code, location, self.resource.target)

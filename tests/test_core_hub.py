@@ -219,3 +219,15 @@ def test_twistd_lists_the_plugin_after_install(tmp_path: Path, editable: bool) -
         [python, "-c", "import jds; print(jds.__file__)"], capture_output=True, text=True, cwd=tmp_path,
     ).stdout
     assert where.startswith(str(REPO_ROOT if editable else venv)), where
+
+
+def test_stopped_server_in_pass_through_mode_is_explained(hub: JupyterHubProcess, alice) -> None:
+    hub.stop_server("alice")
+    try:
+        answer = requests.get(f"{alice.url}/api/status", headers=auth(hub.alice_token))
+        assert answer.status_code == 503, dump(answer)
+        error = answer.json()
+        assert error["reason"] == "server-not-running"
+        assert "/hub/home" in error["message"] and "--token-file" in error["message"]
+    finally:
+        hub.start_server("alice")
