@@ -1,19 +1,32 @@
-# Development tasks. `make test` bootstraps everything from a fresh clone:
+# Development tasks. `make demo` and `make test` bootstrap everything from a fresh clone:
 # a .venv with the package and its test extra, and the Node tools in tests/node.
 
 PYTHON ?= python3
 VENV := .venv
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 VENV_STAMP := $(VENV)/.installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: test lint clean
+.PHONY: demo test bench lint clean
+
+# A throwaway JupyterHub on loopback with the proxy in front; Ctrl-C stops it and cleans up.
+demo: $(VENV_STAMP) $(NODE_STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
+		$(VENV)/bin/jupyter-dev-server demo $(DEMO_ARGS)
 
 test: $(VENV_STAMP) $(NODE_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
 		$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Proxy performance against a local TLS jupyter_server, direct vs through the proxy (and through
+# configurable-http-proxy if `make test` installed it); about 4 minutes. See benchmarks/README.md.
+# BENCH_ARGS=--quick for a one-minute smoke run.
+bench: $(VENV_STAMP)
+	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check jds tests twisted

@@ -1,6 +1,8 @@
 """
 ``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
-without leaving a ``twistd.pid`` behind in the current directory.
+without leaving a ``twistd.pid`` behind in the current directory; and its three helpers:
+``check`` (is the chain to the hub sound?), ``status`` (what is a running daemon doing?) and
+``demo`` (a throwaway hub on loopback with the daemon in front, to try an IDE against).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
         from jds.check import main as check
 
         return check(args[1:])
+    if args[:1] == ["status"]:
+        from jds.status import main as status
+
+        return status(args[1:])
+    if args[:1] == ["demo"]:
+        from jds.demo import main as demo
+
+        return demo(args[1:])
     sys.argv = ["jupyter-dev-server", "--nodaemon", "--pidfile=", "jupyter-dev-server", *args]
     try:
         twistd.run()

@@ -30,6 +30,10 @@ def render_error(request: Request, status: int, message: str, reason: str, hint:
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json; charset=UTF-8"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.responseHeaders.removeHeader(b"content-encoding")
+    # The status page's "last error": the site's Stats, when the request came through one.
+    stats = getattr(getattr(request, "site", None), "stats", None)
+    if stats is not None:
+        stats.error(status, message, reason)
     log.warn(
         "{method} {uri} -> {status}: {message}{hint}",
         method=request.method.decode("latin-1"),

@@ -236,7 +236,7 @@ class ServerStarter:
         reactor: Any,
         timeout: float = 600.0,
         allowed: bool = True,
-        on_progress: Callable[[Progress], None] | None = None,
+        on_progress: Callable[[Progress], bool] | None = None,
     ) -> None:
         self.api = api
         self.reactor = reactor
@@ -319,13 +319,13 @@ class ServerStarter:
             progress.seen.append(progress.message)
         progress.ready = bool(event.get("ready"))
         progress.failed = bool(event.get("failed"))
-        log.info(
-            "Server start: {percent}% {message}",
-            percent=progress.percent if progress.percent is not None else "?",
-            message=progress.message,
-        )
-        if self.on_progress is not None:
-            self.on_progress(progress)
+        drawn = self.on_progress(progress) if self.on_progress is not None else False
+        if not drawn:  # a progress bar on the terminal says it already; log lines would garble it
+            log.info(
+                "Server start: {percent}% {message}",
+                percent=progress.percent if progress.percent is not None else "?",
+                message=progress.message,
+            )
 
     def _timed_out(self) -> None:
         self._timer = None

@@ -23,10 +23,12 @@ class ProgressBar:
         bar = "#" * filled + "-" * (self.width - filled)
         return f"\r[{bar}] {percent:3d}% {progress.message[:60]:<60}"
 
-    def update(self, progress: Progress) -> None:
+    def update(self, progress: Progress) -> bool:
+        """Draw the bar; ``False`` (not a terminal) means the caller should log instead."""
         if not getattr(self.stream, "isatty", lambda: False)():
-            return
+            return False
         self.stream.write(self.render(progress))
         if progress.ready or progress.failed:
             self.stream.write("\n")
         self.stream.flush()
+        return True

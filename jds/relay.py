@@ -60,6 +60,7 @@ from jds.errors import error_body, render_error
 from jds.guard import origin_refusal
 from jds.hub import ServerStarter, SpawnError, looks_stopped
 from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
+from jds.status import Stats
 from jds.tls import HubTLSPolicy
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_MESSAGE_BYTES", "WebSocketRelay"]
@@ -105,6 +106,8 @@ def _options(ping_interval: float, handshake_timeout: float) -> dict[str, Any]:
         "maxFramePayloadSize": MAX_MESSAGE_BYTES,
         "maxMessagePayloadSize": MAX_MESSAGE_BYTES,
         "echoCloseCodeReason": True,
+        # a peer that breaks the protocol hears why (1002, 1007, 1009) instead of a bare TCP drop
+        "failByDrop": False,
         "tcpNoDelay": True,
     }
 
@@ -241,6 +244,7 @@ class _Link:
         self._connecting: Deferred | None = None
         self._queued: dict[str, list[tuple[bytes, bool]]] = {"IDE": [], "hub": []}
         self._gone: set[str] = set()
+        self.counted = False
         self._spawned = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
 
@@ -369,6 +373,9 @@ class _Link:
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
             self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
             self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)
+            self.counted = self.relay.stats is not None
+            if self.counted:
+                self.relay.stats.websocket_opened()
             log.info(
                 "WebSocket {uri} open (subprotocol {protocol})",
                 uri=self.uri,
@@ -508,7 +515,9 @@ class WebSocketRelay:
         allowed_origins: tuple[str, ...] = (),
         credentials: Credentials | None = None,
         starter: ServerStarter | None = None,
+        stats: Stats | None = None,
     ) -> None:
+        self.stats = stats
         self.target = target
         self.credentials = credentials or Credentials()
         self.starter = starter
@@ -590,6 +599,8 @@ class WebSocketRelay:
         )
 
     def link_done(self, link: _Link) -> None:
+        if link in self.links and link.counted:
+            self.stats.websocket_closed()
         self.links.discard(link)
         if not self.links and self._drained is not None and not self._drained.called:
             self._drained.callback(None)

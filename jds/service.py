@@ -183,7 +183,7 @@ def build_site(
     else:
         websockets = WebSocketRelay(
             target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
-            credentials=credentials, starter=starter,
+            credentials=credentials, starter=starter, stats=stats,
         )
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,

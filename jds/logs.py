@@ -1,0 +1,94 @@
+"""
+``--log-format json``: one JSON object per log event, for log shippers and ``jq``.
+
+The text format is twistd's own (``TIME [NAMESPACE#LEVEL] message``, one line per event). JSON
+replaces it through the hook twistd documents for this: an ``ILogObserver`` component on the
+application, consulted when no ``--logger`` is given. Each line holds ``time``, ``level``,
+``namespace`` and the formatted ``message``, plus the event's own simple fields (status, bytes,
+...) under ``fields`` and a ``traceback`` when the event carries a failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from twisted.logger import ILogObserver, formatEvent
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+__all__ = ["JSONLineObserver", "event_record", "json_observer_for"]
+
+# Keys of legacy (twisted.python.log) events that repeat what the record already says.
+_LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure", "printed"})
+
+
+def event_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-ready record of one twisted.logger event."""
+    level = event.get("log_level")
+    stamp = datetime.datetime.fromtimestamp(event.get("log_time", 0.0), datetime.timezone.utc)
+    record: dict[str, Any] = {
+        "time": stamp.isoformat(timespec="milliseconds"),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", "-"),
+        "message": formatEvent(dict(event)),
+    }
+    fields = {
+        key: value
+        for key, value in event.items()
+        if not key.startswith("log_")
+        and key not in _LEGACY_KEYS
+        and isinstance(value, str | int | float | bool | type(None))
+    }
+    if fields:
+        record["fields"] = fields
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLineObserver:
+    """Writes each event as one line of JSON to ``stream`` and flushes it."""
+
+    def __init__(self, stream: TextIO | LogFile) -> None:
+        self.stream = stream
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        self.stream.write(json.dumps(event_record(event), default=str) + "\n")
+        self.stream.flush()
+
+
+def json_observer_for(twistd_config: Mapping[str, Any] | None) -> JSONLineObserver | None:
+    """
+    The JSON observer twistd's logging options ask for: ``--logfile`` (``-`` or none with
+    ``--nodaemon`` is stdout, none without it twistd's ``twistd.log``). ``None`` when ``--logger``
+    or ``--syslog`` chose another destination, which then wins.
+    """
+    config = twistd_config or {"nodaemon": True}
+    if config.get("logger") or config.get("syslog"):
+        return None
+    name = config.get("logfile")
+    if name == "-" or (not name and config.get("nodaemon")):
+        return JSONLineObserver(sys.stdout)
+    logfile = LogFile.fromFullPath(name or "twistd.log")
+    _rotate_on_sigusr1(logfile)
+    return JSONLineObserver(logfile)
+
+
+def _rotate_on_sigusr1(logfile: LogFile) -> None:
+    """``kill -USR1`` rotates the log now, as twistd does for its text log."""
+    if not hasattr(signal, "SIGUSR1") or signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(logfile.rotate)
+
+    signal.signal(signal.SIGUSR1, rotate)

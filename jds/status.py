@@ -1,0 +1,355 @@
+"""
+Seeing into a running daemon: what it serves, whether the server is up, and what has passed.
+
+A daemon in the background is otherwise a black box: the IDE says "cannot connect" and the user
+cannot tell whether the proxy, the hub or their server is at fault. :class:`Stats` counts what the
+local site relays (fed by :mod:`jds.service`, :mod:`jds.errors` and the WebSocket relay),
+:class:`StatusResource` answers ``GET /_jds/status`` with it as JSON (behind the local token in
+managed mode, like everything else), and ``jupyter-dev-server status`` prints it for a person.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from jds import __version__
+from jds.auth import Credentials
+from jds.errors import render_error
+from jds.paths import HubTarget
+from jds.tokens import default_local_token_path
+
+__all__ = ["STATUS_PATH", "Stats", "StatusOptions", "StatusResource", "describe", "main"]
+
+STATUS_PATH = "/_jds/status"
+# The status page must answer promptly even when the hub does not; the state is then "unknown".
+STATE_TIMEOUT = 5.0
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Stats:
+    """
+    Counters of one daemon's traffic. ``requests`` and bytes count finished HTTP exchanges relayed
+    to the hub (the daemon's own pages are not traffic); ``open_http`` counts exchanges in progress,
+    ``open_websockets`` relayed sockets, ``websockets`` all sockets ever opened.
+    """
+
+    clock: Callable[[], float] = time.time
+    started: float = field(default=0.0)
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    open_http: int = 0
+    open_websockets: int = 0
+    websockets: int = 0
+    last_error: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.started:
+            self.started = self.clock()
+
+    def http_opened(self) -> Callable[[object], object]:
+        """Count an exchange as open; call the returned function (once or more) when it is over."""
+        self.open_http += 1
+        done = False
+
+        def closed(result: object = None) -> object:
+            nonlocal done
+            if not done:
+                done = True
+                self.open_http -= 1
+            return None if isinstance(result, Failure) else result
+
+        return closed
+
+    def http_finished(self, received: int, sent: int) -> None:
+        self.requests += 1
+        self.bytes_in += received
+        self.bytes_out += sent
+
+    def websocket_opened(self) -> None:
+        self.open_websockets += 1
+        self.websockets += 1
+
+    def websocket_closed(self) -> None:
+        self.open_websockets = max(0, self.open_websockets - 1)
+
+    def error(self, status: int, message: str, reason: str) -> None:
+        self.last_error = {"time": _iso(self.clock()), "status": status, "reason": reason, "message": message}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "started": _iso(self.started),
+            "uptime_seconds": round(max(0.0, self.clock() - self.started), 1),
+            "open_http": self.open_http,
+            "open_websockets": self.open_websockets,
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "websockets": self.websockets,
+            "last_error": self.last_error,
+        }
+
+
+class StatusResource(Resource):
+    """
+    ``GET /_jds/status``: the daemon's identity, the server's state (asked of the hub when this
+    daemon holds a hub token, else ``"unknown"``) and :class:`Stats`. Mounted at ``/_jds`` as a
+    leaf; any other ``/_jds/...`` path is a JSON 404.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        stats: Stats,
+        target: HubTarget,
+        credentials: Credentials,
+        api: Any = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        self.stats = stats
+        self.target = target
+        self.credentials = credentials
+        self.api = api
+        self.reactor = reactor
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if request.postpath not in ([b"status"], [b"status", b""]):
+            return render_error(
+                request, 404, f"jupyter-dev-server has no page {request.path.decode('latin-1')}; "
+                f"its status is at {STATUS_PATH}.", "not-found",
+            )
+        query = request.uri.partition(b"?")[2]
+        headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
+        if not self.credentials.check(request.method, query, headers).allowed:
+            return render_error(
+                request, 403, "This jupyter-dev-server needs its local token: use the URL it printed at "
+                "start-up (http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
+                "no-token", hint="jupyter-dev-server status reads the local token from its file.",
+            )
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self.api is None:
+            return self.document("unknown")
+        d = self.api.server_state()
+        if self.reactor is not None:
+            d.addTimeout(STATE_TIMEOUT, self.reactor)
+        d.addCallbacks(lambda state: state.word, lambda failure: "unknown")
+        d.addCallback(lambda word: self._finish(request, self.document(word)))
+        return NOT_DONE_YET
+
+    def document(self, server_state: str) -> bytes:
+        report = {
+            "version": __version__,
+            "mode": "managed" if self.credentials.managed else "pass-through",
+            "hub": self.target.url,
+            "user": self.target.user,
+            "server": self.target.server,
+            "server_url": self.target.server_url,
+            "server_state": server_state,
+            **self.stats.snapshot(),
+        }
+        return json.dumps(report, indent=2).encode("utf-8") + b"\n"
+
+    @staticmethod
+    def _finish(request: Request, body: bytes) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+# -- jupyter-dev-server status -----------------------------------------------------------------
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def describe(report: dict[str, Any], url: str) -> str:
+    """The status document as a few lines for a person."""
+    server = f"server {report['server']!r}" if report.get("server") else "default server"
+    lines = [
+        f"jupyter-dev-server {report['version']} ({report['mode']} mode) at {url}, "
+        f"up {_duration(report['uptime_seconds'])} (since {report['started']})",
+        f"  hub:        {report['hub']}",
+        f"  server:     {report['server_url']} ({report['user']}'s {server}) is {report['server_state']}",
+        f"  relayed:    {_plural(report['requests'], 'request')}, {_size(report['bytes_in'])} from the IDE, "
+        f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}",
+        f"  open now:   {_plural(report['open_http'], 'HTTP request')}, "
+        f"{_plural(report['open_websockets'], 'WebSocket')}",
+    ]
+    error = report.get("last_error")
+    if error:
+        lines.append(
+            f"  last error: {error['time']} {error['status']} {error['reason']}: {error['message']}"
+        )
+    else:
+        lines.append("  last error: none")
+    if report["server_state"] == "unknown" and report["mode"] == "pass-through":
+        lines.append("  (the server's state is only known in managed mode, with --token-file)")
+    return "\n".join(lines)
+
+
+def endpoint_url(listen: str) -> str:
+    """``http://HOST:PORT`` for a ``tcp:`` / ``tcp6:`` endpoint description as given to --listen."""
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", listen)]
+    if parts[0] not in ("tcp", "tcp6"):
+        raise usage.UsageError(
+            f"--listen {listen!r} is not a TCP endpoint; give the daemon's address with --url."
+        )
+    port, interface = None, "127.0.0.1"
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            port = port or key
+        elif key == "port":
+            port = value
+        elif key == "interface":
+            interface = value
+    if interface in ("", "0.0.0.0", "::"):
+        interface = "127.0.0.1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port or 8000}"
+
+
+class StatusOptions(usage.Options):
+    synopsis = "Usage: jupyter-dev-server status [--url URL | --listen ENDPOINT] [--token TOKEN] [--json]"
+    longdesc = (
+        "Ask a running jupyter-dev-server what it serves, whether your server is running, and how "
+        "much it has relayed. It reads the local token from the same file the daemon keeps it in."
+    )
+    optParameters = [
+        ["url", None, None, "The daemon's address. [default: from --listen, else http://127.0.0.1:8000]"],
+        ["listen", None, None,
+         "The --listen endpoint the daemon was started with. [env JUPYTER_PROXY_IP_OR_NAME, "
+         "JUPYTER_PROXY_PORT]"],
+        ["token", None, None, "The daemon's local token (managed mode). [default: read from --local-token-file]"],
+        ["local-token-file", None, None,
+         "Where the daemon keeps its local token. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
+    ]
+    optFlags = [["json", None, "Print the status document as it came (JSON)."]]
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        url = self["url"]
+        if not url and self["listen"]:
+            url = endpoint_url(self["listen"])
+        if not url:
+            address = self.environ.get("JUPYTER_PROXY_IP_OR_NAME", "").strip() or "127.0.0.1"
+            port = self.environ.get("JUPYTER_PROXY_PORT", "").strip() or "8000"
+            url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
+        self["url"] = url.rstrip("/")
+        self["token-source"] = "--token"
+        if self["token"] is None:
+            path = Path(self["local-token-file"] or default_local_token_path(self.environ)).expanduser()
+            try:
+                self["token"] = path.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                self["token"] = None
+            self["token-source"] = str(path)
+
+
+def fetch(url: str, token: str | None, timeout: float = 15.0) -> tuple[int, bytes]:
+    """``(HTTP status, body)`` of ``GET url/_jds/status``; raises OSError when nothing answers."""
+    request = urllib.request.Request(url + STATUS_PATH, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"token {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our own URL
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def main(argv: list[str]) -> int:
+    options = StatusOptions()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        print(f"jupyter-dev-server status: {exc}", file=sys.stderr)
+        return 2
+    url = options["url"]
+    try:
+        code, body = fetch(url, options["token"])
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(
+            f"jupyter-dev-server status: nothing answers at {url} ({reason}). Is jupyter-dev-server "
+            "running? Give its address with --url or --listen.",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        report = json.loads(body)
+    except ValueError:
+        report = None
+    if code == 403 and isinstance(report, dict) and report.get("reason") == "no-token":
+        source = options["token-source"]
+        if not options["token"]:
+            hint = f"there is none in {source}"
+        elif source == "--token":
+            hint = "it refused the one given with --token"
+        else:
+            hint = f"it refused the one in {source}"
+        print(
+            f"jupyter-dev-server status: {url} needs its local token ({hint}). Pass --token, or "
+            "--local-token-file with the file the daemon was started with.",
+            file=sys.stderr,
+        )
+        return 1
+    if code != 200 or not isinstance(report, dict) or "version" not in report:
+        print(
+            f"jupyter-dev-server status: {url}{STATUS_PATH} answered HTTP {code}, not a status "
+            "document: is that a jupyter-dev-server (0.1.0 or later)?",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(report, indent=2) if options["json"] else describe(report, url))
+    return 0

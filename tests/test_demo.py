@@ -1,0 +1,113 @@
+"""
+``jupyter-dev-server demo`` as a user runs it: a process that prints a URL and a curl line. A kernel
+runs ``print(6*7)`` through that URL, the commands it prints work, and Ctrl-C (SIGINT) leaves no
+process and no temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import requests
+from hub import HarnessError, clean_environ, poll, run_in_kernel, stop_pid, tail, venv_script
+
+READY = re.compile(r"IDE URL: (http://127\.0\.0\.1:\d+)/\?token=(\S+)")
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Family:
+    """Every process the demo started, seen while it runs (psutil guards against pid reuse)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.members: dict[int, psutil.Process] = {}
+
+    def record(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.root).children(recursive=True):
+                self.members.setdefault(child.pid, child)
+
+    def alive(self) -> list[str]:
+        return [f"{p.pid} {' '.join(p.cmdline())}" for p in self.members.values() if _alive(p)]
+
+    def kill(self) -> None:
+        for process in self.members.values():
+            if _alive(process):
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+
+
+def test_demo_runs_a_kernel_and_cleans_up(tmp_path: Path) -> None:
+    output = tmp_path / "demo.out"
+    with output.open("wb") as sink:
+        demo = subprocess.Popen(
+            [venv_script("jupyter-dev-server"), "demo", "--port", "0"],
+            stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+            env=clean_environ(),
+        )
+    family = Family(demo.pid)
+    try:
+        def ready() -> re.Match[str] | None:
+            family.record()
+            if demo.poll() is not None:
+                raise HarnessError(f"the demo exited with {demo.returncode}:\n{tail(output.read_text())}")
+            return READY.search(output.read_text())
+
+        match = poll(ready, 300, "the demo's IDE URL", 0.2, lambda: tail(output.read_text()))
+        base, token = match.group(1), match.group(2)
+        text = output.read_text()
+        directory = Path(re.search(r"Temporary files: (\S+)", text).group(1))
+        assert directory.is_dir()
+        family.record()
+        pids = {int(pid) for pid in re.findall(r"\bpid (\d+)", text)}
+        assert len(pids) == 2 and pids <= set(family.members), (pids, family.members)
+
+        # The curl line it printed lists the kernelspecs.
+        curl = re.search(r"curl -s '(\S+)'", text).group(1)
+        specs = requests.get(curl, timeout=30)
+        assert specs.status_code == 200, specs.text
+        assert "python3" in specs.json()["kernelspecs"]
+
+        # A kernel runs through the IDE URL, WebSocket and all.
+        assert run_in_kernel(base, token, "print(6*7)") == "42\n"
+
+        # The other commands it printed work as printed.
+        for name in ("status", "check"):
+            line = re.search(rf"^\s*(jupyter-dev-server {name} .*)$", text, re.MULTILINE).group(1)
+            args = shlex.split(line)
+            done = subprocess.run(
+                [venv_script(args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
+                env=clean_environ(),
+            )
+            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+        assert "is running" in subprocess.run(
+            [venv_script("jupyter-dev-server"), "status", "--url", base, "--token", token],
+            capture_output=True, text=True, timeout=60, env=clean_environ(),
+        ).stdout
+
+        # The hub token stays with the proxy: it is in no line the demo or the proxy printed.
+        hub_token = (directory / "hub-token").read_text().strip()
+        assert hub_token not in output.read_text()
+
+        family.record()
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(120) == 0, tail(output.read_text())
+        assert "Stopped; removed" in output.read_text()
+        assert family.alive() == [], "left behind after Ctrl-C"
+        assert not directory.exists()
+    finally:
+        if demo.poll() is None:
+            stop_pid(demo, 60, signal.SIGINT)
+        family.kill()

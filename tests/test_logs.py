@@ -1,0 +1,99 @@
+"""
+Log lines are one event each, with a level, readable by a person (text) and parsable (json): the
+record in memory first, then a real proxy run with ``--log-format json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from hub import JupyterHubProcess, ProxyFactory, poll
+from twisted.logger import Logger, LogLevel, eventAsText
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+from jds.logs import JSONLineObserver, event_record, json_observer_for
+from jds.options import Options
+
+
+def capture(emit) -> list[dict]:
+    events: list[dict] = []
+    emit(Logger(namespace="jds.test", observer=events.append))
+    return events
+
+
+def test_one_line_per_event_with_level_and_fields() -> None:
+    (event,) = capture(lambda log: log.warn("{method} {uri} -> {status}", method="GET", uri="/api/x", status=502))
+    stream = io.StringIO()
+    JSONLineObserver(stream)(event)
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record["level"] == "warn"
+    assert record["namespace"] == "jds.test"
+    assert record["message"] == "GET /api/x -> 502"
+    assert record["fields"] == {"method": "GET", "uri": "/api/x", "status": 502}
+    assert record["time"].endswith("+00:00")
+
+
+def test_a_failure_keeps_its_traceback_on_one_line() -> None:
+    failure = Failure(ZeroDivisionError("division by zero"))
+    (event,) = capture(lambda log: log.failure("Relaying {path} failed", failure, path="/api/y"))
+    stream = io.StringIO()
+    JSONLineObserver(stream)(event)
+    assert stream.getvalue().count("\n") == 1
+    record = json.loads(stream.getvalue())
+    assert record["level"] == "critical"
+    assert "ZeroDivisionError" in record["traceback"]
+    assert record["fields"] == {"path": "/api/y"}
+
+
+def test_objects_are_left_out_of_fields() -> None:
+    (event,) = capture(lambda log: log.info("x {thing}", thing=object(), count=3))
+    assert event_record(event)["fields"] == {"count": 3}
+    assert LogLevel.info.name == event_record(event)["level"]
+    assert "x <object object" in eventAsText(event)
+
+
+def test_destination_follows_twistds_options(tmp_path: Path) -> None:
+    assert json_observer_for({"nodaemon": True, "logfile": None}).stream is sys.stdout
+    assert json_observer_for({"nodaemon": True, "logfile": "-"}).stream is sys.stdout
+    to_file = json_observer_for({"nodaemon": False, "logfile": str(tmp_path / "jds.log")})
+    assert isinstance(to_file.stream, LogFile)
+    to_file.stream.close()
+    assert json_observer_for({"logger": object()}) is None, "an explicit --logger wins"
+    assert json_observer_for({"syslog": True}) is None, "--syslog wins"
+
+
+def test_only_text_or_json(tmp_path: Path) -> None:
+    options = Options(environ={})
+    with pytest.raises(usage.UsageError, match="--log-format must be 'text' or 'json'"):
+        options.parseOptions(["--hub", "h", "--user", "u", "--log-format", "xml"])
+
+
+def test_proxy_logs_json(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    hub.start_server("alice")
+    running = proxy.for_hub(hub, extra_args=["--log-format", "json"])
+    response = requests.get(f"{running.url}/api/status", headers={"Authorization": f"token {hub.alice_token}"})
+    assert response.status_code == 200
+
+    def records() -> list[dict]:
+        complete = running.log_text().split("\n")[:-1]  # the last line may still be being written
+        return [json.loads(line) for line in complete]
+
+    def access_line() -> dict | None:
+        return next((r for r in records() if r.get("fields", {}).get("uri") == "/api/status"), None)
+
+    record = poll(access_line, 30, "the access line")
+    assert record["level"] == "info"
+    assert record["namespace"] == "jds"
+    assert record["fields"]["status"] == 200
+    assert record["message"].startswith("GET /api/status 200 ")
+    assert all(set(r) >= {"time", "level", "namespace", "message"} for r in records())
+    assert hub.alice_token not in running.log_text()
