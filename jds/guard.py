@@ -124,6 +124,11 @@ class GuardedChannel(HTTPChannel):
     _awaiting_headers = True
     _header_deadline = None
 
+    def connectionMade(self) -> None:
+        """The clock starts at once: a client that connects and says nothing is a slowloris too."""
+        super().connectionMade()
+        self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_headers and self._header_deadline is None:
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 __all__ = [
@@ -101,13 +102,18 @@ class HubTarget:
         base = "/" + self.base_path.strip("/")
         return base if base == "/" else base + "/"
 
-    @property
+    @cached_property
     def user_prefix(self) -> str:
         """The hub path of the user's server, always ending in ``/``."""
         prefix = f"{self.base}user/{escape_name(self.user)}/"
         if self.server:
             prefix += f"{escape_name(self.server)}/"
         return prefix
+
+    @cached_property
+    def prefix_segments(self) -> list[bytes]:
+        """The decoded segments of :attr:`user_prefix`, which every request path is compared with."""
+        return _decoded_prefix_segments(self.user_prefix)
 
     @property
     def url(self) -> str:
@@ -175,7 +181,11 @@ def _reencode(segment: bytes) -> bytes:
 
 
 def _prefix_segments(target: HubTarget) -> list[bytes]:
-    return [_decoded(s) for s in target.user_prefix.encode("ascii").split(b"/")[1:-1]]
+    return target.prefix_segments
+
+
+def _decoded_prefix_segments(prefix: str) -> list[bytes]:
+    return [_decoded(s) for s in prefix.encode("ascii").split(b"/")[1:-1]]
 
 
 def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:

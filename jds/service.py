@@ -31,7 +31,7 @@ from jds.errors import render_error
 from jds.guard import HEADER_TIMEOUT, GuardedChannel, LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.login import LoginPage
-from jds.logs import json_observer_for
+from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
 from jds.paths import HubTarget, redact_query
 from jds.progress import ProgressBar
@@ -90,8 +90,9 @@ class LocalSite(Site):
         stats: Stats | None = None,
         guard: LocalGuard | None = None,
         header_timeout: float = HEADER_TIMEOUT,
+        reactor: Any = None,
     ) -> None:
-        super().__init__(resource)
+        super().__init__(resource, reactor=reactor)
         self.stats = stats if stats is not None else Stats()
         self.guard = guard if guard is not None else LocalGuard()
         self.header_timeout = header_timeout
@@ -160,6 +161,22 @@ class LocalRoot(Resource):
         return self.proxy.render(request)
 
 
+class _OnFirstUse:
+    """
+    The WebSocket relay, built (and autobahn imported: ~5 MiB of RSS) when the first socket
+    arrives, so a proxy that only ever serves HTTP does not carry it.
+    """
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._relay: Any = None
+
+    def render_upgrade(self, request: Request, hub_path: bytes, query: bytes) -> bytes | int:
+        if self._relay is None:
+            self._relay = self._make()
+        return self._relay.render_upgrade(request, hub_path, query)
+
+
 def build_site(
     target: HubTarget,
     policy: HubTLSPolicy,
@@ -175,16 +192,16 @@ def build_site(
     credentials = credentials or Credentials()
     stats = stats if stats is not None else Stats()
     agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
-    websockets = None
-    try:
+
+    def relay() -> Any:
         from jds.relay import WebSocketRelay
-    except ImportError:  # the relay lands separately; HTTP works without it
-        pass
-    else:
-        websockets = WebSocketRelay(
+
+        return WebSocketRelay(
             target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
             credentials=credentials, starter=starter, stats=stats,
         )
+
+    websockets = _OnFirstUse(relay)
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
         starter=starter,
@@ -193,7 +210,7 @@ def build_site(
     status = StatusResource(
         stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor
     )
-    return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout)
+    return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor)
 
 
 class _ProxyListener(StreamServerEndpointService):
@@ -263,6 +280,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     top = _Daemon()
     if options.get("log-format") == "json":
         top.log_observer = json_observer_for(getattr(options, "parent", None))
+    else:
+        top.log_observer = text_observer_for(getattr(options, "parent", None))
     _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)

@@ -25,15 +25,13 @@ class GuardTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         guard = LocalGuard.build(["jds.internal"], ["http://localhost:3000"])
         guard.listening("127.0.0.1", 8000)
-        self.site = LocalSite(Hello(), guard=guard, header_timeout=5)
-        self.site.callLater = self.clock.callLater
+        self.site = LocalSite(Hello(), guard=guard, header_timeout=5, reactor=self.clock)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def connect(self) -> tuple[object, StringTransport]:
         channel = self.site.buildProtocol(None)
-        channel.callLater = self.clock.callLater
         transport = StringTransport()
         channel.makeConnection(transport)
         return channel, transport

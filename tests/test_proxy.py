@@ -85,7 +85,7 @@ class ProxyResourceTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.agent = RecordingAgent()
         policy = HubTLSPolicy(self.reactor, TARGET.host, TARGET.port, TARGET.verify_name, None)
-        self.site = LocalSite(HubProxyResource(TARGET, policy, self.reactor, agent=self.agent))
+        self.site = LocalSite(HubProxyResource(TARGET, policy, self.reactor, agent=self.agent), reactor=self.reactor)
         self.channel = self.site.buildProtocol(None)
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)

@@ -1,0 +1,175 @@
+"""
+What the stack itself costs, without jupyter-dev-server: ``python -m benchmarks.floors`` runs the
+small-REST workload (as ``make bench`` does) direct, through three minimal Twisted programs and
+through jds, and prints added p50 and CPU per request for each:
+
+- ``static``: twisted.web answering a small JSON body itself (no hub, no access log): the cost of
+  twisted.web's request handling alone;
+- ``forwarder``: plain TCP in, pinned TLS (pyOpenSSL) out, bytes copied both ways with no HTTP
+  parsing at all: the floor of *any* Twisted + pyOpenSSL proxy;
+- ``agent``: twisted.web + ``Agent`` over a pooled, pinned TLS endpoint, with no header mapping and
+  no log: the floor of the architecture jds uses.
+
+``python -m benchmarks.floors serve KIND PORT CA`` runs one of them (the runner does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.servers import REPO, TLS_NAME, Fleet, Route, _poll
+
+_BODY = b'{"started": "2026-01-01T00:00:00.000000Z", "last_activity": "x", "connections": 0, "kernels": 1}'
+
+
+def serve(kind: str, upstream_port: int, ca: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+    from twisted.web.http_headers import Headers
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Site
+
+    options = optionsForClientTLS(TLS_NAME, Certificate.loadPEM(Path(ca).read_bytes()))
+    endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, "127.0.0.1", upstream_port))
+
+    class Static(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):  # noqa: N802
+            request.setHeader(b"content-type", b"application/json")
+            return _BODY
+
+    class Quiet(_HTTP11ClientFactory):
+        noisy = False
+
+    class OneEndpoint:
+        def endpointForURI(self, uri):  # noqa: N802
+            return endpoint
+
+    pool = HTTPConnectionPool(reactor)
+    pool._factory = Quiet
+    pool.maxPersistentPerHost = 16
+    agent = Agent.usingEndpointFactory(reactor, OneEndpoint(), pool=pool)
+    origin = b"https://%s:%d/user/alice" % (TLS_NAME.encode(), upstream_port)
+
+    class Relay(Protocol):
+        def __init__(self, request) -> None:
+            self.request = request
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.request.write(data)
+
+        def connectionLost(self, reason=None) -> None:  # noqa: N802
+            self.request.finish()
+
+    class MinimalProxy(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            headers = Headers({b"authorization": request.requestHeaders.getRawHeaders(b"authorization") or []})
+
+            def relay(response):
+                request.setResponseCode(response.code)
+                for name, values in response.headers.getAllRawHeaders():
+                    if name.lower() not in (b"content-length", b"connection", b"transfer-encoding"):
+                        request.responseHeaders.setRawHeaders(name, values)
+                response.deliverBody(Relay(request))
+
+            agent.request(request.method, origin + request.uri, headers).addCallback(relay)
+            return NOT_DONE_YET
+
+    class Upstream(Protocol):
+        def __init__(self, down) -> None:
+            self.down = down
+
+        def connectionMade(self) -> None:  # noqa: N802
+            self.down.up = self
+            for data in self.down.pending:
+                self.transport.write(data)
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.down.transport.write(data)
+
+        def connectionLost(self, reason=None) -> None:  # noqa: N802
+            self.down.transport.loseConnection()
+
+    class Downstream(Protocol):
+        up = None
+
+        def connectionMade(self) -> None:  # noqa: N802
+            self.pending: list[bytes] = []
+            self.transport.setTcpNoDelay(True)
+            endpoint.connect(Factory.forProtocol(lambda: Upstream(self)))
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            if self.up is None:
+                self.pending.append(data)
+            else:
+                self.up.transport.write(data)
+
+        def connectionLost(self, reason=None) -> None:  # noqa: N802
+            if self.up is not None:
+                self.up.transport.loseConnection()
+
+    if kind == "forwarder":
+        factory = Factory.forProtocol(Downstream)
+    else:
+        factory = Site(Static() if kind == "static" else MinimalProxy())
+        factory.log = lambda request: None
+    factory.noisy = False
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    print(f"http://127.0.0.1:{port.getHost().port}/", flush=True)
+    reactor.run()
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["serve"]:
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return 0
+    fleet = Fleet(Path(tempfile.mkdtemp(prefix="jds-floors-")))
+    try:
+        fleet.start_jupyter_server()
+        for kind, prefix in (("static", ""), ("forwarder", "/user/alice"), ("agent", "")):
+            proc = fleet._start(kind, [sys.executable, "-m", "benchmarks.floors", "serve", kind,
+                                       str(fleet.server_port), str(fleet.ca_path)], {"PYTHONPATH": str(REPO)})
+
+            def listening(proc=proc) -> int | None:
+                found = re.search(r"127\.0\.0\.1:(\d+)/", proc.log.read_text())
+                return int(found.group(1)) if found else None
+
+            port = _poll(listening, 20, f"the {kind} floor to listen", proc.log)
+            fleet.paths[kind] = Route(kind, f"http://127.0.0.1:{port}", prefix, proc.popen.pid, None)
+        fleet.start_jds()
+        routes = {name: route.as_dict() for name, route in fleet.paths.items()}
+        job = {"workload": "rest", "routes": routes, "token": fleet.token, "warmup": 100, "rounds": 7,
+               "requests": 500}
+        done = subprocess.run([sys.executable, "-m", "benchmarks.client"], input=json.dumps(job), text=True,
+                              capture_output=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        rounds = json.loads(done.stdout)["rounds"]
+        print("| path | p50 | added p50 | CPU per request (system) |\n|---|---|---|---|")
+        for name, results in rounds.items():
+            p50 = statistics.median(r["p50"] for r in results)
+            added = statistics.median(r["p50"] - d["p50"] for r, d in zip(results, rounds["direct"], strict=True))
+            n = sum(r["n"] for r in results)
+            cpu = (f"{sum(r['proxy_cpu'] for r in results) / n * 1e6:,.0f} µs "
+                   f"({sum(r['proxy_sys'] for r in results) / n * 1e6:,.0f} µs)") if "proxy_cpu" in results[0] else "—"
+            print(f"| {name} | {p50 * 1e6:,.0f} µs | {added * 1e6:+,.0f} µs | {cpu} |")
+    finally:
+        fleet.stop()
+        shutil.rmtree(fleet.directory, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
