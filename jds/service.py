@@ -288,7 +288,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     if not is_loopback(options["interface"]):
         log.warn(
             "Listening on {interface}: other machines can reach this proxy. Every request must carry "
-            "the local token; keep it secret.",
+            "the local token; keep it secret. Other machines must connect by a name given with "
+            "--allow-host (this machine's address or DNS name).",
             interface=options["interface"],
         )
     log.info(

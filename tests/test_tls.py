@@ -90,12 +90,13 @@ class HubTLSFailureTests(TestCase):
         self.ca.cert_pem.write_to_path(str(self.ca_path))
 
     def serve_tls(self, context_factory) -> int:
-        port = reactor.listenSSL(0, Site(Hello()), context_factory, interface="127.0.0.1")
+        # timeout=None: no idle-timeout call left in the reactor for trial to find after the test
+        port = reactor.listenSSL(0, Site(Hello(), timeout=None), context_factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
     def serve_plain(self) -> int:
-        port = reactor.listenTCP(0, Site(Hello()), interface="127.0.0.1")
+        port = reactor.listenTCP(0, Site(Hello(), timeout=None), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
