@@ -143,6 +143,20 @@ class _Side:
     def onOpen(self) -> None:
         self.link.opened(self)
 
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        """
+        autobahn's, with the log line said once by the relay and the other side told (1011): a
+        peer that breaks the protocol (bad frame, invalid UTF-8, oversized message) ends the pair.
+        """
+        if self.state == WebSocketProtocol.STATE_CLOSED:  # type: ignore[attr-defined]
+            return
+        self.link.broken(self, code, reason)
+        self.failedByMe = True
+        if self.state != WebSocketProtocol.STATE_CLOSING:  # type: ignore[attr-defined]
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)  # type: ignore[attr-defined]
+        else:
+            self.dropConnection(abort=False)  # type: ignore[attr-defined]
+
     # autobahn formats a debug line (hltype/hlval: qualified names and ANSI colours) on every
     # read and every write before its logger drops it: 14 % of the relay's CPU per round trip.
     def dataReceived(self, data: bytes) -> None:
@@ -419,6 +433,19 @@ class _Link:
                 code=code,
                 reason=reason or "",
             )
+
+    def broken(self, side: _Side, code: int, reason: str) -> None:
+        peer_role, peer = self._peer(side)
+        log.warn(
+            'failing WebSocket connection (code={code}): "{reason}" from the {role} on {uri}; '
+            "the {peer} gets 1011.",
+            code=code,
+            reason=reason,
+            role=side.role,
+            uri=self.uri,
+            peer=peer_role,
+        )
+        self._close(peer, 1011, f"The {side.role} broke the WebSocket protocol.")
 
     def lost(self, side: _Side) -> None:
         if side.role == "hub" and (self._waiting_for_server or side is not self.hub):
