@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from jds.auth import Credentials
+from jds.cli import parse_subcommand
 from jds.hub import HubAPI, ServerStarter
 from jds.options import Options
 from jds.paths import HubTarget
@@ -191,11 +190,9 @@ def main(argv: list[str]) -> int:
     from twisted.internet.task import react
 
     options = CheckOptions()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        print(f"jupyter-dev-server check: {exc}", file=sys.stderr)
-        return 2
+    failed = parse_subcommand(options, argv, "check")
+    if failed is not None:
+        return failed
     result: dict[str, int] = {}
 
     def go(reactor_: Any):

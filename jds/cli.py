@@ -8,14 +8,27 @@ without leaving a ``twistd.pid`` behind in the current directory; and its three 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from jds.service import ListenError
+__all__ = ["main", "parse_subcommand"]
 
-__all__ = ["main"]
+
+def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
+    """Parse a helper command's options; on a mistake say it in one line and return exit status 2."""
+    from twisted.python import usage
+
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        print(f"jupyter-dev-server {name}: {exc}", file=sys.stderr)
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     from twisted.scripts import twistd
+
+    from jds.service import ListenError
 
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["check"]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from jds.cli import parse_subcommand
 from jds.tokens import load_local_token
 
 __all__ = ["DemoOptions", "main"]
@@ -277,11 +278,9 @@ def _missing() -> str | None:
 
 def main(argv: list[str]) -> int:
     options = DemoOptions()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        print(f"jupyter-dev-server demo: {exc}", file=sys.stderr)
-        return 2
+    failed = parse_subcommand(options, argv, "demo")
+    if failed is not None:
+        return failed
     problem = _missing()
     if problem:
         print(f"jupyter-dev-server demo: {problem}", file=sys.stderr)

@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from jds import __version__
 from jds.auth import Credentials
+from jds.cli import parse_subcommand
 from jds.errors import render_error
 from jds.paths import HubTarget
 from jds.tokens import default_local_token_path
@@ -310,11 +311,9 @@ def fetch(url: str, token: str | None, timeout: float = 15.0) -> tuple[int, byte
 
 def main(argv: list[str]) -> int:
     options = StatusOptions()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        print(f"jupyter-dev-server status: {exc}", file=sys.stderr)
-        return 2
+    failed = parse_subcommand(options, argv, "status")
+    if failed is not None:
+        return failed
     url = options["url"]
     try:
         code, body = fetch(url, options["token"])
