@@ -25,7 +25,7 @@ from jds.cli import parse_subcommand
 from jds.hub import HubAPI, ServerStarter
 from jds.options import Options
 from jds.paths import HubTarget
-from jds.proxy import make_agent
+from jds.proxy import make_agent, quiet_pool
 from jds.tls import HubTLSPolicy
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
@@ -168,7 +168,7 @@ def run_checks(reactor: Any, options: Options):
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     try:
         local = f"http://127.0.0.1:{port.getHost().port}/api/kernelspecs".encode()
-        response = yield Agent(reactor).request(
+        response = yield Agent(reactor, pool=quiet_pool(reactor, persistent=False)).request(
             b"GET", local, Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
         )
         body = yield readBody(response)

@@ -92,9 +92,14 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def make_agent(reactor: IReactorTime, policy: HubTLSPolicy) -> Agent:
-    pool = HTTPConnectionPool(reactor, persistent=True)
+def quiet_pool(reactor: IReactorTime, persistent: bool = True) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool._factory = _QuietClientFactory
+    return pool
+
+
+def make_agent(reactor: IReactorTime, policy: HubTLSPolicy) -> Agent:
+    pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = IDLE_UPSTREAM_SECONDS
     pool.retryAutomatically = True
