@@ -20,7 +20,7 @@ def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
     try:
         options.parseOptions(argv)
     except usage.UsageError as exc:
-        print(f"jupyter-dev-server {name}: {exc}", file=sys.stderr)
+        print(f"jupyter-dev-server{' ' + name if name else ''}: {exc}", file=sys.stderr)
         return 2
     return None
 
@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         from jds.demo import main as demo
 
         return demo(args[1:])
+    if not {"--help", "-h", "--version"} & set(args):
+        # twistd would print its whole usage text before the one sentence that matters
+        from jds.options import Options
+
+        failed = parse_subcommand(Options(), args, "")
+        if failed is not None:
+            return failed
     sys.argv = ["jupyter-dev-server", "--nodaemon", "--pidfile=", "jupyter-dev-server", *args]
     try:
         twistd.run()
