@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import trustme
+
+from jds.testing import free_ports
 
 __all__ = ["Fleet", "Route", "ServerError"]
 
@@ -42,12 +43,6 @@ T = TypeVar("T")
 
 class ServerError(RuntimeError):
     """A process did not start or answer in time; the message carries the end of its log."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _poll(check: Callable[[], T | None], timeout: float, what: str, log: Path | None = None) -> T:
@@ -138,7 +133,7 @@ class Fleet:
             raise ServerError(f"{proc.name} exited with status {proc.popen.returncode}\n{tail}")
 
     def start_jupyter_server(self) -> Route:
-        self.server_port = _free_port()
+        self.server_port = free_ports(1)[0]
         jupyter_dirs = self.directory / "jupyter"
         env = {
             "JUPYTER_CONFIG_DIR": str(jupyter_dirs / "config"),
@@ -215,7 +210,7 @@ class Fleet:
         binary = next((p for p in CHP_CANDIDATES if p.exists()), None)
         if binary is None:
             return None
-        port, api_port = _free_port(), _free_port()
+        port, api_port = free_ports(2)
         argv = [
             str(binary), "--ip", "127.0.0.1", "--port", str(port),
             "--api-ip", "127.0.0.1", "--api-port", str(api_port),

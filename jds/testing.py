@@ -47,6 +47,7 @@ __all__ = [
     "dump",
     "escape_name",
     "free_port",
+    "free_ports",
     "poll",
     "run_in_kernel",
     "stop_pid",
@@ -71,11 +72,24 @@ class HarnessError(RuntimeError):
     """A process did not start, answer or stop in time; the message carries its log."""
 
 
+def free_ports(count: int) -> list[int]:
+    """
+    ``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago. They are held open
+    together while chosen: asked one by one, the kernel may hand out the same port twice.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (good enough on a loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def poll(
@@ -200,9 +214,7 @@ class JupyterHubProcess:
         self.extra_config = extra_config
         self.own_session = own_session
         self.admin_token = secrets.token_hex(32)
-        self.port = free_port()
-        self.hub_port = free_port()
-        self.proxy_api_port = free_port()
+        self.port, self.hub_port, self.proxy_api_port = free_ports(3)
         self.config_path = directory / "jupyterhub_config.py"
         self.log_path = directory / "jupyterhub.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,17 +32,13 @@ from jupyter_server.services.kernels.connection.base import (
     serialize_msg_to_ws_v1,
 )
 
+from jds.testing import free_port
+
 BIN = Path(sys.executable).parent
 TOKEN = "relay-e2e-token-93f1"
 V1 = "v1.kernel.websocket.jupyter.org"
 AUTH = {"Authorization": f"token {TOKEN}"}
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(check: Callable[[], T | None], seconds: float, what: str, log: Path | None = None) -> T:
