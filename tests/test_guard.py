@@ -102,3 +102,11 @@ class GuardTests(SynchronousTestCase):
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"), head[:20])
             lines = [e for e in self.events if "malformed" in str(e.get("log_format"))]
             self.assertEqual(len(lines), 1)
+
+    def test_silent_connection_is_cut_off(self) -> None:
+        channel, transport = self.connect()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(transport.disconnecting)
