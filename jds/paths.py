@@ -180,10 +180,6 @@ def _reencode(segment: bytes) -> bytes:
     return quote(segment, safe="/%!$&'()*+,;=:@~-._").encode("ascii")
 
 
-def _prefix_segments(target: HubTarget) -> list[bytes]:
-    return target.prefix_segments
-
-
 def _decoded_prefix_segments(prefix: str) -> list[bytes]:
     return [_decoded(s) for s in prefix.encode("ascii").split(b"/")[1:-1]]
 
@@ -204,7 +200,7 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
             "jupyter-dev-server serves your Jupyter server, not the hub: /hub/ is not forwarded.",
             "hub-path",
         )
-    prefix = _prefix_segments(target)
+    prefix = target.prefix_segments
     decoded = [_decoded(s) for s in segments[: len(prefix)]]
     if decoded == prefix:
         segments = segments[len(prefix) :] or [b""]
@@ -219,7 +215,7 @@ def local_path(hub_path: bytes, target: HubTarget) -> bytes | None:
     if hub_path.startswith(prefix):
         return b"/" + hub_path[len(prefix) :]
     segments = hub_path.split(b"/")
-    want = _prefix_segments(target)
+    want = target.prefix_segments
     if len(segments) > len(want) and [_decoded(s) for s in segments[1 : len(want) + 1]] == want:
         return b"/" + b"/".join(segments[len(want) + 1 :])
     return None

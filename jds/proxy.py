@@ -220,7 +220,7 @@ class _Exchange:
         if self.request.method != b"GET" or b"kernelspecs" not in self.hub_path:
             return False
         local = local_path(self.hub_path, self.resource.target)
-        return self.request.method == b"GET" and local is not None and is_kernelspec_path(local)
+        return local is not None and is_kernelspec_path(local)
 
     def _body_producer(self) -> FileBodyProducer | None:
         content = self.request.content
