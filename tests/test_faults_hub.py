@@ -705,11 +705,11 @@ def test_half_open_hub_gets_502_while_the_proxy_answers_others(
             asked = time.monotonic()
             local = requests.get(f"{p.url}/hub/api", timeout=5)
             assert local.status_code == 404 and local.json()["reason"] == "hub-path"
-            assert time.monotonic() - asked < 0.5
+            assert time.monotonic() - asked < PROMPT / 2  # well inside the 2 s the stuck one waits
             answered += 1
         response = stuck.result()
         took = time.monotonic() - started
-    assert answered >= 3
+    assert answered >= 2
     assert response.status_code == 502, dump(response)
     assert response.json()["reason"] == "tls-handshake-timeout"
     assert "2 s" in response.json()["message"]

@@ -60,6 +60,12 @@ class _OldTLSOnly:
         return context
 
 
+class _AnswersBadRequest(Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted interface name
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
 def _self_signed(name: str) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -95,8 +101,8 @@ class HubTLSFailureTests(TestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    def serve_plain(self) -> int:
-        port = reactor.listenTCP(0, Site(Hello(), timeout=None), interface="127.0.0.1")
+    def serve_plain(self, protocol: type[Protocol]) -> int:
+        port = reactor.listenTCP(0, Factory.forProtocol(protocol), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -164,8 +170,20 @@ class HubTLSFailureTests(TestCase):
         self.assertIn("1.2", message)
 
     @inlineCallbacks
-    def test_plain_http_port(self):
-        port = self.serve_plain()
+    def test_plain_http_port_that_answers(self):
+        # A plain-HTTP server answers the ClientHello with an error page as soon as it sees a line.
+        # (twisted.web's Site does so only when the random ClientHello bytes happen to hold a
+        # newline, which is why the peers here are deterministic.)
+        port = self.serve_plain(_AnswersBadRequest)
+        message, hint, reason = yield self.fetch(port)
+        self.assertEqual(reason, "not-tls")
+        self.assertIn("https port", hint)
+        self.assertIn(f"127.0.0.1:{port}", message)
+
+    @inlineCallbacks
+    def test_plain_http_port_that_waits(self):
+        # ...and one still waiting for the end of a request line never answers at all.
+        port = self.serve_plain(Protocol)
         message, hint, reason = yield self.fetch(port)
         self.assertEqual(reason, "tls-handshake-timeout")
         self.assertIn("https port", hint)
