@@ -28,6 +28,9 @@ close frame without a code                                     close frame witho
 socket lost without a close frame (1006), ping timeout         1011 "The <side> connection was lost."
 the proxy shuts down                                           1001 to both sides
 =============================================================  ==========================================
+
+A side that does not answer the proxy's close frame within 5 s is disconnected with a FIN, not
+autobahn's reset, so that an IDE that was busy still reads the code (:meth:`_Side.onCloseHandshakeTimeout`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote_from_bytes
 
+import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -140,8 +144,33 @@ class _Side:
     link: _Link
     role: str
 
+    _backstop: Any = None
+
     def onOpen(self) -> None:
         self.link.opened(self)
+
+    def onCloseHandshakeTimeout(self) -> None:
+        """
+        autobahn aborts here, and a TCP reset makes the peer's kernel throw away what the peer has
+        not read yet: an IDE busy for a few seconds would lose the close frame, and with it the
+        code that says why. A plain close keeps it readable; the abort follows only if even that
+        does not finish within another ``closeHandshakeTimeout`` (a peer that reads nothing).
+        """
+        self.closeHandshakeTimeoutCall = None
+        if self.state == WebSocketProtocol.STATE_CLOSED:  # type: ignore[attr-defined]
+            return
+        self.wasClean = False
+        self.wasNotCleanReason = "the peer did not answer the close frame in time"
+        self.wasCloseHandshakeTimeout = True
+        abort = self.transport.abortConnection  # type: ignore[attr-defined]
+        self.dropConnection(abort=False)  # type: ignore[attr-defined]
+        self._backstop = txaio.call_later(self.closeHandshakeTimeout, abort)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._backstop is not None and self._backstop.active():
+            self._backstop.cancel()
+        self._backstop = None
+        super().connectionLost(reason)  # type: ignore[misc]
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         """

@@ -806,6 +806,13 @@ def _hub_front(hub: JupyterHubProcess) -> psutil.Process:
     raise AssertionError("the hub has no configurable-http-proxy child")
 
 
+def _dead(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_hub_front_killed_and_restarted_under_load(
     hub: JupyterHubProcess, alice: ProxyProcess, kernels: list[str], big_file: tuple[str, str]
 ) -> None:
@@ -827,7 +834,8 @@ def test_hub_front_killed_and_restarted_under_load(
         assert response.status == 200
         response.read(MB)
         front.kill()
-        front.wait(10)
+        # Dead, not yet reaped: JupyterHub reaps its proxy only at its next check, up to 5 s later.
+        poll(lambda: _dead(front) or None, 10, "configurable-http-proxy to die")
         with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
             while response.read(MB):
                 pass

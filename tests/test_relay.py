@@ -560,6 +560,37 @@ class CloseTests(RelayTestCase):
         self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
         self.assertEqual(self.relay.links, set())
 
+    def test_a_busy_ide_still_reads_its_close_code(self) -> None:
+        """
+        An IDE that reads nothing for longer than the close handshake timeout is disconnected
+        with a FIN: what it has not read yet, the close frame included, stays readable (a reset
+        would make its kernel discard it).
+        """
+        ide, proxy_end = self.open_ide()
+        ide_end = proxy_end.other
+        ide_end.producerState = "paused"  # the IDE's event loop is busy
+        self.hub.transport.abortConnection()
+        self.network.pump()
+        self.clock.advance(5)
+        self.network.pump()
+        self.assertTrue(proxy_end.disconnecting)
+        self.assertFalse(proxy_end.disconnected, "aborted: the close frame would be lost")
+        ide_end.producerState = "producing"
+        self.network.pump()
+        self.assertEqual(ide.closed[1:], (1011, "The hub connection was lost."))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_peer_that_never_reads_is_aborted_in_the_end(self) -> None:
+        _, proxy_end = self.open_ide()
+        proxy_end.other.producerState = "paused"
+        proxy_end.other.closed = True  # nothing written to the proxy's end will be taken away
+        self.hub.transport.abortConnection()
+        self.network.pump()
+        self.clock.advance(5)
+        self.assertFalse(proxy_end.disconnected)
+        self.clock.advance(5)
+        self.assertTrue(proxy_end.disconnected)
+
     def test_paused_side_still_gets_its_close(self) -> None:
         """A hub paused for a slow IDE must read again to see the close when the IDE drops."""
         _, proxy_end = self.open_ide()
