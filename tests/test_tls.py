@@ -171,9 +171,9 @@ class HubTLSFailureTests(TestCase):
 
     @inlineCallbacks
     def test_plain_http_port_that_answers(self):
-        # A plain-HTTP server answers the ClientHello with an error page as soon as it sees a line.
-        # (twisted.web's Site does so only when the random ClientHello bytes happen to hold a
-        # newline, which is why the peers here are deterministic.)
+        # A plain-HTTP server that answers the ClientHello with an error at once. (twisted.web's Site
+        # answers only when the random ClientHello bytes happen to hold a newline and otherwise waits
+        # for one, so each behaviour gets a peer that always shows it.)
         port = self.serve_plain(_AnswersBadRequest)
         message, hint, reason = yield self.fetch(port)
         self.assertEqual(reason, "not-tls")
