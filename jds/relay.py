@@ -29,8 +29,8 @@ socket lost without a close frame (1006), ping timeout         1011 "The <side> 
 the proxy shuts down                                           1001 to both sides
 =============================================================  ==========================================
 
-A side that does not answer the proxy's close frame within 5 s is disconnected with a FIN, not
-autobahn's reset, so that an IDE that was busy still reads the code (:meth:`_Side.onCloseHandshakeTimeout`).
+Once a side has been sent a close frame, its connection ends with a FIN rather than autobahn's reset,
+so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dropConnection`).
 """
 
 from __future__ import annotations
@@ -149,22 +149,19 @@ class _Side:
     def onOpen(self) -> None:
         self.link.opened(self)
 
-    def onCloseHandshakeTimeout(self) -> None:
+    def dropConnection(self, abort: bool = False) -> None:
         """
-        autobahn aborts here, and a TCP reset makes the peer's kernel throw away what the peer has
-        not read yet: an IDE busy for a few seconds would lose the close frame, and with it the
-        code that says why. A plain close keeps it readable; the abort follows only if even that
-        does not finish within another ``closeHandshakeTimeout`` (a peer that reads nothing).
+        autobahn resets the TCP connection when a close handshake it started ends or times out,
+        and a reset makes the peer's kernel throw away what the peer has not read yet, our close
+        frame included: an IDE busy for a few seconds, or one that sent a bad close frame, would
+        see "connection reset" instead of the code that says why. Once our close frame is on its
+        way the connection ends with a FIN instead; the abort follows only if that has not
+        finished within another ``closeHandshakeTimeout`` (a peer that reads nothing).
         """
-        self.closeHandshakeTimeoutCall = None
-        if self.state == WebSocketProtocol.STATE_CLOSED:  # type: ignore[attr-defined]
-            return
-        self.wasClean = False
-        self.wasNotCleanReason = "the peer did not answer the close frame in time"
-        self.wasCloseHandshakeTimeout = True
-        abort = self.transport.abortConnection  # type: ignore[attr-defined]
-        self.dropConnection(abort=False)  # type: ignore[attr-defined]
-        self._backstop = txaio.call_later(self.closeHandshakeTimeout, abort)  # type: ignore[attr-defined]
+        if abort and self.state == WebSocketProtocol.STATE_CLOSING:  # type: ignore[attr-defined]
+            abort = False
+            self._backstop = txaio.call_later(self.closeHandshakeTimeout, self.transport.abortConnection)  # type: ignore[attr-defined]
+        super().dropConnection(abort)  # type: ignore[misc]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._backstop is not None and self._backstop.active():

@@ -560,6 +560,16 @@ class CloseTests(RelayTestCase):
         self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
         self.assertEqual(self.relay.links, set())
 
+    def test_a_close_the_proxy_started_ends_with_a_fin(self) -> None:
+        """autobahn would reset the connection once the IDE answered; a reset can cost the IDE data."""
+        ide, proxy_end = self.open_ide()
+        self.hub.transport.abortConnection()
+        self.network.pump()
+        self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
+        self.assertTrue(proxy_end.disconnecting)
+        self.assertFalse(proxy_end.disconnected, "the IDE's connection was reset")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_busy_ide_still_reads_its_close_code(self) -> None:
         """
         An IDE that reads nothing for longer than the close handshake timeout is disconnected
