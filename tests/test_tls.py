@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.python.failure import Failure
@@ -127,6 +127,31 @@ class HubTLSFailureTests(TestCase):
         self.assertEqual((yield self.fetch(port)), b"hello")
         # an IP address can be the verified name too, when the certificate lists it
         self.assertEqual((yield self.fetch(port, name="127.0.0.1")), b"hello")
+
+    @inlineCallbacks
+    def test_writes_to_the_hub_wait_for_no_timer(self):
+        """
+        Twisted's default TLS transport holds every write back to the next reactor turn (a timer)
+        to merge small ones; the hub's are whole already, and each held one is latency.
+        """
+        port = self.serve_tls(self.leaf_options(self.ca.issue_cert(NAME)))
+        policy = HubTLSPolicy(reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=2)
+        answered: Deferred = Deferred()
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted interface name
+                self.received = getattr(self, "received", b"") + data
+
+            def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted interface name
+                answered.callback(getattr(self, "received", b""))
+
+        client = yield policy.endpoint().connect(Factory.forProtocol(Client))
+        timers = len(reactor.getDelayedCalls())
+        client.transport.write(b"GET / HTTP/1.0\r\nHost: hub\r\n\r\n")
+        self.assertEqual(len(reactor.getDelayedCalls()), timers)
+        answer = yield answered
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:80])
+        self.assertTrue(answer.endswith(b"hello"))
 
     @inlineCallbacks
     def test_unknown_ca(self):
