@@ -61,6 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_BIN = REPO_ROOT / "tests" / "node" / "node_modules" / ".bin"
 TLS_NAME = "hub.jds.test"
 ADMIN_SERVICE = "jds-test"
+EXIT_GRACE = 5.0  # seconds the hub's former children get to finish exiting on their own
 # Enough for the service to create users, start/stop their servers, mint their tokens and reach
 # their servers (JupyterHub 6 split `start:servers` out of `servers`; admin:servers has both).
 ADMIN_SCOPES = ["admin:users", "admin:servers", "tokens", "access:servers", "read:hub"]
@@ -338,7 +339,14 @@ c.JupyterHub.load_roles = [
         with contextlib.suppress(psutil.Error):
             children = psutil.Process(proc.pid).children(recursive=True)
         code = stop_pid(proc, timeout)
-        leftovers = [child for child in children if _alive(child)]
+        # A kernel told to shut down by its server can outlive the hub by a moment (ipykernel
+        # notices its parent's exit once a second); only what is still running after that is left.
+        exiting = [child for child in children if _alive(child)]
+        deadline = time.monotonic() + EXIT_GRACE
+        while exiting and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll
+            exiting = [child for child in exiting if _alive(child)]
+        leftovers = exiting
         self.leftovers = [f"{child.pid} {_cmdline(child)}" for child in leftovers]
         for child in leftovers:
             with contextlib.suppress(psutil.Error):
