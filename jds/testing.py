@@ -341,12 +341,7 @@ c.JupyterHub.load_roles = [
         code = stop_pid(proc, timeout)
         # A kernel told to shut down by its server can outlive the hub by a moment (ipykernel
         # notices its parent's exit once a second); only what is still running after that is left.
-        exiting = [child for child in children if _alive(child)]
-        deadline = time.monotonic() + EXIT_GRACE
-        while exiting and time.monotonic() < deadline:
-            time.sleep(0.1)  # poll
-            exiting = [child for child in exiting if _alive(child)]
-        leftovers = exiting
+        _, leftovers = psutil.wait_procs([child for child in children if _alive(child)], timeout=EXIT_GRACE)
         self.leftovers = [f"{child.pid} {_cmdline(child)}" for child in leftovers]
         for child in leftovers:
             with contextlib.suppress(psutil.Error):
