@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.procfs import snapshot
 from benchmarks.run import (
+    PLAN,
     MiB,
     Table,
     _client,
@@ -91,19 +92,9 @@ def main() -> int:
             "rounds": args.rounds,
         }
         if "rest" in only:
-            summarise_rest(table, _client({"workload": "rest", **common, "requests": 500, "warmup": 50}))
+            summarise_rest(table, _client({"workload": "rest", **PLAN["full"]["rest"], **common}))
         if "kernel_ws" in only:
-            ws = _client(
-                {
-                    "workload": "kernel_ws",
-                    **common,
-                    "kernel": kernel,
-                    "warmup": 20,
-                    "requests": 150,
-                    "burst": 100,
-                    "bursts": 3,
-                }
-            )
+            ws = _client({"workload": "kernel_ws", **PLAN["full"]["kernel_ws"], **common, "kernel": kernel})
             summarise_ws(table, ws, {})
         if "download" in only:
             fleet.make_file("big.bin", args.download_mib * MiB)
