@@ -21,11 +21,12 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from jds.auth import Credentials
-from jds.cli import parse_subcommand
+from jds.commands import parse_subcommand
 from jds.hub import HubAPI, ServerStarter
 from jds.options import Options
 from jds.paths import HubTarget
 from jds.proxy import make_agent, quiet_pool
+from jds.site import build_site
 from jds.tls import HubTLSPolicy
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
@@ -160,8 +161,6 @@ def run_checks(reactor: Any, options: Options):
         ))
         return steps
     steps.append(Step("server", True, f"{target.server_url} is running"))
-
-    from jds.service import build_site
 
     credentials = Credentials(token, options["local-token"] or "check")
     site = build_site(target, policy, reactor, credentials, ServerStarter(api, reactor, allowed=False))

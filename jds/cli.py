@@ -8,44 +8,36 @@ without leaving a ``twistd.pid`` behind in the current directory; and its three 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-__all__ = ["main", "parse_subcommand"]
-
-
-def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
-    """Parse a helper command's options; on a mistake say it in one line and return exit status 2."""
-    from twisted.python import usage
-
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        print(f"jupyter-dev-server{' ' + name if name else ''}: {exc}", file=sys.stderr)
-        return 2
-    return None
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     from twisted.scripts import twistd
 
+    # lazy loads, here and below: each command imports only what it runs
     from jds.service import ListenError
 
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["check"]:
+        # lazy load: only for this command
         from jds.check import main as check
 
         return check(args[1:])
     if args[:1] == ["status"]:
+        # lazy load: only for this command
         from jds.status import main as status
 
         return status(args[1:])
     if args[:1] == ["demo"]:
+        # lazy load: only for this command
         from jds.demo import main as demo
 
         return demo(args[1:])
     if not {"--help", "-h", "--version"} & set(args):
         # twistd would print its whole usage text before the one sentence that matters
-        from jds.options import Options
+        from jds.commands import parse_subcommand  # lazy load, as above
+        from jds.options import Options  # lazy load, as above
 
         failed = parse_subcommand(Options(), args, "")
         if failed is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from jds.cli import parse_subcommand
+from jds.commands import parse_subcommand
 from jds.tokens import load_local_token
 
 __all__ = ["DemoOptions", "main"]
@@ -102,6 +102,7 @@ class Demo:
         self.proxy: subprocess.Popen[bytes] | None = None
 
     def run(self) -> int:
+        # lazy load: needs the demo extra, which _missing() checks first
         from jds.testing import HarnessError
 
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -127,6 +128,7 @@ class Demo:
         return code
 
     def _start(self) -> None:
+        # lazy load: needs the demo extra, which _missing() checks first
         from jds import testing
 
         assert self.directory is not None
@@ -172,6 +174,7 @@ class Demo:
     def _wait_for_proxy(self) -> None:
         import requests
 
+        # lazy load: needs the demo extra, which _missing() checks first
         from jds.testing import HarnessError, poll
 
         proxy = self.proxy
@@ -220,6 +223,7 @@ Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
 
     def _watch(self) -> int:
         """Wait for Ctrl-C; if the proxy or the hub dies first, say so and stop the other."""
+        # lazy load: needs the demo extra, which _missing() checks first
         from jds.testing import tail
 
         proxy, hub = self.proxy, self.hub
@@ -240,6 +244,7 @@ Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
             return 1
 
     def _stop(self) -> None:
+        # lazy load: needs the demo extra, which _missing() checks first
         from jds.testing import stop_pid
 
         if self.proxy is not None:
@@ -267,6 +272,7 @@ def _missing() -> str | None:
             f"the demo needs {', '.join(absent)}: run `make demo` in a checkout, or "
             "pip install 'jupyter-dev-server[demo]'."
         )
+    # lazy load: needs the demo extra, which _missing() checks first
     from jds.testing import HarnessError, configurable_http_proxy
 
     try:

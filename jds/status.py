@@ -10,105 +10,32 @@ managed mode, like everything else), and ``jupyter-dev-server status`` prints it
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from jds import __version__
 from jds.auth import Credentials
-from jds.cli import parse_subcommand
+from jds.commands import parse_subcommand
 from jds.errors import render_error
 from jds.paths import HubTarget
+from jds.stats import Stats
 from jds.tokens import default_local_token_path
 
-__all__ = ["STATUS_PATH", "Stats", "StatusOptions", "StatusResource", "describe", "main"]
+__all__ = ["STATUS_PATH", "StatusOptions", "StatusResource", "describe", "main"]
 
 STATUS_PATH = "/_jds/status"
 # The status page must answer promptly even when the hub does not; the state is then "unknown".
 STATE_TIMEOUT = 5.0
-
-
-def _iso(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class Stats:
-    """
-    Counters of one daemon's traffic. ``requests`` and bytes count finished HTTP exchanges relayed
-    to the hub (the daemon's own pages are not traffic); ``open_http`` counts exchanges in progress,
-    ``open_websockets`` relayed sockets, ``websockets`` all sockets ever opened.
-    """
-
-    clock: Callable[[], float] = time.time
-    started: float = field(default=0.0)
-    requests: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    open_http: int = 0
-    open_websockets: int = 0
-    websockets: int = 0
-    last_error: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.started:
-            self.started = self.clock()
-
-    def http_opened(self) -> Callable[[object], object]:
-        """Count an exchange as open; call the returned function (once or more) when it is over."""
-        self.open_http += 1
-        done = False
-
-        def closed(result: object = None) -> object:
-            nonlocal done
-            if not done:
-                done = True
-                self.open_http -= 1
-            return None if isinstance(result, Failure) else result
-
-        return closed
-
-    def http_finished(self, received: int, sent: int) -> None:
-        self.requests += 1
-        self.bytes_in += received
-        self.bytes_out += sent
-
-    def websocket_opened(self) -> None:
-        self.open_websockets += 1
-        self.websockets += 1
-
-    def websocket_closed(self) -> None:
-        self.open_websockets = max(0, self.open_websockets - 1)
-
-    def error(self, status: int, message: str, reason: str) -> None:
-        self.last_error = {"time": _iso(self.clock()), "status": status, "reason": reason, "message": message}
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "started": _iso(self.started),
-            "uptime_seconds": round(max(0.0, self.clock() - self.started), 1),
-            "open_http": self.open_http,
-            "open_websockets": self.open_websockets,
-            "requests": self.requests,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "websockets": self.websockets,
-            "last_error": self.last_error,
-        }
 
 
 class StatusResource(Resource):

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from jds.guard import LocalGuard
-from jds.service import LocalSite
+from jds.site import LocalSite
 
 
 class Hello(Resource):

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
-from jds.service import LocalSite
+from jds.site import LocalSite
 from jds.tls import HubTLSPolicy
 
 TARGET = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.example.org")

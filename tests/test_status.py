@@ -24,7 +24,8 @@ from jds.auth import Credentials
 from jds.hub import ServerState
 from jds.paths import HubTarget
 from jds.relay import WebSocketRelay
-from jds.status import Stats, StatusResource, describe, endpoint_url
+from jds.stats import Stats
+from jds.status import StatusResource, describe, endpoint_url
 
 TARGET = HubTarget(host="hub.example.org", port=8000, user="alice")
 MANAGED = Credentials("hub-token-abc", "local-token-xyz")

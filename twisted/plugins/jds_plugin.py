@@ -1,5 +1,15 @@
-"""twistd dropin: ``twistd jupyter-dev-server --hub ... --user ...``."""
+"""
+twistd dropin: ``twistd jupyter-dev-server --hub ... --user ...``.
 
-from jds.service import JupyterDevServerMaker
+The service module is named by string, as Twisted's own dropins do, so scanning plugins imports no
+jds module and no reactor.
+"""
 
-jupyterDevServer = JupyterDevServerMaker()
+from twisted.application.service import ServiceMaker
+
+jupyterDevServer = ServiceMaker(
+    "jupyter-dev-server",
+    "jds.tap",
+    "Serve your JupyterHub server to a local IDE as a plain Jupyter server.",
+    "jupyter-dev-server",
+)

@@ -1,0 +1,135 @@
+"""
+The package's imports run one way, from pure modules up to the command line.
+
+Read from the source with :mod:`ast` (nothing is imported), so a cycle that only an in-function
+import closes is caught too, and a module that reaches up a layer fails here before it fails at
+import time.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "jds"
+
+# Lowest first: a module may import modules of its own layer or of the layers before it.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.stats", "jds.commands", "jds.logs"}),
+    ("hub side", {"jds.tls", "jds.hub", "jds.errors", "jds.progress"}),
+    ("web resources", {"jds.guard", "jds.login", "jds.proxy", "jds.relay", "jds.status"}),
+    ("site assembly", {"jds.site", "jds.options"}),
+    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.testing"}),
+    ("twistd service maker", {"jds.service", "jds.tap"}),
+    ("command line", {"jds.cli", "jds.__main__"}),
+]
+
+
+def _module_name(path: Path) -> str:
+    return "jds" if path.stem == "__init__" else f"jds.{path.stem}"
+
+
+def _imports(path: Path) -> list[tuple[str, ast.AST, bool]]:
+    """Every jds module ``path`` imports: (module, node, whether the import is inside a function)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found: list[tuple[str, ast.AST, bool]] = []
+
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, child, inside) for alias in child.names if alias.name.split(".")[0] == "jds")
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and (child.module or "").split(".")[0] == "jds":
+                if child.module == "jds":
+                    # ``from jds import x``: x is a submodule when a file of that name exists
+                    for alias in child.names:
+                        sub = PACKAGE / f"{alias.name}.py"
+                        found.append((f"jds.{alias.name}" if sub.exists() else "jds", child, inside))
+                else:
+                    found.append((child.module, child, inside))
+            visit(child, inside)
+
+    visit(tree, False)
+    return found
+
+
+@functools.cache
+def _graph() -> dict[str, list[tuple[str, ast.AST, bool]]]:
+    return {_module_name(path): _imports(path) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def _layer_of(module: str) -> int:
+    for index, (_, members) in enumerate(LAYERS):
+        if module in members:
+            return index
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it in one")
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in ``edges`` as the list of modules around it, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == 1:
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                cycle = walk(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            cycle = walk(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_find_cycle_sees_a_cycle_and_its_absence() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_including_imports_inside_functions() -> None:
+    edges = {module: {target for target, _, _ in imports if target != module} for module, imports in _graph().items()}
+    assert find_cycle(edges) is None
+
+
+def test_every_module_is_placed_in_a_layer() -> None:
+    for module in _graph():
+        _layer_of(module)
+
+
+@pytest.mark.parametrize("module", sorted(_graph()))
+def test_imports_go_only_down_the_layers(module: str) -> None:
+    own = _layer_of(module)
+    upward = [
+        f"{target} ({LAYERS[_layer_of(target)][0]}) at line {node.lineno}"
+        for target, node, _ in _graph()[module]
+        if _layer_of(target) > own
+    ]
+    assert not upward, f"{module} ({LAYERS[own][0]}) imports from a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("module", sorted(_graph()))
+def test_an_import_inside_a_function_is_a_commented_lazy_load(module: str) -> None:
+    path = PACKAGE / f"{'__init__' if module == 'jds' else module.split('.', 1)[1]}.py"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    unexplained = []
+    for target, node, nested in _graph()[module]:
+        if not nested:
+            continue
+        above = lines[max(0, node.lineno - 4):node.lineno]
+        if not any("lazy load" in line for line in above):
+            unexplained.append(f"{target} at line {node.lineno}")
+    assert not unexplained, f"{module} imports inside a function without a '# lazy load: why' comment: {unexplained}"
