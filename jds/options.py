@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from twisted.internet import reactor as default_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -174,8 +173,12 @@ class Options(usage.Options):
         self._tokens()
 
         self["listen"] = self["listen"] or self._listen_from_env()
+        # The reactor only once options are parsed: twistd installs the one --reactor names first,
+        # and --help never reaches here.
+        from twisted.internet import reactor
+
         try:
-            serverFromString(default_reactor, self["listen"])
+            serverFromString(reactor, self["listen"])
         except (ValueError, KeyError, TypeError) as exc:
             raise usage.UsageError(
                 f"--listen {self['listen']!r} is not a Twisted endpoint description ({exc}); "

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +137,33 @@ def test_an_import_inside_a_function_is_a_commented_lazy_load(module: str) -> No
         if not any("lazy load" in line for line in above):
             unexplained.append(f"{target} at line {node.lineno}")
     assert not unexplained, f"{module} imports inside a function without a '# lazy load: why' comment: {unexplained}"
+
+
+def _modules_after(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter and report which jds modules and whether a reactor it loaded."""
+    probe = (
+        "import json, sys\n" + code + "\n"
+        "print(json.dumps({'jds': sorted(m for m in sys.modules if m == 'jds' or m.startswith('jds.')),"
+        " 'reactor': 'twisted.internet.reactor' in sys.modules}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_scanning_the_twistd_plugin_imports_no_jds_module_and_no_reactor() -> None:
+    loaded = _modules_after(
+        "from twisted.plugins import jds_plugin as p\n"
+        "assert p.jupyterDevServer.tapname == 'jupyter-dev-server', p.jupyterDevServer.tapname"
+    )
+    assert loaded == {"jds": [], "reactor": False}
+
+
+def test_the_plugins_options_for_help_import_the_options_but_not_the_daemon() -> None:
+    loaded = _modules_after(
+        "from twisted.plugins import jds_plugin as p\n"
+        "from jds.options import Options\n"
+        "assert p.jupyterDevServer.options is Options"
+    )
+    assert "jds.options" in loaded["jds"]
+    assert not {"jds.service", "jds.site", "jds.proxy", "jds.relay", "jds.check"} & set(loaded["jds"])
+    assert loaded["reactor"] is False
