@@ -15,8 +15,9 @@ import hmac
 from dataclasses import dataclass
 
 from jds.paths import split_token
+from jds.refusal import Refusal
 
-__all__ = ["AUTH_COOKIE", "Credentials", "StreamScrubber", "Verdict", "cookies", "xsrf_matches"]
+__all__ = ["AUTH_COOKIE", "Credentials", "StreamScrubber", "Verdict", "cookies", "needs_local_token", "xsrf_matches"]
 
 AUTH_COOKIE = "jds-auth"
 _SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -187,3 +188,14 @@ class StreamScrubber:
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
+
+
+def needs_local_token(hint: str) -> Refusal:
+    """The 403 for a request without the local token; ``hint`` says, in the log, where it came from."""
+    return Refusal(
+        403,
+        "This jupyter-dev-server needs its local token: use the URL it printed at start-up "
+        "(http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
+        "no-token",
+        hint=hint,
+    )

@@ -88,16 +88,16 @@ def run_checks(reactor: Any, options: Options):
         peer = protocol.transport.getPeer()
         steps.append(Step("connect", True, f"{where} answers (at {peer.host})"))
     except Exception:
-        message, hint, _ = policy.explain(Failure())
-        steps.append(Step("connect", False, message, hint))
+        refusal = policy.explain(Failure())
+        steps.append(Step("connect", False, refusal.message, refusal.hint))
         return steps
 
     try:
         response = yield agent.request(b"GET", f"{target.url}hub/api".encode(), Headers({b"Accept": [b"application/json"]}))
         body = yield readBody(response)
     except Exception:
-        message, hint, _ = policy.explain(Failure())
-        steps.append(Step("tls", False, message, hint))
+        refusal = policy.explain(Failure())
+        steps.append(Step("tls", False, refusal.message, refusal.hint))
         return steps
     cert = policy.creator.last_peer
     days = cert.days_left(datetime.datetime.now(datetime.timezone.utc)) if cert else None

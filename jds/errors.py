@@ -13,18 +13,20 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from jds.paths import redact_query
+from jds.refusal import Refusal
 
 log = Logger(namespace="jds")
 
-__all__ = ["error_body", "render_error", "write_error"]
+__all__ = ["Refusal", "error_body", "render_refusal", "write_refusal"]
 
 
 def error_body(message: str, reason: str) -> bytes:
     return json.dumps({"message": message, "reason": reason}).encode("utf-8")
 
 
-def render_error(request: Request, status: int, message: str, reason: str, hint: str = "") -> bytes:
+def render_refusal(request: Request, refusal: Refusal) -> bytes:
     """Set up ``request`` for a JSON error and return the body, for ``render`` to return."""
+    status, message, reason, hint = refusal.status, refusal.message, refusal.reason, refusal.hint
     body = error_body(message, reason)
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json; charset=UTF-8"])
@@ -45,10 +47,10 @@ def render_error(request: Request, status: int, message: str, reason: str, hint:
     return body
 
 
-def write_error(request: Request, status: int, message: str, reason: str, hint: str = "") -> None:
-    """:func:`render_error` for a request already handed back as ``NOT_DONE_YET``."""
+def write_refusal(request: Request, refusal: Refusal) -> None:
+    """:func:`render_refusal` for a request already handed back as ``NOT_DONE_YET``."""
     if request.finished or getattr(request, "_disconnected", False):
         return
     request.responseHeaders = type(request.responseHeaders)()
-    request.write(render_error(request, status, message, reason, hint))
+    request.write(render_refusal(request, refusal))
     request.finish()

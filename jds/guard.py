@@ -21,6 +21,8 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from jds.refusal import Refusal
+
 __all__ = ["LOOPBACK_NAMES", "GuardedChannel", "LocalGuard", "is_loopback", "origin_refusal"]
 
 log = Logger(namespace="jds")
@@ -103,14 +105,14 @@ class LocalGuard:
             "start jupyter-dev-server with --allow-host to accept it."
         )
 
-    def refusal(self, request: Request) -> tuple[str, str] | None:
-        """``(message, reason)`` when the request must be refused before anything else sees it."""
+    def refusal(self, request: Request) -> Refusal | None:
+        """A 403 when the request must be refused before anything else sees it."""
         host = self.host_refusal(request)
         if host:
-            return host, "host-refused"
+            return Refusal(403, host, "host-refused")
         origin = origin_refusal(request, self.allowed_origins)
         if origin:
-            return origin, "origin-refused"
+            return Refusal(403, origin, "origin-refused")
         return None
 
 

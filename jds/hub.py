@@ -24,10 +24,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from jds.paths import HubTarget, escape_name
+from jds.refusal import Refusal
 
 log = Logger(namespace="jds.hub")
 
-__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "SpawnError", "looks_stopped"]
+__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped"]
 
 # Hub answers that mean "the server is not running here", before any confirmation. JupyterHub 6
 # answers non-GET requests for a stopped server with 403 (its XSRF check) rather than the 405 of older
@@ -54,16 +55,6 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
     if code in _MAYBE_STOPPED_CODES or (code == 404 and target.server):
         return None
     return False
-
-
-class SpawnError(Exception):
-    """Starting the server failed or timed out; ``status`` is what the waiting requests get."""
-
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -179,7 +170,7 @@ class HubAPI:
     def _refused(self, code: int, body: object, what: str):
         """Raise the error for a refused API call; a 401/403 is either a dead token or a missing scope."""
         token_dead = code in (401, 403) and not (yield self.token_accepted())
-        raise SpawnError(*_api_refusal(401 if token_dead else code, body, self.target, what))
+        raise _api_refusal(401 if token_dead else code, body, self.target, what)
 
     def follow_progress(self, on_event: Callable[[dict[str, Any]], None]) -> Deferred:
         """Fires when the hub closes the progress stream; events arrive through ``on_event``."""
@@ -200,10 +191,10 @@ def _drain_code(response: IResponse) -> Deferred:
     return readBody(response).addBoth(lambda _: response.code)
 
 
-def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> tuple[int, str, str]:
+def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> Refusal:
     hub_message = body.get("message", "") if isinstance(body, dict) else ""
     if code == 403:
-        return (
+        return Refusal(
             503,
             f"Your server at {target.server_url} is not running, and the token this proxy holds "
             f"may not {what} (missing scope; hub says: {hub_message or 'forbidden'}). Start it at "
@@ -211,13 +202,13 @@ def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> tuple
             "missing-scope",
         )
     if code == 401:
-        return (
+        return Refusal(
             401,
             f"The hub refused the token this proxy holds ({hub_message or 'unauthorized'}): it may "
             f"have expired or been revoked. Create a new one at {target.url}hub/token.",
             "hub-token-refused",
         )
-    return (
+    return Refusal(
         503,
         f"The hub could not {what} (HTTP {code}{': ' + hub_message if hub_message else ''}).",
         "hub-error",
@@ -251,9 +242,9 @@ class ServerStarter:
     def spawning(self) -> bool:
         return bool(self._waiters)
 
-    def not_running_error(self) -> SpawnError:
+    def not_running_error(self) -> Refusal:
         target = self.api.target
-        return SpawnError(
+        return Refusal(
             503,
             f"Your server at {target.server_url} is not running, and this proxy was started with "
             f"--no-spawn. Start it at {target.url}hub/home, then retry.",
@@ -265,7 +256,7 @@ class ServerStarter:
         return self.api.server_state().addCallback(lambda state: not state.ready)
 
     def ensure_running(self) -> Deferred:
-        """Fires (with ``None``) when the server is ready; fails with :class:`SpawnError`."""
+        """Fires (with ``None``) when the server is ready; fails with :class:`Refusal`."""
         if not self.allowed:
             return _failed(self.not_running_error())
         waiter: Deferred = Deferred()
@@ -293,7 +284,7 @@ class ServerStarter:
         while self._waiters:
             yield self.api.follow_progress(self._event)
             if self.progress.failed:
-                raise SpawnError(
+                raise Refusal(
                     503,
                     f"The hub failed to start your server: {self.progress.message or 'no reason given'}.",
                     "spawn-failed",
@@ -302,7 +293,7 @@ class ServerStarter:
             if state.ready:
                 return None
             if not state.pending:
-                raise SpawnError(
+                raise Refusal(
                     503,
                     "The hub stopped starting your server"
                     f"{': ' + self.progress.message if self.progress.message else ''}.",
@@ -332,7 +323,7 @@ class ServerStarter:
         last = self.progress.message or "no progress reported"
         self._release(
             Failure(
-                SpawnError(
+                Refusal(
                     504,
                     f"Your server did not start within {self.timeout:g} s (--spawn-timeout). "
                     f"The hub's last word: {last}.",
@@ -342,9 +333,8 @@ class ServerStarter:
         )
 
     def _finish(self, result: object) -> None:
-        if isinstance(result, Failure) and not result.check(SpawnError):
-            message, reason = f"Starting your server failed: {result.getErrorMessage()}", "spawn-failed"
-            result = Failure(SpawnError(503, message, reason))
+        if isinstance(result, Failure) and not result.check(Refusal):
+            result = Failure(Refusal(503, f"Starting your server failed: {result.getErrorMessage()}", "spawn-failed"))
         if isinstance(result, Failure):
             log.warn("Starting your server failed: {message}", message=result.value.message)
         else:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from jds.refusal import Refusal
+
 __all__ = [
     "HOP_BY_HOP",
     "HubTarget",
-    "PathRefused",
     "is_kernelspec_path",
     "map_kernelspecs_body",
     "map_location",
@@ -49,19 +50,6 @@ _TOKEN_PARAM = re.compile(rb"(^|&)token=[^&]*")
 _KERNELSPEC_PATH = re.compile(rb"^/api/kernelspecs(?:/[^/]+)?/?$")
 # Controls are never meaningful in a URL path and CR/LF/NUL are the usual smuggling tools.
 _FORBIDDEN_DECODED = frozenset(range(0x00, 0x20)) | {0x7F}
-
-
-class PathRefused(ValueError):
-    """
-    A request path that must not be forwarded; ``status`` is the HTTP status to answer with and the
-    message is meant for the user, so it says what was wrong.
-    """
-
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason
 
 
 def escape_name(name: str) -> str:
@@ -139,15 +127,15 @@ def _normalise(raw_path: bytes) -> list[bytes]:
     else than what the client asked for.
     """
     if not raw_path.startswith(b"/"):
-        raise PathRefused(400, "The request path must start with '/'.", "bad-path")
+        raise Refusal(400, "The request path must start with '/'.", "bad-path")
     if _PERCENT.search(raw_path):
-        raise PathRefused(400, "The request path has an invalid percent-escape.", "bad-path")
+        raise Refusal(400, "The request path has an invalid percent-escape.", "bad-path")
     out: list[bytes] = []
     segments = _segments(raw_path)
     for index, segment in enumerate(segments):
         decoded = _decoded(segment)
         if _FORBIDDEN_DECODED.intersection(decoded):
-            raise PathRefused(400, "The request path contains control characters.", "bad-path")
+            raise Refusal(400, "The request path contains control characters.", "bad-path")
         last = index == len(segments) - 1
         if decoded == b".":
             if last:
@@ -155,7 +143,7 @@ def _normalise(raw_path: bytes) -> list[bytes]:
             continue
         if decoded == b"..":
             if not out:
-                raise PathRefused(
+                raise Refusal(
                     400, "The request path climbs above the server root with '..'.", "bad-path"
                 )
             out.pop()
@@ -166,7 +154,7 @@ def _normalise(raw_path: bytes) -> list[bytes]:
         # separator is how traversal slips past proxies that decode later than we do.
         parts = decoded.replace(b"\\", b"/").split(b"/")
         if len(parts) > 1 and (b".." in parts or b"." in parts):
-            raise PathRefused(
+            raise Refusal(
                 400, "The request path hides '..' behind an escaped slash or backslash.", "bad-path"
             )
         out.append(_reencode(segment))
@@ -195,7 +183,7 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
     """
     segments = _normalise(raw_path)
     if segments[:1] == [b"hub"]:
-        raise PathRefused(
+        raise Refusal(
             404,
             "jupyter-dev-server serves your Jupyter server, not the hub: /hub/ is not forwarded.",
             "hub-path",

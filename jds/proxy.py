@@ -34,13 +34,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from jds.auth import Credentials, StreamScrubber
-from jds.errors import render_error, write_error
-from jds.hub import ServerStarter, SpawnError, looks_stopped
+from jds.auth import Credentials, StreamScrubber, needs_local_token
+from jds.errors import Refusal, render_refusal, write_refusal
+from jds.hub import ServerStarter, looks_stopped
 from jds.login import auth_cookie_header
 from jds.paths import (
     HubTarget,
-    PathRefused,
     is_kernelspec_path,
     local_path,
     map_kernelspecs_body,
@@ -247,12 +246,12 @@ class _Exchange:
             # redirect either (another name, another CA), so say what is wrong instead.
             response.deliverBody(_Discard())
             target = self.resource.target
-            write_error(
-                self.request, 503,
+            write_refusal(self.request, Refusal(
+                503,
                 f"Your server at {target.server_url} is not running. Start it at {target.url}hub/home, "
                 "or run jupyter-dev-server with --token-file so that it starts the server itself.",
                 "server-not-running",
-            )
+            ))
             return
         if starter is not None and not self._replayed:
             location = (response.headers.getRawHeaders(b"location") or [None])[0]
@@ -272,7 +271,7 @@ class _Exchange:
     def _unconfirmed(self, response: IResponse, failure: Failure) -> None:
         """The hub's API would not say whether the server runs: its reason beats a bare redirect."""
         self._pending = None
-        if failure.check(SpawnError):
+        if failure.check(Refusal):
             response.deliverBody(_Discard())
             self._spawn_failed(failure)
         else:
@@ -304,8 +303,8 @@ class _Exchange:
         self._pending = None
         if self._client_gone or failure.check(CancelledError):
             return
-        error = failure.value if failure.check(SpawnError) else SpawnError(503, failure.getErrorMessage(), "spawn-failed")
-        write_error(self.request, error.status, error.message, error.reason)
+        refusal = failure.value if failure.check(Refusal) else Refusal(503, failure.getErrorMessage(), "spawn-failed")
+        write_refusal(self.request, refusal)
 
     def _relay(self, response: IResponse) -> None:
         self._pending = None
@@ -339,14 +338,13 @@ class _Exchange:
         if self._client_gone:
             return
         target = self.resource.target
-        write_error(
-            self.request,
+        write_refusal(self.request, Refusal(
             401,
             "The hub refused the API token this proxy holds: it may have expired or been revoked. "
             f"Create a new one at {target.url}hub/token and put it in the --token-file.",
             "hub-token-refused",
             hint="Replace the token in --token-file and restart jupyter-dev-server.",
-        )
+        ))
 
     def _write_kernelspecs(self, body: bytes) -> None:
         body = map_kernelspecs_body(body, self.resource.target)
@@ -399,14 +397,14 @@ class _Exchange:
         if self._client_gone or failure.check(CancelledError):
             return
         if failure.check(TimeoutError):
-            write_error(
-                self.request, 504,
-                f"The hub did not answer this request within {RESPONSE_TIMEOUT:g} s.", "hub-no-answer",
-                "The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
-            )
+            write_refusal(self.request, Refusal(
+                504,
+                f"The hub did not answer this request within {RESPONSE_TIMEOUT:g} s.",
+                "hub-no-answer",
+                hint="The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
+            ))
             return
-        message, hint, reason = self.resource.policy.explain(failure)
-        write_error(self.request, 502, message, reason, hint)
+        write_refusal(self.request, self.resource.policy.explain(failure))
 
     def _client_went_away(self, failure: Failure) -> None:
         """The IDE hung up: cancel the hub request or stop its body, releasing that connection."""
@@ -452,8 +450,8 @@ class HubProxyResource(ReverseProxyResource):
         raw_path, _, query = request.uri.partition(b"?")
         try:
             hub_path = map_request_path(raw_path, self.target)
-        except PathRefused as refused:
-            return render_error(request, refused.status, refused.message, refused.reason)
+        except Refusal as refused:
+            return render_refusal(request, refused)
         websocket = is_websocket_upgrade(request)
         verdict = self.credentials.check(
             request.method,
@@ -465,7 +463,7 @@ class HubProxyResource(ReverseProxyResource):
             return self._refuse(request, raw_path, query, verdict, websocket)
         if websocket:
             if self.websockets is None:
-                return render_error(request, 501, "WebSocket relaying is not available.", "no-websocket")
+                return render_refusal(request, Refusal(501, "WebSocket relaying is not available.", "no-websocket"))
             return self.websockets.render_upgrade(request, hub_path, query)
         request.defaultContentType = None
         exchange = _Exchange(self, request, hub_path, query)
@@ -479,16 +477,14 @@ class HubProxyResource(ReverseProxyResource):
         learn a password is needed), everything else gets a 403 that says what to do.
         """
         if verdict.reason == "xsrf":
-            return render_error(
-                request, 403, "'_xsrf' argument missing from POST: cookie-authenticated requests "
-                "must send the '_xsrf' cookie's value as an X-XSRFToken header.", "xsrf",
-            )
+            return render_refusal(request, Refusal(
+                403,
+                "'_xsrf' argument missing from POST: cookie-authenticated requests "
+                "must send the '_xsrf' cookie's value as an X-XSRFToken header.",
+                "xsrf",
+            ))
         if request.method == b"GET" and not websocket and not raw_path.startswith(b"/api/"):
             target = raw_path + (b"?" + query if query else b"")
             request.redirect(b"/login?next=" + quote(target.decode("latin-1"), safe="").encode())
             return b""
-        return render_error(
-            request, 403, "This jupyter-dev-server needs its local token: use the URL it printed at "
-            "start-up (http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
-            "no-token", hint="The request carried no valid local token.",
-        )
+        return render_refusal(request, needs_local_token("The request carried no valid local token."))

@@ -60,9 +60,9 @@ from zope.interface import implementer
 
 from jds import __version__
 from jds.auth import Credentials
-from jds.errors import error_body, render_error
+from jds.errors import Refusal, error_body, render_refusal
 from jds.guard import origin_refusal
-from jds.hub import ServerStarter, SpawnError, looks_stopped
+from jds.hub import ServerStarter, looks_stopped
 from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
 from jds.status import Stats
 from jds.tls import HubTLSPolicy
@@ -80,6 +80,7 @@ SHUTDOWN_GRACE = 3.0
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
+_SHUTTING_DOWN = Refusal(503, "jupyter-dev-server is shutting down.", "shutting-down")
 # Printable ASCII stays as it is; anything else is percent-encoded for the request line.
 _URI_SAFE = bytes(range(0x21, 0x7F))
 # Written by autobahn itself for the hub hop, or describing only the IDE's hop.
@@ -324,8 +325,7 @@ class _Link:
         self._connecting = None
         self._gone.add("hub")
         if not failure.check(CancelledError):
-            message, hint, reason = self.relay.policy.explain(failure)
-            self._deny(502, message, reason, hint)
+            self._deny(self.relay.policy.explain(failure))
         self._maybe_done()
 
     def hub_refused(self, hub: _HubSide, why: str) -> None:
@@ -359,10 +359,10 @@ class _Link:
         def failed(failure: Failure) -> None:
             self._waiting_for_server = False
             error = failure.value
-            if isinstance(error, SpawnError):
-                self._deny(error.status, error.message, error.reason)
+            if isinstance(error, Refusal):
+                self._deny(error)
             else:
-                self._deny(503, f"Starting your server failed: {failure.getErrorMessage()}", "spawn-failed")
+                self._deny(Refusal(503, f"Starting your server failed: {failure.getErrorMessage()}", "spawn-failed"))
             self._maybe_done()
 
         (succeed(True) if certain else starter.confirm_stopped()).addCallback(decide).addErrback(failed)
@@ -379,41 +379,41 @@ class _Link:
     def _refused(self, hub: _HubSide, why: str, status: int) -> None:
         path = self._upstream.resource.partition("?")[0]
         if status == 101:
-            self._deny(
+            self._deny(Refusal(
                 502,
                 f"The hub's WebSocket handshake for {path} was invalid: {why}.",
                 "hub-bad-handshake",
-            )
+            ))
         elif 300 <= status < 400:
             where = (getattr(hub, "http_headers", {}) or {}).get("location", "elsewhere")
-            self._deny(
+            self._deny(Refusal(
                 503,
                 f"The hub redirected the WebSocket for {path} to {where}: your server "
                 "on the hub is probably not running.",
                 "server-not-running",
-                "Start your server from the hub's home page, then reconnect.",
-            )
+                hint="Start your server from the hub's home page, then reconnect.",
+            ))
         else:
             phrase = " ".join((getattr(hub, "http_status_line", "") or "").split()[2:])
-            self._deny(
+            self._deny(Refusal(
                 status,
                 f"The hub refused the WebSocket for {path}: {status} {phrase}.",
                 "hub-refused",
-            )
+            ))
 
-    def _deny(self, status: int, message: str, reason: str, hint: str = "") -> None:
+    def _deny(self, refusal: Refusal) -> None:
         handshake, self._handshake = self._handshake, None
         if handshake is None or self.ide is None or self.ide.state != _CONNECTING:
             return
         log.warn(
             "WebSocket {uri} -> {status}: {message}{hint}",
             uri=self.uri,
-            status=status,
-            message=message,
-            hint=f" {hint}" if hint else "",
+            status=refusal.status,
+            message=refusal.message,
+            hint=f" {refusal.hint}" if refusal.hint else "",
         )
-        self.ide.deny_reason = reason
-        handshake.errback(ConnectionDeny(status, message))
+        self.ide.deny_reason = refusal.reason
+        handshake.errback(ConnectionDeny(refusal.status, refusal.message))
 
     def opened(self, side: _Side) -> None:
         if side is self.hub:
@@ -484,24 +484,23 @@ class _Link:
             self._handshake = None
             self._abort_hub_handshake()
         elif self._handshake is not None:
-            self._deny(*self._hub_lost_during_handshake())
+            self._deny(self._hub_lost_during_handshake())
         if self.relay.shutting_down:
             self._close(self._peer(side)[1], 1001, "jupyter-dev-server is shutting down.")
         else:
             self._close(self._peer(side)[1], 1011, f"The {side.role} connection was lost.")
         self._maybe_done()
 
-    def _hub_lost_during_handshake(self) -> tuple[int, str, str, str]:
+    def _hub_lost_during_handshake(self) -> Refusal:
         hub = self.hub
         if hub is not None and hub.wasOpenHandshakeTimeout:
             waited = f"{hub.openHandshakeTimeout:g} s"
             message = f"The hub did not complete the WebSocket handshake within {waited}."
-            return 504, message, "hub-timeout", "Is the hub overloaded?"
+            return Refusal(504, message, "hub-timeout", hint="Is the hub overloaded?")
         if self.relay.shutting_down:
-            return (503, "jupyter-dev-server is shutting down.", "shutting-down", "")
+            return _SHUTTING_DOWN
         failure = (hub.lost_reason if hub is not None else None) or Failure(ConnectionError())
-        message, hint, reason = self.relay.policy.explain(failure)
-        return 502, message, reason, hint
+        return self.relay.policy.explain(failure)
 
     def _abort_hub_handshake(self) -> None:
         if self._connecting is not None:
@@ -520,9 +519,9 @@ class _Link:
         return True
 
     def shut_down(self) -> None:
-        reason = "jupyter-dev-server is shutting down."
+        reason = _SHUTTING_DOWN.message
         if self._handshake is not None:
-            self._deny(503, reason, "shutting-down")
+            self._deny(_SHUTTING_DOWN)
             self._abort_hub_handshake()
         self._close(self.ide, 1001, reason)
         self._close(self.hub, 1001, reason)
@@ -607,17 +606,13 @@ class WebSocketRelay:
         """Check the Origin, then take the connection over; nothing reaches the hub before that."""
         refusal = origin_refusal(request, self.allowed_origins)
         if refusal:
-            return render_error(
-                request,
-                403,
-                refusal,
-                "origin-refused",
-                "Open the notebook from the IDE or from this proxy's own URL.",
-            )
+            return render_refusal(request, Refusal(
+                403, refusal, "origin-refused", hint="Open the notebook from the IDE or from this proxy's own URL."
+            ))
         if request.channel is None or request.channel.transport is None:
-            return render_error(request, 426, "WebSockets need HTTP/1.1.", "upgrade-required")
+            return render_refusal(request, Refusal(426, "WebSockets need HTTP/1.1.", "upgrade-required"))
         if self.shutting_down:
-            return render_error(request, 503, "jupyter-dev-server is shutting down.", "shutting-down")
+            return render_refusal(request, _SHUTTING_DOWN)
         link = _Link(
             self,
             self._upstream(request, hub_path, query),

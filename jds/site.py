@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from jds.auth import Credentials
-from jds.errors import render_error
+from jds.errors import Refusal, render_refusal
 from jds.guard import HEADER_TIMEOUT, GuardedChannel, LocalGuard
 from jds.hub import ServerStarter
 from jds.login import LoginPage
@@ -89,7 +89,7 @@ class LocalSite(Site):
         """Host and Origin are judged before any resource, the login page and status included."""
         refusal = self.guard.refusal(request)
         if refusal is not None:
-            return _Refused(*refusal)
+            return _Refused(refusal)
         return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:
@@ -110,13 +110,12 @@ class LocalSite(Site):
 class _Refused(Resource):
     isLeaf = True
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, refusal: Refusal) -> None:
         super().__init__()
-        self.message = message
-        self.reason = reason
+        self.refusal = refusal
 
     def render(self, request: Request) -> bytes:
-        return render_error(request, 403, self.message, self.reason)
+        return render_refusal(request, self.refusal)
 
 
 class LocalRoot(Resource):

@@ -24,9 +24,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from jds import __version__
-from jds.auth import Credentials
+from jds.auth import Credentials, needs_local_token
 from jds.commands import parse_subcommand
-from jds.errors import render_error
+from jds.errors import Refusal, render_refusal
 from jds.paths import HubTarget
 from jds.stats import Stats
 from jds.tokens import default_local_token_path
@@ -64,17 +64,16 @@ class StatusResource(Resource):
 
     def render_GET(self, request: Request) -> bytes | int:
         if request.postpath not in ([b"status"], [b"status", b""]):
-            return render_error(
-                request, 404, f"jupyter-dev-server has no page {request.path.decode('latin-1')}; "
-                f"its status is at {STATUS_PATH}.", "not-found",
-            )
+            return render_refusal(request, Refusal(
+                404,
+                f"jupyter-dev-server has no page {request.path.decode('latin-1')}; its status is at {STATUS_PATH}.",
+                "not-found",
+            ))
         query = request.uri.partition(b"?")[2]
         headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
         if not self.credentials.check(request.method, query, headers).allowed:
-            return render_error(
-                request, 403, "This jupyter-dev-server needs its local token: use the URL it printed at "
-                "start-up (http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
-                "no-token", hint="jupyter-dev-server status reads the local token from its file.",
+            return render_refusal(
+                request, needs_local_token("jupyter-dev-server status reads the local token from its file.")
             )
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")

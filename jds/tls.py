@@ -4,7 +4,7 @@ name that may differ from the address dialled, TLS 1.2 at least, and no way to t
 
 HTTP and WebSocket traffic both get their connections from :meth:`HubTLSPolicy.endpoint`, so there is
 exactly one place where the hub's certificate is judged. Verification failures are turned into
-:class:`HubCertificateError` with a sentence naming the option to change, because "certificate verify
+:class:`Refusal` with a sentence naming the option to change, because "certificate verify
 failed" alone sends users to the original tool's README.
 """
 
@@ -43,7 +43,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["HubCertificateError", "HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure"]
+from jds.refusal import Refusal
+
+__all__ = ["HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure"]
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -58,16 +60,6 @@ _EXPIRED = 10
 
 class TLSConfigError(ValueError):
     """The ``--ca-cert`` file cannot serve as a trust root; the message says why."""
-
-
-class HubCertificateError(Exception):
-    """The hub's certificate was refused; ``message`` is for the IDE, ``hint`` for the log."""
-
-    def __init__(self, message: str, hint: str, reason: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.reason = reason
 
 
 def _describe_names(cert: X509) -> str:
@@ -88,35 +80,39 @@ def _common_name(name: x509.Name) -> str:
     return ""
 
 
-def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> HubCertificateError:
+def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> Refusal:
     parsed = cert.to_cryptography()
     subject = _common_name(parsed.subject) or "the hub's certificate"
     issuer = _common_name(parsed.issuer) or "an unnamed CA"
     if err in _UNKNOWN_CA:
-        return HubCertificateError(
+        return Refusal(
+            502,
             f"The hub's certificate ({subject}, issued by {issuer}) is not signed by {ca_source}.",
-            "Pass the cluster's CA certificate with --ca-cert (or JUPYTER_CLUSTER_CA_CERT).",
             "unknown-ca",
+            hint="Pass the cluster's CA certificate with --ca-cert (or JUPYTER_CLUSTER_CA_CERT).",
         )
     if err == _SELF_SIGNED_LEAF:
-        return HubCertificateError(
+        return Refusal(
+            502,
             f"The hub presents a self-signed certificate ({subject}) that {ca_source} does not trust.",
-            "Ask the cluster administrators for the CA certificate and pass it with --ca-cert.",
             "self-signed",
+            hint="Ask the cluster administrators for the CA certificate and pass it with --ca-cert.",
         )
     if err in (_EXPIRED, _NOT_YET_VALID):
         when = parsed.not_valid_after_utc if err == _EXPIRED else parsed.not_valid_before_utc
         stamp = when.strftime("%Y-%m-%d %H:%M UTC")
         state = "expired on" if err == _EXPIRED else "is not valid before"
-        return HubCertificateError(
+        return Refusal(
+            502,
             f"The hub's certificate ({subject}, depth {depth}) {state} {stamp}.",
-            "The cluster administrators must renew the hub's certificate; check this machine's clock too.",
             "expired" if err == _EXPIRED else "not-yet-valid",
+            hint="The cluster administrators must renew the hub's certificate; check this machine's clock too.",
         )
-    return HubCertificateError(
+    return Refusal(
+        502,
         f"The hub's certificate ({subject}) failed verification (OpenSSL error {err}).",
-        "Check --ca-cert and the hub's certificate chain with 'jupyter-dev-server check'.",
         "bad-certificate",
+        hint="Check --ca-cert and the hub's certificate chain with 'jupyter-dev-server check'.",
     )
 
 
@@ -142,7 +138,7 @@ class PeerCertificate:
 class _PinnedClientCreator:
     """
     Like ``optionsForClientTLS``, but the refusal reason survives: a failed check fails the TLS
-    connection with a :class:`HubCertificateError` instead of a bare "certificate verify failed".
+    connection with a :class:`Refusal` instead of a bare "certificate verify failed".
     """
 
     def __init__(self, options: CertificateOptions, name: str, ca_source: str) -> None:
@@ -166,7 +162,7 @@ class _PinnedClientCreator:
     def _verifier(self, tlsProtocol: object) -> Callable[..., bool]:
         protocol_ref: list[object] = [tlsProtocol]
 
-        def fail(error: HubCertificateError) -> bool:
+        def fail(error: Refusal) -> bool:
             if protocol_ref:
                 protocol_ref.pop().failVerification(Failure(error))  # type: ignore[attr-defined]
             return False
@@ -182,19 +178,20 @@ class _PinnedClientCreator:
                     verify_service_identity(extract_patterns(cert), [self._service_id], [])
                 except VerificationError:
                     return fail(
-                        HubCertificateError(
+                        Refusal(
+                            502,
                             f"The hub's certificate is for {_describe_names(cert)}, "
                             f"not for {self._name}.",
-                            "Set --tls-name (or JUPYTER_SERVER_NAME) to one of the names in the "
-                            f"certificate: {_describe_names(cert)}.",
                             "name-mismatch",
+                            hint="Set --tls-name (or JUPYTER_SERVER_NAME) to one of the names in the "
+                            f"certificate: {_describe_names(cert)}.",
                         )
                     )
                 self.last_peer = PeerCertificate.of(cert)
                 tlsProtocol.jds_verified = True  # type: ignore[attr-defined]
                 return True
             except Exception as exc:  # pragma: no cover - defensive, see above
-                return fail(HubCertificateError(str(exc), "Report this as a bug.", "tls-internal"))
+                return fail(Refusal(502, str(exc), "tls-internal", hint="Report this as a bug."))
 
         return verify
 
@@ -264,10 +261,11 @@ class _HubSocketEndpoint:
             return
         tls_protocol.failVerification(
             Failure(
-                HubCertificateError(
+                Refusal(
+                    502,
                     f"The hub did not complete a TLS handshake within {self._timeout:g} s.",
-                    "Check that the port in --hub is the hub's https port.",
                     "tls-handshake-timeout",
+                    hint="Check that the port in --hub is the hub's https port.",
                 )
             )
         )
@@ -321,7 +319,7 @@ class HubTLSPolicy:
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
         return _UnbufferedTLSEndpoint(self.creator, _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout))
 
-    def explain(self, failure: Failure) -> tuple[str, str, str]:
+    def explain(self, failure: Failure) -> Refusal:
         return explain_failure(failure, self.host, self.port, self.connect_timeout)
 
 
@@ -336,71 +334,79 @@ def _leaves(failure: Failure) -> list[Failure]:
     return out
 
 
-def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> tuple[str, str, str]:
+def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> Refusal:
     """
-    ``(message, hint, reason)`` for a failed hub connection: the message goes to the IDE, the hint
-    (the option or action that fixes it) to the log line.
+    The 502 for a failed hub connection: the message goes to the IDE, the hint (the option or
+    action that fixes it) to the log line.
     """
     where = f"{host}:{port}"
     leaves = _leaves(failure)
     for leaf in leaves:
-        if leaf.check(HubCertificateError):
-            err = leaf.value
-            return err.message, err.hint, err.reason
+        if leaf.check(Refusal):
+            return leaf.value
     for leaf in leaves:
         if leaf.check(net_error.DNSLookupError):
-            return (
+            return Refusal(
+                502,
                 f"Cannot resolve the hub's address {host}.",
-                "Check --hub (or JUPYTER_SERVER_IP_OR_NAME).",
                 "hub-unresolvable",
+                hint="Check --hub (or JUPYTER_SERVER_IP_OR_NAME).",
             )
         if leaf.check(net_error.ConnectionRefusedError):
-            return (
+            return Refusal(
+                502,
                 f"The hub at {where} refused the connection.",
-                "Is the hub running, and is the port in --hub right?",
                 "hub-unreachable",
+                hint="Is the hub running, and is the port in --hub right?",
             )
         if leaf.check(net_error.TimeoutError, CancelledError, net_error.ConnectingCancelledError):
-            return (
+            return Refusal(
+                502,
                 f"The hub at {where} did not answer within {timeout:g} s.",
-                "Check the network path to the hub (VPN, firewall) and --hub.",
                 "hub-timeout",
+                hint="Check the network path to the hub (VPN, firewall) and --hub.",
             )
         if leaf.check(SSL.Error):
             text = str(leaf.value)
             if "wrong version number" in text or "record layer" in text:
-                return (
+                return Refusal(
+                    502,
                     f"The hub at {where} does not speak TLS on that port.",
-                    "Check the port in --hub: it must be the hub's https port.",
                     "not-tls",
+                    hint="Check the port in --hub: it must be the hub's https port.",
                 )
             if "protocol" in text or "version" in text:
-                return (
+                return Refusal(
+                    502,
                     f"The hub at {where} offers no TLS version this proxy accepts (1.2 or later).",
-                    "Ask the cluster administrators to enable TLS 1.2 or 1.3 on the hub.",
                     "tls-version",
+                    hint="Ask the cluster administrators to enable TLS 1.2 or 1.3 on the hub.",
                 )
-            return (
+            return Refusal(
+                502,
                 f"TLS with the hub at {where} failed: {text}.",
-                "Run 'jupyter-dev-server check' to see which step fails.",
                 "tls-failed",
+                hint="Run 'jupyter-dev-server check' to see which step fails.",
             )
         if leaf.check(net_error.ConnectError):
-            return (
+            return Refusal(
+                502,
                 f"Cannot connect to the hub at {where}: {leaf.getErrorMessage()}.",
-                "Check --hub and the network path to the hub.",
                 "hub-unreachable",
+                hint="Check --hub and the network path to the hub.",
             )
     first = leaves[0]
     if first.check(net_error.ConnectionLost, net_error.ConnectionDone):
-        return (
+        return Refusal(
+            502,
             f"The hub at {where} closed the connection without answering.",
-            "Check that the port in --hub is the hub's https port, and the hub's health "
-            "('jupyter-dev-server check').",
             "hub-connection-lost",
+            hint="Check that the port in --hub is the hub's https port, and the hub's health "
+            "('jupyter-dev-server check').",
         )
-    return (
+    return Refusal(
+        502,
         f"The connection to the hub at {where} failed: {first.getErrorMessage()}.",
-        "Check the hub's health; the request was not completed.",
         "hub-connection-lost",
+        hint="Check the hub's health; the request was not completed.",
     )

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from jds.paths import (
     HubTarget,
-    PathRefused,
     is_kernelspec_path,
     local_path,
     map_kernelspecs_body,
@@ -24,6 +23,7 @@ from jds.paths import (
     split_token,
     upstream_request_headers,
 )
+from jds.refusal import Refusal
 
 ALICE = HubTarget(host="10.0.0.5", port=8000, user="alice", tls_name="hub.example.org")
 NAMED = HubTarget(host="hub.example.org", port=443, user="a.b@c+d e", server="gpu 1", base_path="/jupyter/")
@@ -78,7 +78,7 @@ def test_named_server_and_escaped_names() -> None:
     ],
 )
 def test_refused_paths(path: bytes, status: int) -> None:
-    with pytest.raises(PathRefused) as refused:
+    with pytest.raises(Refusal) as refused:
         map_request_path(path, ALICE)
     assert refused.value.status == status
     assert refused.value.message
@@ -98,7 +98,7 @@ def test_mapped_paths_stay_inside_the_prefix(segments: list[str]) -> None:
     raw = ("/" + "/".join(segments)).encode("latin-1")
     try:
         hub = map_request_path(raw, ALICE)
-    except PathRefused as refused:
+    except Refusal as refused:
         assert refused.status in (400, 404)
         return
     assert hub.startswith(b"/user/alice/")

@@ -31,6 +31,7 @@ from twisted.web.server import Site
 from jds.auth import Credentials
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
+from jds.refusal import Refusal
 from jds.relay import WebSocketRelay, _Link, _PeerReading
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -208,8 +209,8 @@ class FakePolicy:
         self.network.connect(self.hub_factory.buildProtocol(None), relay_side, TARGET.port)
         return succeed(relay_side)
 
-    def explain(self, failure: Failure) -> tuple[str, str, str]:
-        return "The hub at 127.0.0.1:8443 refused the connection.", "Is it running?", "hub-unreachable"
+    def explain(self, failure: Failure) -> Refusal:
+        return Refusal(502, "The hub at 127.0.0.1:8443 refused the connection.", "hub-unreachable", hint="Is it running?")
 
 
 class RelayTestCase(SynchronousTestCase):

@@ -156,43 +156,43 @@ class HubTLSFailureTests(TestCase):
     @inlineCallbacks
     def test_unknown_ca(self):
         port = self.serve_tls(self.leaf_options(trustme.CA().issue_cert(NAME)))
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "unknown-ca")
-        self.assertIn("--ca-cert", hint)
-        self.assertIn(str(self.ca_path), message)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "unknown-ca")
+        self.assertIn("--ca-cert", refused.hint)
+        self.assertIn(str(self.ca_path), refused.message)
 
     @inlineCallbacks
     def test_wrong_name(self):
         port = self.serve_tls(self.leaf_options(self.ca.issue_cert("other.jds.test")))
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "name-mismatch")
-        self.assertIn("other.jds.test", message)
-        self.assertIn("--tls-name", hint)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "name-mismatch")
+        self.assertIn("other.jds.test", refused.message)
+        self.assertIn("--tls-name", refused.hint)
 
     @inlineCallbacks
     def test_expired(self):
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3)
         leaf = self.ca.issue_cert(NAME, not_before=past - datetime.timedelta(days=30), not_after=past)
         port = self.serve_tls(self.leaf_options(leaf))
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "expired")
-        self.assertIn(past.strftime("%Y-%m-%d"), message)
-        self.assertIn("renew", hint)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "expired")
+        self.assertIn(past.strftime("%Y-%m-%d"), refused.message)
+        self.assertIn("renew", refused.hint)
 
     @inlineCallbacks
     def test_self_signed_leaf(self):
         cert_pem, key_pem = _self_signed(NAME)
         port = self.serve_tls(_pem_options(cert_pem, key_pem))
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "self-signed")
-        self.assertIn("--ca-cert", hint)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "self-signed")
+        self.assertIn("--ca-cert", refused.hint)
 
     @inlineCallbacks
     def test_only_old_tls_versions(self):
         port = self.serve_tls(_OldTLSOnly(self.ca.issue_cert(NAME)))
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "tls-version")
-        self.assertIn("1.2", message)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "tls-version")
+        self.assertIn("1.2", refused.message)
 
     @inlineCallbacks
     def test_plain_http_port_that_answers(self):
@@ -200,24 +200,24 @@ class HubTLSFailureTests(TestCase):
         # answers only when the random ClientHello bytes happen to hold a newline and otherwise waits
         # for one, so each behaviour gets a peer that always shows it.)
         port = self.serve_plain(_AnswersBadRequest)
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "not-tls")
-        self.assertIn("https port", hint)
-        self.assertIn(f"127.0.0.1:{port}", message)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "not-tls")
+        self.assertIn("https port", refused.hint)
+        self.assertIn(f"127.0.0.1:{port}", refused.message)
 
     @inlineCallbacks
     def test_plain_http_port_that_waits(self):
         # ...and one still waiting for the end of a request line never answers at all.
         port = self.serve_plain(Protocol)
-        message, hint, reason = yield self.fetch(port)
-        self.assertEqual(reason, "tls-handshake-timeout")
-        self.assertIn("https port", hint)
+        refused = yield self.fetch(port)
+        self.assertEqual(refused.reason, "tls-handshake-timeout")
+        self.assertIn("https port", refused.hint)
 
     @inlineCallbacks
     def test_nothing_listening(self):
         free = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         number = free.getHost().port
         yield free.stopListening()
-        message, hint, reason = yield self.fetch(number)
-        self.assertEqual(reason, "hub-unreachable")
-        self.assertIn(f"127.0.0.1:{number}", message)
+        refused = yield self.fetch(number)
+        self.assertEqual(refused.reason, "hub-unreachable")
+        self.assertIn(f"127.0.0.1:{number}", refused.message)
