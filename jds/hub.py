@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -28,7 +28,7 @@ from jds.refusal import Refusal
 
 log = Logger(namespace="jds.hub")
 
-__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped"]
+__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped", "server_not_running"]
 
 # Hub answers that mean "the server is not running here", before any confirmation. JupyterHub 6
 # answers non-GET requests for a stopped server with 403 (its XSRF check) rather than the 405 of older
@@ -55,6 +55,21 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
     if code in _MAYBE_STOPPED_CODES or (code == 404 and target.server):
         return None
     return False
+
+
+def server_not_running(target: HubTarget, no_spawn: bool = False) -> Refusal:
+    """
+    The one wording for a stopped server the proxy will not start: without a hub token (it
+    could, given ``--token-file``) or because of ``--no-spawn``.
+    """
+    if no_spawn:
+        fix = f"Start it at {target.url}hub/home, then retry (this proxy was started with --no-spawn)."
+    else:
+        fix = (
+            f"Start it at {target.url}hub/home, or run jupyter-dev-server with --token-file so that "
+            "it starts the server itself."
+        )
+    return Refusal(503, f"Your server at {target.server_url} is not running. {fix}", "server-not-running")
 
 
 @dataclass(frozen=True)
@@ -242,14 +257,33 @@ class ServerStarter:
     def spawning(self) -> bool:
         return bool(self._waiters)
 
-    def not_running_error(self) -> Refusal:
-        target = self.api.target
-        return Refusal(
-            503,
-            f"Your server at {target.server_url} is not running, and this proxy was started with "
-            f"--no-spawn. Start it at {target.url}hub/home, then retry.",
-            "server-not-running",
-        )
+    def recover(self, code: int, location: bytes | None, on_stopped: Callable[[], object] | None = None) -> Deferred:
+        """
+        The hub answered ``code`` (and ``location``): if that means the server is stopped, start it.
+
+        Fires ``True`` once the server runs and the request should be sent again, ``False`` when
+        the answer is not a stopped server (the caller passes it on as it is), or fails with a
+        :class:`Refusal` saying why the server is not running. ``on_stopped`` is called once the
+        server is known to be stopped, before the wait (to let go of the hub's answer).
+        When the hub's API cannot say whether the server runs, the answer stands (``False``)
+        unless the API gave a reason (a :class:`Refusal`: a dead token, a missing scope).
+        """
+        stopped = looks_stopped(code, location, self.api.target)
+        if stopped is False:
+            return succeed(False)
+        known = succeed(True) if stopped else self.confirm_stopped()
+
+        def unknown(failure: Failure) -> Failure | bool:
+            return failure if failure.check(Refusal, CancelledError) else False
+
+        def start(is_stopped: bool) -> Deferred | bool:
+            if not is_stopped:
+                return False
+            if on_stopped is not None:
+                on_stopped()
+            return self.ensure_running().addCallback(lambda _: True)
+
+        return known.addErrback(unknown).addCallback(start)
 
     def confirm_stopped(self) -> Deferred:
         """Fires with ``True`` when the hub's API says the server is not ready."""
@@ -258,7 +292,7 @@ class ServerStarter:
     def ensure_running(self) -> Deferred:
         """Fires (with ``None``) when the server is ready; fails with :class:`Refusal`."""
         if not self.allowed:
-            return _failed(self.not_running_error())
+            return _failed(server_not_running(self.api.target, no_spawn=True))
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
         if len(self._waiters) == 1:

@@ -36,7 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from jds.auth import Credentials, StreamScrubber, needs_local_token
 from jds.errors import Refusal, render_refusal, write_refusal
-from jds.hub import ServerStarter, looks_stopped
+from jds.hub import ServerStarter, looks_stopped, server_not_running
 from jds.login import auth_cookie_header
 from jds.paths import (
     HubTarget,
@@ -184,6 +184,7 @@ class _Exchange:
         self._upstream_body = None
         self._client_gone = False
         self._replayed = False
+        self._held: IResponse | None = None
         self.set_auth_cookie = False
         request.notifyFinish().addErrback(self._client_went_away)
 
@@ -239,43 +240,42 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         starter = self.resource.starter
-        if starter is None and self._is_api() and looks_stopped(
-            response.code, (response.headers.getRawHeaders(b"location") or [None])[0], self.resource.target
-        ):
+        location = (response.headers.getRawHeaders(b"location") or [None])[0]
+        if starter is None and self._is_api() and looks_stopped(response.code, location, self.resource.target):
             # Without a hub token the proxy cannot start the server; an IDE cannot follow the hub's
             # redirect either (another name, another CA), so say what is wrong instead.
             response.deliverBody(_Discard())
-            target = self.resource.target
-            write_refusal(self.request, Refusal(
-                503,
-                f"Your server at {target.server_url} is not running. Start it at {target.url}hub/home, "
-                "or run jupyter-dev-server with --token-file so that it starts the server itself.",
-                "server-not-running",
-            ))
+            write_refusal(self.request, server_not_running(self.resource.target))
             return
         if starter is not None and not self._replayed:
-            location = (response.headers.getRawHeaders(b"location") or [None])[0]
-            stopped = looks_stopped(response.code, location, self.resource.target)
-            if stopped:
-                self._wait_for_server(response)
-                return
-            if stopped is None:
-                self._pending = starter.confirm_stopped()
-                self._pending.addCallbacks(
-                    lambda yes: self._wait_for_server(response) if yes else self._check_token(response),
-                    lambda failure: self._unconfirmed(response, failure),
-                )
-                return
+            # Once per request: the replay's answer stands, whatever it is.
+            self._replayed = True
+            self._held = response
+            self._pending = starter.recover(response.code, location, on_stopped=self._let_go)
+            self._pending.addCallbacks(
+                lambda stopped: self.start() if stopped else self._check_token(self._take_held()),
+                self._not_recovered,
+            )
+            return
         self._check_token(response)
 
-    def _unconfirmed(self, response: IResponse, failure: Failure) -> None:
-        """The hub's API would not say whether the server runs: its reason beats a bare redirect."""
-        self._pending = None
-        if failure.check(Refusal):
+    def _take_held(self) -> IResponse:
+        response, self._held = self._held, None
+        return response
+
+    def _let_go(self) -> None:
+        """Discard the hub's answer that is not going to the client (at most once)."""
+        response = self._take_held()
+        if response is not None:
             response.deliverBody(_Discard())
-            self._spawn_failed(failure)
-        else:
-            self._relay(response)
+
+    def _not_recovered(self, failure: Failure) -> None:
+        """The server did not start (or the client left): the :class:`Refusal` says why."""
+        self._pending = None
+        self._let_go()
+        if self._client_gone or failure.check(CancelledError):
+            return
+        write_refusal(self.request, failure.value)
 
     def _check_token(self, response: IResponse) -> None:
         """In managed mode a 401/403 may mean the hub no longer takes our token: find out."""
@@ -288,23 +288,6 @@ class _Exchange:
             lambda ok: self._relay(response) if ok else self._token_refused(response),
             lambda _: self._relay(response),
         )
-
-    def _wait_for_server(self, response: IResponse) -> None:
-        """Hold this request while the server starts, then send it again, body and all."""
-        self._pending = None
-        response.deliverBody(_Discard())
-        if self._client_gone:
-            return
-        self._replayed = True
-        self._pending = self.resource.starter.ensure_running()
-        self._pending.addCallbacks(lambda _: self.start(), self._spawn_failed)
-
-    def _spawn_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self._client_gone or failure.check(CancelledError):
-            return
-        refusal = failure.value if failure.check(Refusal) else Refusal(503, failure.getErrorMessage(), "spawn-failed")
-        write_refusal(self.request, refusal)
 
     def _relay(self, response: IResponse) -> None:
         self._pending = None

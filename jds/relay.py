@@ -35,6 +35,7 @@ so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dr
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -62,7 +63,7 @@ from jds import __version__
 from jds.auth import Credentials
 from jds.errors import Refusal, error_body, render_refusal
 from jds.guard import origin_refusal
-from jds.hub import ServerStarter, looks_stopped
+from jds.hub import ServerStarter, looks_stopped, server_not_running
 from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
 from jds.status import Stats
 from jds.tls import HubTLSPolicy
@@ -284,6 +285,14 @@ class _HubFactory(WebSocketClientFactory):
         return protocol
 
 
+@dataclass
+class _Direction:
+    """Messages waiting for one side to open (``None`` once it has, or is gone), and whether it is gone."""
+
+    queued: list[tuple[bytes, bool]] | None = field(default_factory=list)
+    gone: bool = False
+
+
 class _Link:
     """One IDE socket and its hub socket: handshake order, queues, closes and flow control."""
 
@@ -295,10 +304,10 @@ class _Link:
         self.hub: _HubSide | None = None
         self._handshake: Deferred | None = None
         self._connecting: Deferred | None = None
-        self._queued: dict[str, list[tuple[bytes, bool]]] = {"IDE": [], "hub": []}
-        self._gone: set[str] = set()
+        self._to_ide = _Direction()
+        self._to_hub = _Direction()
         self.counted = False
-        self._spawned = False  # one server start per socket, then the hub's answer stands
+        self._recovered = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
 
     # Opening
@@ -323,7 +332,7 @@ class _Link:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        self._gone.add("hub")
+        self._to_hub.gone = True
         if not failure.check(CancelledError):
             self._deny(self.relay.policy.explain(failure))
         self._maybe_done()
@@ -333,46 +342,35 @@ class _Link:
         line = getattr(hub, "http_status_line", "") or ""
         parts = line.split()
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 101
-        location = (getattr(hub, "http_headers", {}) or {}).get("location")
         starter = self.relay.starter
-        if starter is not None and not self._spawned:
-            stopped = looks_stopped(status, location.encode("latin-1") if location else None, self.relay.target)
-            if stopped is not False:
-                self._start_server_then_retry(starter, bool(stopped), lambda: self._refused(hub, why, status))
-                return
-        self._refused(hub, why, status)
+        if starter is None or self._recovered:
+            self._refused(hub, why, status)
+            return
+        # The hub says the server may not be running: start it (one spawn for all waiting requests),
+        # then open the hub side again while the IDE's handshake waits.
+        self._recovered = self._waiting_for_server = True
+        location = (getattr(hub, "http_headers", {}) or {}).get("location")
+        recovering = starter.recover(status, location.encode("latin-1") if location else None)
+        recovering.addCallbacks(lambda stopped: self._recovery_over(stopped, hub, why, status), self._not_recovered)
 
-    def _start_server_then_retry(self, starter: ServerStarter, certain: bool, otherwise: Any) -> None:
-        """
-        The hub says the server is not running: start it (one spawn for all waiting requests), then
-        open the hub side again while the IDE's handshake waits.
-        """
-        self._spawned = self._waiting_for_server = True
-
-        def decide(stopped: bool) -> Deferred | None:
-            if not stopped:
-                self._waiting_for_server = False
-                otherwise()
-                return None
-            return starter.ensure_running().addCallback(lambda _: self._reconnect())
-
-        def failed(failure: Failure) -> None:
+    def _recovery_over(self, stopped: bool, hub: _HubSide, why: str, status: int) -> None:
+        if stopped:
+            self._reconnect()
+        else:
             self._waiting_for_server = False
-            error = failure.value
-            if isinstance(error, Refusal):
-                self._deny(error)
-            else:
-                self._deny(Refusal(503, f"Starting your server failed: {failure.getErrorMessage()}", "spawn-failed"))
-            self._maybe_done()
+            self._refused(hub, why, status)
 
-        (succeed(True) if certain else starter.confirm_stopped()).addCallback(decide).addErrback(failed)
+    def _not_recovered(self, failure: Failure) -> None:
+        self._waiting_for_server = False
+        self._deny(failure.value)
+        self._maybe_done()
 
     def _reconnect(self) -> None:
         self._waiting_for_server = False
-        if "IDE" in self._gone or self._handshake is None:
+        if self._to_ide.gone or self._handshake is None:
             self._maybe_done()
             return
-        self._gone.discard("hub")
+        self._to_hub.gone = False
         self.hub = None
         self._connect()
 
@@ -386,6 +384,9 @@ class _Link:
             ))
         elif 300 <= status < 400:
             where = (getattr(hub, "http_headers", {}) or {}).get("location", "elsewhere")
+            if self.relay.starter is None and looks_stopped(status, where.encode("latin-1"), self.relay.target):
+                self._deny(server_not_running(self.relay.target))
+                return
             self._deny(Refusal(
                 503,
                 f"The hub redirected the WebSocket for {path} to {where}: your server "
@@ -420,7 +421,9 @@ class _Link:
             handshake, self._handshake = self._handshake, None
             if handshake is not None and self.ide is not None and self.ide.state == _CONNECTING:
                 handshake.callback(self.hub.websocket_protocol_in_use)
-        for payload, is_binary in self._queued.pop(side.role, []):
+        direction = self._toward(side)
+        queued, direction.queued = direction.queued or [], None
+        for payload, is_binary in queued:
             side.sendMessage(payload, is_binary)  # type: ignore[attr-defined]
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
             self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
@@ -436,22 +439,26 @@ class _Link:
 
     # Traffic
 
-    def _peer(self, side: _Side) -> tuple[str, _Side | None]:
-        return ("hub", self.hub) if side is self.ide else ("IDE", self.ide)
+    def _peer(self, side: _Side) -> _Side | None:
+        return self.hub if side is self.ide else self.ide
+
+    def _toward(self, side: _Side) -> _Direction:
+        """The state kept for ``side``: any hub socket but the IDE's is the hub side."""
+        return self._to_ide if side is self.ide else self._to_hub
 
     def forward(self, side: _Side, payload: bytes, is_binary: bool) -> None:
-        role, peer = self._peer(side)
-        state = getattr(peer, "state", None)
-        if state == _OPEN:
+        peer = self._peer(side)
+        toward = self._to_hub if side is self.ide else self._to_ide
+        if getattr(peer, "state", None) == _OPEN:
             peer.sendMessage(payload, is_binary)  # type: ignore[union-attr]
-        elif role in self._queued and role not in self._gone:
-            self._queued[role].append((payload, is_binary))
+        elif toward.queued is not None and not toward.gone:
+            toward.queued.append((payload, is_binary))
 
     # Closing
 
     def close_received(self, side: _Side) -> None:
         code, reason = side.remoteCloseCode, side.remoteCloseReason  # type: ignore[attr-defined]
-        if self._close(self._peer(side)[1], code, reason):
+        if self._close(self._peer(side), code, reason):
             log.info(
                 "WebSocket {uri}: the {role} closed it with {code} {reason}",
                 uri=self.uri,
@@ -461,7 +468,8 @@ class _Link:
             )
 
     def broken(self, side: _Side, code: int, reason: str) -> None:
-        peer_role, peer = self._peer(side)
+        peer = self._peer(side)
+        peer_role = "hub" if side is self.ide else "IDE"
         log.warn(
             'failing WebSocket connection (code={code}): "{reason}" from the {role} on {uri}; '
             "the {peer} gets 1011.",
@@ -474,21 +482,22 @@ class _Link:
         self._close(peer, 1011, f"The {side.role} broke the WebSocket protocol.")
 
     def lost(self, side: _Side) -> None:
-        if side.role == "hub" and (self._waiting_for_server or side is not self.hub):
+        if side is not self.ide and (self._waiting_for_server or side is not self.hub):
             # a refused handshake: another hub socket follows once the server runs
-            self._gone.add("hub")
+            self._to_hub.gone = True
             return
-        self._gone.add(side.role)
-        self._queued.pop(side.role, None)
+        direction = self._toward(side)
+        direction.gone = True
+        direction.queued = None
         if side is self.ide:
             self._handshake = None
             self._abort_hub_handshake()
         elif self._handshake is not None:
             self._deny(self._hub_lost_during_handshake())
         if self.relay.shutting_down:
-            self._close(self._peer(side)[1], 1001, "jupyter-dev-server is shutting down.")
+            self._close(self._peer(side), 1001, "jupyter-dev-server is shutting down.")
         else:
-            self._close(self._peer(side)[1], 1011, f"The {side.role} connection was lost.")
+            self._close(self._peer(side), 1011, f"The {side.role} connection was lost.")
         self._maybe_done()
 
     def _hub_lost_during_handshake(self) -> Refusal:
@@ -529,8 +538,8 @@ class _Link:
     def _maybe_done(self) -> None:
         if self._waiting_for_server:
             return
-        hub_gone = "hub" in self._gone or (self.hub is None and self._connecting is None)
-        if "IDE" in self._gone and hub_gone:
+        hub_gone = self._to_hub.gone or (self.hub is None and self._connecting is None)
+        if self._to_ide.gone and hub_gone:
             self.relay.link_done(self)
 
 
