@@ -63,13 +63,16 @@ def server_not_running(target: HubTarget, no_spawn: bool = False) -> Refusal:
     could, given ``--token-file``) or because of ``--no-spawn``.
     """
     if no_spawn:
-        fix = f"Start it at {target.url}hub/home, then retry (this proxy was started with --no-spawn)."
-    else:
-        fix = (
-            f"Start it at {target.url}hub/home, or run jupyter-dev-server with --token-file so that "
-            "it starts the server itself."
+        message = (
+            f"Your server at {target.server_url} is not running, and this proxy was started with "
+            f"--no-spawn. Start it at {target.url}hub/home, then retry."
         )
-    return Refusal(503, f"Your server at {target.server_url} is not running. {fix}", "server-not-running")
+    else:
+        message = (
+            f"Your server at {target.server_url} is not running. Start it at {target.url}hub/home, "
+            "or run jupyter-dev-server with --token-file so that it starts the server itself."
+        )
+    return Refusal(503, message, "server-not-running")
 
 
 @dataclass(frozen=True)
