@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import trustme
-
-from jds.testing import free_ports
+from hub import free_ports  # tests/hub.py, see benchmarks/__init__.py
 
 __all__ = ["Fleet", "Route", "ServerError"]
 

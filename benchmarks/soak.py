@@ -1,7 +1,7 @@
 """
 ``make soak``: does jupyter-dev-server give back what it takes?
 
-A real JupyterHub on loopback (:mod:`jds.testing`), the proxy as a real ``twistd`` process in
+A real JupyterHub on loopback (``tests/hub.py``), the proxy as a real ``twistd`` process in
 pass-through mode, and between them a TCP relay this script controls (``tests/tcp_cutter.py``).
 Then a number of cycles (1,000 by default), each an HTTP request and a kernel WebSocket opened and
 closed through the proxy; one cycle in ten (``--abort-every``) is instead aborted abruptly, in turn:
@@ -41,16 +41,10 @@ from pathlib import Path
 
 import requests
 import websocket
+from hub import JupyterHubProcess, ProxyProcess, TestCA, poll  # tests/hub.py, see benchmarks/__init__.py
+from tcp_cutter import TcpCutter
 
 from benchmarks.procfs import snapshot
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from hub import ProxyProcess  # noqa: E402  (tests/hub.py: the proxy as a user runs it)
-from tcp_cutter import TcpCutter  # noqa: E402
-
-from jds.testing import JupyterHubProcess, TestCA, poll  # noqa: E402
 
 MB = 1 << 20
 USER = "soak"

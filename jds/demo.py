@@ -2,8 +2,8 @@
 ``jupyter-dev-server demo``: try an IDE against the proxy with no cluster at hand.
 
 It starts a throwaway but real JupyterHub on loopback (TLS from a fresh CA, a local user ``demo``
-with a running server and an API token: the same pieces the end-to-end tests use, from
-:mod:`jds.testing`) and the proxy in front of it in managed mode, exactly as a user runs it
+with a running server and an API token, from :mod:`jds._demohub`, the hub the end-to-end tests
+build on) and the proxy in front of it in managed mode, exactly as a user runs it
 (``twistd -n jupyter-dev-server ...``). Then it prints the URL to paste into the IDE and a ``curl``
 line that lists kernelspecs through the proxy, and waits. Ctrl-C (or SIGTERM) stops the proxy and
 the hub by their own pids (the hub stops its proxy and servers) and removes the temporary directory.
@@ -103,7 +103,7 @@ class Demo:
 
     def run(self) -> int:
         # lazy load: needs the demo extra, which _missing() checks first
-        from jds.testing import HarnessError
+        from jds._demohub import HarnessError
 
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         code = 0
@@ -129,13 +129,13 @@ class Demo:
 
     def _start(self) -> None:
         # lazy load: needs the demo extra, which _missing() checks first
-        from jds import testing
+        from jds import _demohub
 
         assert self.directory is not None
         started = time.monotonic()
         _say(f"Creating a CA and the hub's certificate in {self.directory} ...")
-        ca = testing.TestCA(self.directory / "tls")
-        self.hub = hub = testing.JupyterHubProcess(self.directory / "hub", ca, own_session=True)
+        ca = _demohub.HubCA(self.directory / "tls")
+        self.hub = hub = _demohub.JupyterHubProcess(self.directory / "hub", ca, own_session=True)
         _say("Starting JupyterHub on 127.0.0.1 (takes a few seconds) ...")
         hub.start(timeout=120)
         _say(f"Starting {self.user}'s server on the hub ...")
@@ -148,9 +148,9 @@ class Demo:
 
         port = self.wanted_port
         if port == 0:
-            port = testing.free_port()
+            port = _demohub.free_port()
         elif not _port_free(port):
-            taken, port = port, testing.free_port()
+            taken, port = port, _demohub.free_port()
             _say(f"Port {taken} is taken; the proxy listens on {port} instead.")
         self.port = port
         self.proxy_args = [
@@ -159,13 +159,13 @@ class Demo:
             "--local-token-file", str(local_token_file),
         ]  # fmt: skip
         command = [
-            testing.venv_script("twistd"), "-n", "--pidfile=", "jupyter-dev-server",
+            _demohub.venv_script("twistd"), "-n", "--pidfile=", "jupyter-dev-server",
             *self.proxy_args, "--listen", f"tcp:{port}:interface=127.0.0.1",
         ]  # fmt: skip
         _say("Starting jupyter-dev-server in managed mode; its log follows.")
         # Its log goes to the terminal, so the user sees each request the IDE makes.
         self.proxy = subprocess.Popen(
-            command, cwd=self.directory, env=testing.clean_environ(), stdin=subprocess.DEVNULL,
+            command, cwd=self.directory, env=_demohub.clean_environ(), stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self._wait_for_proxy()
@@ -175,7 +175,7 @@ class Demo:
         import requests
 
         # lazy load: needs the demo extra, which _missing() checks first
-        from jds.testing import HarnessError, poll
+        from jds._demohub import HarnessError, poll
 
         proxy = self.proxy
         assert proxy is not None
@@ -224,7 +224,7 @@ Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
     def _watch(self) -> int:
         """Wait for Ctrl-C; if the proxy or the hub dies first, say so and stop the other."""
         # lazy load: needs the demo extra, which _missing() checks first
-        from jds.testing import tail
+        from jds._demohub import tail
 
         proxy, hub = self.proxy, self.hub
         assert proxy is not None and hub is not None and hub.proc is not None
@@ -245,7 +245,7 @@ Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
 
     def _stop(self) -> None:
         # lazy load: needs the demo extra, which _missing() checks first
-        from jds.testing import stop_pid
+        from jds._demohub import stop_pid
 
         if self.proxy is not None:
             _say(f"Stopping jupyter-dev-server (pid {self.proxy.pid}) ...")
@@ -273,7 +273,7 @@ def _missing() -> str | None:
             "pip install 'jupyter-dev-server[demo]'."
         )
     # lazy load: needs the demo extra, which _missing() checks first
-    from jds.testing import HarnessError, configurable_http_proxy
+    from jds._demohub import HarnessError, configurable_http_proxy
 
     try:
         configurable_http_proxy()

@@ -1,8 +1,10 @@
 """Real processes for end-to-end tests: a TLS JupyterHub and the proxy under test.
 
-The hub harness lives in :mod:`jds.testing` (``jupyter-dev-server demo`` starts the same hub);
-it is re-exported here so tests keep writing ``from hub import ...``. What only tests need stays
-here: the proxy under test, started as ``twistd jupyter-dev-server`` exactly as a user would.
+The hub is the demo's (:mod:`jds._demohub`, so ``jupyter-dev-server demo`` and the tests start the
+very same hub); this module adds what only tests need: an unrelated CA for negative tests, hub
+restarts, stopping servers, timings, running a cell over a kernel's WebSocket, and the proxy under
+test, started as ``twistd jupyter-dev-server`` exactly as a user would. Tests write
+``from hub import ...``; ``make bench``/``make soak`` reach it through ``benchmarks/__init__.py``.
 Everything listens on 127.0.0.1 only. Nothing here needs Twisted.
 
 Every process is started and stopped by its own pid; waiting is done by polling with deadlines.
@@ -10,32 +12,36 @@ Every process is started and stopped by its own pid; waiting is done by polling 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jds import testing
-from jds.testing import (
+import requests
+import trustme
+import websocket
+
+from jds import _demohub
+from jds._demohub import (
     ADMIN_SCOPES,
     ADMIN_SERVICE,
-    NODE_BIN,
     TLS_NAME,
     HarnessError,
-    TestCA,
     clean_environ,
-    configurable_http_proxy,
     dump,
-    escape_name,
     free_port,
+    free_ports,
     poll,
-    run_in_kernel,
     stop_pid,
     tail,
     venv_script,
 )
+from jds.paths import escape_name
 
 __all__ = [
     "ADMIN_SCOPES",
@@ -53,6 +59,7 @@ __all__ = [
     "dump",
     "escape_name",
     "free_port",
+    "free_ports",
     "poll",
     "run_in_kernel",
     "stop_pid",
@@ -61,12 +68,88 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# `make test` installs the Node tools (configurable-http-proxy, the @jupyterlab/services client) here.
+NODE_BIN = REPO_ROOT / "tests" / "node" / "node_modules" / ".bin"
 
 
-class JupyterHubProcess(testing.JupyterHubProcess):
-    """:class:`jds.testing.JupyterHubProcess`, plus the token the session fixture mints for alice."""
+def configurable_http_proxy() -> str:
+    """The CHP the test hub runs: the checkout's ``tests/node`` one, else the one on PATH."""
+    chp = NODE_BIN / "configurable-http-proxy"
+    return str(chp) if chp.exists() else _demohub.configurable_http_proxy()
+
+
+class TestCA(_demohub.HubCA):
+    """The demo hub's CA and certificate, plus an unrelated CA (``wrong_ca_path``) for negative tests."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.wrong_ca_path = directory / "wrong-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(self.wrong_ca_path))
+
+
+class JupyterHubProcess(_demohub.JupyterHubProcess):
+    """The demo's hub, plus what tests do to it: restart it, stop servers, time it, configure it more.
+
+    ``extra_config`` is appended to jupyterhub_config.py; ``timings`` records how long the hub took
+    to start and the last server to spawn; ``alice_token`` is set by the session fixture.
+    """
 
     alice_token = ""  # set by the session fixture in conftest.py
+
+    def __init__(
+        self,
+        directory: Path,
+        ca: TestCA | None = None,
+        extra_config: str = "",
+        own_session: bool = False,
+    ) -> None:
+        super().__init__(directory, ca or TestCA(directory / "tls"), own_session)
+        self.extra_config = extra_config
+        self.timings: dict[str, float] = {}
+
+    @property
+    def wrong_ca_path(self) -> Path:
+        return self.ca.wrong_ca_path
+
+    def server_url(self, user: str, server_name: str = "") -> str:
+        """Public URL prefix of a user's server, ending in a slash."""
+        path = f"/user/{escape_name(user)}/"
+        if server_name:
+            path += f"{escape_name(server_name)}/"
+        return self.url + path
+
+    def config_text(self) -> str:
+        return super().config_text() + self.extra_config + "\n"
+
+    def configurable_http_proxy(self) -> str:
+        return configurable_http_proxy()
+
+    def start(self, timeout: float = 60) -> None:
+        started = time.monotonic()
+        super().start(timeout)
+        self.timings["hub_start"] = time.monotonic() - started
+
+    def restart(self, timeout: float = 60) -> None:
+        """Stop and start on the same ports, database and cookie secret."""
+        self.stop()
+        self.start(timeout)
+
+    def start_server(self, user: str, server_name: str = "", timeout: float = 90) -> dict[str, Any]:
+        started = time.monotonic()
+        model = super().start_server(user, server_name, timeout)
+        self.timings["spawn"] = time.monotonic() - started
+        return model
+
+    def stop_server(self, user: str, server_name: str = "", timeout: float = 60) -> None:
+        """Stop a server (204 stopped, 202 pending) and wait until the hub forgets it."""
+        path = self._server_path(user, server_name)
+        body = {"remove": False} if server_name else None
+        self._checked("DELETE", path, (202, 204, 400), json=body)
+
+        def gone() -> bool | None:
+            return True if self.server_model(user, server_name) is None else None
+
+        poll(gone, timeout, f"server {user}/{server_name} to stop", 0.2, self._log_tail)
 
 
 class ProxyProcess:
@@ -244,3 +327,65 @@ class ProxyFactory:
     def stop_all(self) -> None:
         for proxy in self.started:
             proxy.stop()
+def run_in_kernel(base_url: str, token: str, code: str, timeout: float = 60) -> str:
+    """
+    Do what an IDE does to run a cell: start a ``python3`` kernel at a Jupyter server URL (such as
+    the proxy's), run ``code`` over the kernel's WebSocket, and return what it printed. The kernel
+    is deleted afterwards. Uses the JSON message framing every jupyter_server speaks; a kernel
+    error raises :class:`HarnessError` with the traceback.
+    """
+    base = base_url.rstrip("/")
+    auth = {"Authorization": f"token {token}"}
+    started = requests.post(f"{base}/api/kernels", json={"name": "python3"}, headers=auth, timeout=timeout)
+    if started.status_code != 201:
+        raise HarnessError(f"POST {base}/api/kernels -> {dump(started)}")
+    kernel = started.json()["id"]
+    session = uuid.uuid4().hex
+    try:
+        ws = websocket.create_connection(
+            f"ws{base[4:]}/api/kernels/{kernel}/channels?session_id={session}",
+            header=[f"Authorization: token {token}"],
+            timeout=timeout,
+            suppress_origin=True,
+        )
+        try:
+            msg_id = uuid.uuid4().hex
+            ws.send(json.dumps({
+                "channel": "shell",
+                "header": {
+                    "msg_id": msg_id, "msg_type": "execute_request", "session": session,
+                    "username": "jds", "version": "5.3",
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                "parent_header": {}, "metadata": {}, "buffers": [],
+                "content": {
+                    "code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True,
+                },
+            }))  # fmt: skip
+            return _collect_stdout(ws, msg_id, timeout)
+        finally:
+            ws.close()
+    finally:
+        requests.delete(f"{base}/api/kernels/{kernel}", headers=auth, timeout=timeout)
+
+
+def _collect_stdout(ws: Any, msg_id: str, timeout: float) -> str:
+    """The ``stream`` output of one execution, up to the kernel going idle."""
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        opcode, data = ws.recv_data()
+        if opcode != websocket.ABNF.OPCODE_TEXT:
+            continue
+        msg = json.loads(data)
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind, content = msg["header"]["msg_type"], msg["content"]
+        if kind == "stream" and content.get("name") == "stdout":
+            out.append(content["text"])
+        elif kind == "error":
+            raise HarnessError("the kernel raised:\n" + "\n".join(content.get("traceback", [])))
+        elif kind == "status" and content.get("execution_state") == "idle":
+            return "".join(out)
+    raise HarnessError(f"the kernel did not finish within {timeout:g} s; output so far: {''.join(out)!r}")

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("hub side", {"jds.tls", "jds.hub", "jds.errors", "jds.progress"}),
     ("web resources", {"jds.guard", "jds.login", "jds.proxy", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
-    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.testing"}),
+    ("checks", {"jds.check", "jds.demo", "jds._demohub"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),
     ("command line", {"jds.cli", "jds.__main__"}),
 ]

@@ -23,6 +23,7 @@ import pytest
 import requests
 import trustme
 import websocket
+from hub import free_port
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 from jupyter_server.services.kernels.connection.base import (
@@ -31,8 +32,6 @@ from jupyter_server.services.kernels.connection.base import (
     serialize_binary_message,
     serialize_msg_to_ws_v1,
 )
-
-from jds.testing import free_port
 
 BIN = Path(sys.executable).parent
 TOKEN = "relay-e2e-token-93f1"

@@ -1,11 +1,10 @@
 """
-A real JupyterHub on loopback, for ``jupyter-dev-server demo`` and for our own end-to-end tests.
+The throwaway JupyterHub that ``jupyter-dev-server demo`` starts on loopback; private to the demo.
 
-Shipped with the package (as treq ships ``treq.testing``) so that the demo and the tests start the
-very same hub: TLS from a throwaway CA, configurable-http-proxy terminating it, DummyAuthenticator,
-local single-user servers, and an admin service token to create users, start servers and mint
-tokens. It needs the ``demo`` (or ``test``) extra and configurable-http-proxy; the daemon never
-imports it.
+TLS from a fresh CA, configurable-http-proxy (found on PATH) terminating it, DummyAuthenticator,
+local single-user servers, and an admin service token to create a user, start its server and mint
+its token. It needs only the ``demo`` extra; the daemon never imports it. The end-to-end tests'
+harness (``tests/hub.py``) extends this hub rather than keeping a second copy of it.
 
 Every process is started and stopped by its own pid; every wait is a poll with a deadline.
 """
@@ -22,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,32 +31,6 @@ import trustme
 
 from jds.paths import escape_name
 
-__all__ = [
-    "ADMIN_SCOPES",
-    "ADMIN_SERVICE",
-    "NODE_BIN",
-    "REPO_ROOT",
-    "TLS_NAME",
-    "HarnessError",
-    "JupyterHubProcess",
-    "TestCA",
-    "clean_environ",
-    "configurable_http_proxy",
-    "dump",
-    "escape_name",
-    "free_port",
-    "free_ports",
-    "poll",
-    "run_in_kernel",
-    "stop_pid",
-    "tail",
-    "venv_script",
-]
-
-# In a source checkout (``pip install -e .``), ``make test`` / ``make demo`` install the Node tools
-# here; an installed package finds configurable-http-proxy on PATH instead.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NODE_BIN = REPO_ROOT / "tests" / "node" / "node_modules" / ".bin"
 TLS_NAME = "hub.jds.test"
 ADMIN_SERVICE = "jds-test"
 EXIT_GRACE = 5.0  # seconds the hub's former children get to finish exiting on their own
@@ -131,15 +103,12 @@ def venv_script(name: str) -> str:
 
 
 def configurable_http_proxy() -> str:
-    """The CHP the hub needs to serve TLS: the checkout's ``tests/node`` one, else the one on PATH."""
-    chp = NODE_BIN / "configurable-http-proxy"
-    if chp.exists():
-        return str(chp)
+    """The CHP the hub needs to serve TLS, from PATH (``make demo`` puts its ``tests/node`` one there)."""
     found = shutil.which("configurable-http-proxy")
     if found is None:
         raise HarnessError(
-            "configurable-http-proxy is missing: run `make demo` or `make test` in a checkout "
-            "(they install it in tests/node), or `npm install -g configurable-http-proxy`."
+            "configurable-http-proxy is missing: run `make demo` in a checkout "
+            "(it installs it in tests/node), or `npm install -g configurable-http-proxy`."
         )
     return found
 
@@ -168,14 +137,12 @@ def stop_pid(proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SI
     return proc.returncode
 
 
-class TestCA:
-    """A throwaway CA, a server certificate for the hub, and an unrelated CA for negative tests.
+class HubCA:
+    """A throwaway CA and the hub's certificate, signed by it.
 
     The certificate names ``hub.jds.test`` (the name the proxy is told to verify), ``localhost``
     and ``127.0.0.1`` (so plain ``requests`` calls to https://127.0.0.1 verify too).
     """
-
-    __test__ = False  # not a pytest test class
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -184,13 +151,11 @@ class TestCA:
         self.ca_path = directory / "ca.pem"
         self.cert_path = directory / "hub-cert.pem"
         self.key_path = directory / "hub-key.pem"
-        self.wrong_ca_path = directory / "wrong-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_path))
         self.server_cert.private_key_pem.write_to_path(str(self.key_path))
         self.server_cert.cert_chain_pems[0].write_to_path(str(self.cert_path))
         for pem in self.server_cert.cert_chain_pems[1:]:
             pem.write_to_path(str(self.cert_path), append=True)
-        trustme.CA().cert_pem.write_to_path(str(self.wrong_ca_path))
 
 
 class JupyterHubProcess:
@@ -202,24 +167,16 @@ class JupyterHubProcess:
     then stops the hub in order instead of every process dying at once.
     """
 
-    def __init__(
-        self,
-        directory: Path,
-        ca: TestCA | None = None,
-        extra_config: str = "",
-        own_session: bool = False,
-    ) -> None:
+    def __init__(self, directory: Path, ca: HubCA, own_session: bool = False) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca = ca or TestCA(directory / "tls")
-        self.extra_config = extra_config
+        self.ca = ca
         self.own_session = own_session
         self.admin_token = secrets.token_hex(32)
         self.port, self.hub_port, self.proxy_api_port = free_ports(3)
         self.config_path = directory / "jupyterhub_config.py"
         self.log_path = directory / "jupyterhub.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.timings: dict[str, float] = {}
         self.leftovers: list[str] = []
 
     # -- addresses --------------------------------------------------------------------------
@@ -232,10 +189,6 @@ class JupyterHubProcess:
         return self.ca.ca_path
 
     @property
-    def wrong_ca_path(self) -> Path:
-        return self.ca.wrong_ca_path
-
-    @property
     def tls_name(self) -> str:
         return TLS_NAME
 
@@ -243,16 +196,9 @@ class JupyterHubProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def server_url(self, user: str, server_name: str = "") -> str:
-        """Public URL prefix of a user's server, ending in a slash."""
-        path = f"/user/{escape_name(user)}/"
-        if server_name:
-            path += f"{escape_name(server_name)}/"
-        return self.url + path
-
     # -- lifecycle --------------------------------------------------------------------------
-    def write_config(self) -> None:
-        """Write jupyterhub_config.py; every path and port is in this object's directory."""
+    def config_text(self) -> str:
+        """jupyterhub_config.py; every path and port is in this object's directory."""
         # jupyter_server refuses to run as root without --allow-root (CI runs as root).
         args = ["--allow-root"] if os.geteuid() == 0 else []
         home = self.directory / "home" / "{username}"
@@ -280,22 +226,24 @@ c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
 c.JupyterHub.proxy_class = 'configurable-http-proxy'
 c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{self.proxy_api_port}'
-c.ConfigurableHTTPProxy.command = [{configurable_http_proxy()!r}]
+c.ConfigurableHTTPProxy.command = [{self.configurable_http_proxy()!r}]
 c.ConfigurableHTTPProxy.pid_file = {str(self.directory / "proxy.pid")!r}
 c.JupyterHub.services = [{{'name': {ADMIN_SERVICE!r}, 'api_token': {self.admin_token!r}}}]
 c.JupyterHub.load_roles = [
     {{'name': 'jds-test-admin', 'scopes': {ADMIN_SCOPES!r}, 'services': [{ADMIN_SERVICE!r}]}},
 ]
-{self.extra_config}
 """
-        self.config_path.write_text(config)
+        return config
+
+    def configurable_http_proxy(self) -> str:
+        """The CHP this hub runs (a subclass may prefer another one)."""
+        return configurable_http_proxy()
 
     def start(self, timeout: float = 60) -> None:
         """Start the hub and wait until ``/hub/api`` answers over verified TLS."""
         if self.proc is not None and self.proc.poll() is None:
             raise HarnessError("hub already running")
-        self.write_config()
-        started = time.monotonic()
+        self.config_path.write_text(self.config_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(self.config_path)],
@@ -324,7 +272,6 @@ c.JupyterHub.load_roles = [
         except BaseException:
             self.stop()
             raise
-        self.timings["hub_start"] = time.monotonic() - started
 
     def stop(self, timeout: float = 30) -> int | None:
         """Stop the hub by its pid and make sure CHP and the user servers went with it.
@@ -353,11 +300,6 @@ c.JupyterHub.load_roles = [
         psutil.wait_procs(still, timeout=10)
         self.proc = None
         return code
-
-    def restart(self, timeout: float = 60) -> None:
-        """Stop and start on the same ports, database and cookie secret."""
-        self.stop()
-        self.start(timeout)
 
     def log_text(self) -> str:
         """Everything the hub (and CHP, and the user servers) printed so far."""
@@ -412,7 +354,6 @@ c.JupyterHub.load_roles = [
 
         JupyterHub 6 only accepts new server names that are slugs: ``[a-z][a-z0-9-]*``, 30 max.
         """
-        started = time.monotonic()
         path = self._server_path(user, server_name)
         response = self.api("POST", path)
         already = response.status_code == 400 and self.server_model(user, server_name)
@@ -424,20 +365,7 @@ c.JupyterHub.load_roles = [
             return model if model and model.get("ready") else None
 
         what = f"server {user}/{server_name} to be ready"
-        model = poll(ready, timeout, what, 0.2, self._log_tail)
-        self.timings["spawn"] = time.monotonic() - started
-        return model
-
-    def stop_server(self, user: str, server_name: str = "", timeout: float = 60) -> None:
-        """Stop a server (204 stopped, 202 pending) and wait until the hub forgets it."""
-        path = self._server_path(user, server_name)
-        body = {"remove": False} if server_name else None
-        self._checked("DELETE", path, (202, 204, 400), json=body)
-
-        def gone() -> bool | None:
-            return True if self.server_model(user, server_name) is None else None
-
-        poll(gone, timeout, f"server {user}/{server_name} to stop", 0.2, self._log_tail)
+        return poll(ready, timeout, what, 0.2, self._log_tail)
 
     def new_token(self, user: str, scopes: Sequence[str] | None = None, note: str = "jds tests") -> str:
         """Mint an API token for ``user``; with no scopes it inherits the user's permissions."""
@@ -468,71 +396,3 @@ def dump(response: requests.Response) -> str:
     with contextlib.suppress(ValueError):
         body = json.dumps(response.json())[:300]
     return f"{response.status_code} {response.headers.get('Location', '')} {body}"
-
-
-def run_in_kernel(base_url: str, token: str, code: str, timeout: float = 60) -> str:
-    """
-    Do what an IDE does to run a cell: start a ``python3`` kernel at a Jupyter server URL (such as
-    the proxy's), run ``code`` over the kernel's WebSocket, and return what it printed. The kernel
-    is deleted afterwards. Uses the JSON message framing every jupyter_server speaks; a kernel
-    error raises :class:`HarnessError` with the traceback. Needs websocket-client.
-    """
-    import websocket
-
-    base = base_url.rstrip("/")
-    auth = {"Authorization": f"token {token}"}
-    started = requests.post(f"{base}/api/kernels", json={"name": "python3"}, headers=auth, timeout=timeout)
-    if started.status_code != 201:
-        raise HarnessError(f"POST {base}/api/kernels -> {dump(started)}")
-    kernel = started.json()["id"]
-    session = uuid.uuid4().hex
-    try:
-        ws = websocket.create_connection(
-            f"ws{base[4:]}/api/kernels/{kernel}/channels?session_id={session}",
-            header=[f"Authorization: token {token}"],
-            timeout=timeout,
-            suppress_origin=True,
-        )
-        try:
-            msg_id = uuid.uuid4().hex
-            ws.send(json.dumps({
-                "channel": "shell",
-                "header": {
-                    "msg_id": msg_id, "msg_type": "execute_request", "session": session,
-                    "username": "jds", "version": "5.3",
-                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-                "parent_header": {}, "metadata": {}, "buffers": [],
-                "content": {
-                    "code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True,
-                },
-            }))  # fmt: skip
-            return _collect_stdout(ws, msg_id, timeout)
-        finally:
-            ws.close()
-    finally:
-        requests.delete(f"{base}/api/kernels/{kernel}", headers=auth, timeout=timeout)
-
-
-def _collect_stdout(ws: Any, msg_id: str, timeout: float) -> str:
-    """The ``stream`` output of one execution, up to the kernel going idle."""
-    import websocket
-
-    out: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        opcode, data = ws.recv_data()
-        if opcode != websocket.ABNF.OPCODE_TEXT:
-            continue
-        msg = json.loads(data)
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        kind, content = msg["header"]["msg_type"], msg["content"]
-        if kind == "stream" and content.get("name") == "stdout":
-            out.append(content["text"])
-        elif kind == "error":
-            raise HarnessError("the kernel raised:\n" + "\n".join(content.get("traceback", [])))
-        elif kind == "status" and content.get("execution_state") == "idle":
-            return "".join(out)
-    raise HarnessError(f"the kernel did not finish within {timeout:g} s; output so far: {''.join(out)!r}")
