@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
@@ -79,7 +79,6 @@ def server_not_running(target: HubTarget, no_spawn: bool = False) -> Refusal:
 class ServerState:
     ready: bool
     pending: str | None
-    exists: bool
 
     @property
     def word(self) -> str:
@@ -96,7 +95,6 @@ class Progress:
     message: str = ""
     ready: bool = False
     failed: bool = False
-    seen: list[str] = field(default_factory=list)
 
 
 class _EventStream(Protocol):
@@ -173,8 +171,8 @@ class HubAPI:
             yield self._refused(code, user, "read your server's state")
         server = (user.get("servers") or {}).get(self.target.server)
         if not server:
-            return ServerState(ready=False, pending=None, exists=False)
-        return ServerState(ready=bool(server.get("ready")), pending=server.get("pending"), exists=True)
+            return ServerState(ready=False, pending=None)
+        return ServerState(ready=bool(server.get("ready")), pending=server.get("pending"))
 
     @inlineCallbacks
     def start(self):
@@ -255,10 +253,6 @@ class ServerStarter:
         self.progress = Progress()
         self._waiters: list[Deferred] = []
         self._timer = None
-
-    @property
-    def spawning(self) -> bool:
-        return bool(self._waiters)
 
     def recover(self, code: int, location: bytes | None, on_stopped: Callable[[], object] | None = None) -> Deferred:
         """
@@ -344,7 +338,6 @@ class ServerStarter:
             progress.percent = int(event["progress"])
         if event.get("message"):
             progress.message = str(event["message"])
-            progress.seen.append(progress.message)
         progress.ready = bool(event.get("ready"))
         progress.failed = bool(event.get("failed"))
         drawn = self.on_progress(progress) if self.on_progress is not None else False

@@ -310,7 +310,6 @@ class HubTLSPolicy:
         self.reactor = reactor
         self.host = host
         self.port = port
-        self.tls_name = tls_name
         self.connect_timeout = connect_timeout
         options = CertificateOptions(trustRoot=trust_root, raiseMinimumTo=TLSVersion.TLSv1_2)
         self.creator = _PinnedClientCreator(options, tls_name, self.ca_source)

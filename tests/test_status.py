@@ -104,9 +104,9 @@ class TestStatusResource:
 
     def test_server_state_from_the_hub(self) -> None:
         auth = {b"authorization": b"token local-token-xyz"}
-        running = StatusResource(Stats(), TARGET, MANAGED, api=FakeAPI(ServerState(True, None, True)))
+        running = StatusResource(Stats(), TARGET, MANAGED, api=FakeAPI(ServerState(True, None)))
         assert render(running, headers=auth)[1]["server_state"] == "running"
-        pending = StatusResource(Stats(), TARGET, MANAGED, api=FakeAPI(ServerState(False, "spawn", True)))
+        pending = StatusResource(Stats(), TARGET, MANAGED, api=FakeAPI(ServerState(False, "spawn")))
         assert render(pending, headers=auth)[1]["server_state"] == "pending spawn"
         broken = StatusResource(Stats(), TARGET, MANAGED, api=FakeAPI(ConnectionError("no hub")))
         assert render(broken, headers=auth)[1]["server_state"] == "unknown"
