@@ -24,7 +24,7 @@ from jds.auth import Credentials
 from jds.commands import parse_subcommand
 from jds.hub import HubAPI, ServerStarter
 from jds.options import Options
-from jds.paths import HubTarget
+from jds.paths import HubTarget, authority
 from jds.proxy import make_agent, quiet_pool
 from jds.site import build_site
 from jds.tls import HubTLSPolicy
@@ -79,7 +79,7 @@ def run_checks(reactor: Any, options: Options):
     )
     agent = make_agent(reactor, policy)
     steps: list[Step] = []
-    where = f"{target.host}:{target.port}"
+    where = authority(target.host, target.port)
 
     probe = Factory.forProtocol(_Probe)
     probe.noisy = False

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from jds.paths import split_authority
 from jds.refusal import Refusal
 
 __all__ = ["LOOPBACK_NAMES", "GuardedChannel", "LocalGuard", "is_loopback", "origin_refusal"]
@@ -36,16 +37,6 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
     return host in LOOPBACK_NAMES or host.startswith("127.")
-
-
-def _split_host(value: str) -> tuple[str, int | None]:
-    value = value.strip().lower()
-    if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        name, _, port = value.partition(":")
-    return name, int(port) if port.isdigit() else None
 
 
 def origin_refusal(request: Request, allowed_origins: frozenset[bytes]) -> str | None:
@@ -96,7 +87,7 @@ class LocalGuard:
         raw = values[0].decode("latin-1").strip().lower()
         if raw in self.allowed_hosts:
             return None
-        name, port = _split_host(raw)
+        name, port = split_authority(raw)
         port_ok = self.port is None or port in (self.port, None)
         if name in self.allowed_hosts or (name in self.names and port_ok):
             return None

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from jds.guard import is_loopback
-from jds.paths import HubTarget
+from jds.paths import HubTarget, listen_address
 from jds.tls import TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
@@ -63,13 +63,10 @@ def _port(value: str, what: str) -> int:
 
 def listen_interface(description: str) -> str:
     """The address a listen endpoint binds; a UNIX socket counts as loopback."""
-    kind = description.split(":", 1)[0].lower()
-    if kind == "unix":
+    kind, _, interface = listen_address(description)
+    if kind.lower() == "unix":
         return "127.0.0.1"
-    for part in description.replace("\\:", "\x00").split(":"):
-        if part.startswith("interface="):
-            return part[len("interface="):].replace("\x00", ":")
-    return "0.0.0.0"
+    return "0.0.0.0" if interface is None else interface
 
 
 def _seconds(value: str, name: str) -> float:

@@ -15,18 +15,23 @@ from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from hyperlink import URL, URLParseError
+
 from jds.refusal import Refusal
 
 __all__ = [
     "HOP_BY_HOP",
     "HubTarget",
+    "authority",
     "is_kernelspec_path",
     "map_kernelspecs_body",
     "map_location",
     "map_request_path",
     "map_response_headers",
     "map_set_cookie",
+    "listen_address",
     "redact_query",
+    "split_authority",
     "upstream_request_headers",
 ]
 
@@ -57,6 +62,48 @@ def escape_name(name: str) -> str:
     return quote(name, safe="@~")
 
 
+def authority(host: str, port: int | None = None, scheme: str = "") -> str:
+    """``HOST[:PORT]`` as a URL writes it: an IPv6 address in brackets, the scheme's default port left out."""
+    return URL(scheme=scheme, host=host, port=port).authority()
+
+
+def split_authority(value: str) -> tuple[str, int | None]:
+    """
+    ``(host, port)`` of a ``HOST[:PORT]`` authority (an IPv6 address in brackets), lower case.
+
+    Anything else (user info, a path, a port that is no number) comes back whole as the host with no
+    port, so that it matches no name: a ``Host`` of ``evil@127.0.0.1`` is not ``127.0.0.1``.
+    """
+    text = value.strip().lower()
+    if not re.search(r"[@/?#\\]", text):
+        try:
+            url = URL.from_text("//" + text)
+        except URLParseError:
+            pass
+        else:
+            return url.host, url.port
+    return text, None
+
+
+def listen_address(description: str) -> tuple[str, str | None, str | None]:
+    """
+    ``(kind, port, interface)`` of a Twisted server endpoint description as given to ``--listen``
+    (``tcp:8000:interface=127.0.0.1``, ``tcp6:port=8001:interface=\\:\\:1``; ``\\:`` is an escaped
+    colon). Port and interface are None when the description does not name them.
+    """
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
+    port = interface = None
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            port = port or key
+        elif key == "port":
+            port = value
+        elif key == "interface":
+            interface = value
+    return parts[0], port, interface
+
+
 @dataclass(frozen=True)
 class HubTarget:
     """Where the user's server lives on the hub, and how the proxy names itself to it."""
@@ -76,10 +123,7 @@ class HubTarget:
     @property
     def netloc(self) -> str:
         """``Host`` value for the hub: the verified name, as a browser would send it."""
-        name = self.verify_name
-        if ":" in name:
-            name = f"[{name}]"
-        return name if self.port == 443 else f"{name}:{self.port}"
+        return authority(self.verify_name, self.port, "https")
 
     @property
     def origin(self) -> bytes:
@@ -238,12 +282,8 @@ def map_location(location: bytes, target: HubTarget) -> bytes:
 
 
 def _is_hub_netloc(netloc: bytes, target: HubTarget) -> bool:
-    host, _, port = netloc.rpartition(b":") if not netloc.endswith(b"]") else (netloc, b"", b"")
-    if not host or not port.isdigit():
-        host, port = netloc, b"443"
-    host = host.strip(b"[]").lower()
-    names = {target.host.lower().encode(), target.verify_name.lower().encode()}
-    return host in names and int(port) == target.port
+    host, port = split_authority(netloc.decode("latin-1"))
+    return host in {target.host.lower(), target.verify_name} and (port or 443) == target.port
 
 
 def map_set_cookie(value: bytes, target: HubTarget) -> bytes:

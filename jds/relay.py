@@ -64,7 +64,7 @@ from jds.auth import Credentials
 from jds.errors import Refusal, error_body, render_refusal
 from jds.guard import origin_refusal
 from jds.hub import ServerStarter, looks_stopped, server_not_running
-from jds.paths import HubTarget, redact_query, split_token, upstream_request_headers
+from jds.paths import HubTarget, authority, redact_query, split_token, upstream_request_headers
 from jds.status import Stats
 from jds.tls import HubTLSPolicy
 
@@ -657,9 +657,8 @@ class WebSocketRelay:
             if lowered not in _NOT_FORWARDED
         }
         resource = quote_from_bytes(hub_path + (b"?" + query if query else b""), _URI_SAFE)
-        host = self.target.verify_name
         return ConnectingRequest(
-            host=f"[{host}]" if ":" in host else host,
+            host=authority(self.target.verify_name),
             port=self.target.port,
             resource=resource,
             headers=headers,

@@ -30,7 +30,7 @@ from jds.guard import LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
-from jds.paths import HubTarget
+from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
 from jds.proxy import make_agent
 from jds.site import LocalSite, build_site
@@ -73,8 +73,7 @@ class _ProxyListener(StreamServerEndpointService):
             guard.listening(host, getattr(address, "port", None))
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
+        host = authority(host)
         # The local token is printed on purpose (the user pastes it); hub tokens never are.
         log.info(
             "Paste this URL into your IDE as an existing Jupyter server: "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from jds import __version__
 from jds.auth import Credentials, needs_local_token
 from jds.commands import parse_subcommand
 from jds.errors import Refusal, render_refusal
-from jds.paths import HubTarget
+from jds.paths import HubTarget, authority, listen_address
 from jds.stats import Stats
 from jds.tokens import default_local_token_path
 
@@ -163,24 +162,14 @@ def describe(report: dict[str, Any], url: str) -> str:
 
 def endpoint_url(listen: str) -> str:
     """``http://HOST:PORT`` for a ``tcp:`` / ``tcp6:`` endpoint description as given to --listen."""
-    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", listen)]
-    if parts[0] not in ("tcp", "tcp6"):
+    kind, port, interface = listen_address(listen)
+    if kind not in ("tcp", "tcp6"):
         raise usage.UsageError(
             f"--listen {listen!r} is not a TCP endpoint; give the daemon's address with --url."
         )
-    port, interface = None, "127.0.0.1"
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep:
-            port = port or key
-        elif key == "port":
-            port = value
-        elif key == "interface":
-            interface = value
-    if interface in ("", "0.0.0.0", "::"):
+    if interface in (None, "", "0.0.0.0", "::"):
         interface = "127.0.0.1"
-    host = f"[{interface}]" if ":" in interface else interface
-    return f"http://{host}:{port or 8000}"
+    return f"http://{authority(interface)}:{port or 8000}"
 
 
 class StatusOptions(usage.Options):
@@ -211,7 +200,7 @@ class StatusOptions(usage.Options):
         if not url:
             address = self.environ.get("JUPYTER_PROXY_IP_OR_NAME", "").strip() or "127.0.0.1"
             port = self.environ.get("JUPYTER_PROXY_PORT", "").strip() or "8000"
-            url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
+            url = f"http://{authority(address)}:{port}"
         self["url"] = url.rstrip("/")
         self["token-source"] = "--token"
         if self["token"] is None:

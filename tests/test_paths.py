@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from jds.paths import (
     HubTarget,
+    authority,
     is_kernelspec_path,
+    listen_address,
     local_path,
     map_kernelspecs_body,
     map_location,
@@ -20,6 +22,7 @@ from jds.paths import (
     map_response_headers,
     map_set_cookie,
     redact_query,
+    split_authority,
     split_token,
     upstream_request_headers,
 )
@@ -231,3 +234,50 @@ def test_target_names() -> None:
     assert v6.netloc == "[::1]:8443"
     assert NAMED.netloc == "hub.example.org"
     assert quote("a.b@c+d e", safe="@~") in NAMED.user_prefix
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "scheme", "text"),
+    [
+        ("hub.example.org", 8000, "", "hub.example.org:8000"),
+        ("::1", 8000, "", "[::1]:8000"),
+        ("::1", None, "", "[::1]"),
+        ("hub.example.org", 443, "https", "hub.example.org"),
+        ("2001:db8::7", 443, "https", "[2001:db8::7]"),
+        ("2001:db8::7", 8443, "https", "[2001:db8::7]:8443"),
+    ],
+)
+def test_authority_brackets_ipv6_and_drops_the_default_port(host: str, port: int | None, scheme: str, text: str) -> None:
+    assert authority(host, port, scheme) == text
+    assert split_authority(text) == (host, None if scheme and port == 443 else port)
+
+
+@pytest.mark.parametrize(
+    ("value", "split"),
+    [
+        ("LocalHost:8000", ("localhost", 8000)),
+        ("[::1]:8000", ("::1", 8000)),
+        ("127.0.0.1", ("127.0.0.1", None)),
+        ("evil@127.0.0.1:8000", ("evil@127.0.0.1:8000", None)),
+        ("127.0.0.1:8000/x", ("127.0.0.1:8000/x", None)),
+        ("127.0.0.1:http", ("127.0.0.1:http", None)),
+    ],
+)
+def test_split_authority_keeps_anything_but_host_and_port_whole(value: str, split: tuple[str, int | None]) -> None:
+    assert split_authority(value) == split
+
+
+@pytest.mark.parametrize(
+    ("description", "parsed"),
+    [
+        ("tcp:8000:interface=127.0.0.1", ("tcp", "8000", "127.0.0.1")),
+        ("tcp:port=9000", ("tcp", "9000", None)),
+        ("tcp6:8001:interface=\\:\\:1", ("tcp6", "8001", "::1")),
+        ("unix:/tmp/jds.sock", ("unix", "/tmp/jds.sock", None)),
+    ],
+)
+def test_listen_address_reads_kind_port_and_interface(description: str, parsed: tuple[str, str | None, str | None]) -> None:
+    assert listen_address(description) == parsed
