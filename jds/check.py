@@ -27,7 +27,6 @@ from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.proxy import make_agent, quiet_pool
 from jds.site import build_site
-from jds.tls import HubTLSPolicy
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
 
@@ -73,10 +72,7 @@ def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
 @inlineCallbacks
 def run_checks(reactor: Any, options: Options):
     target: HubTarget = options["target"]
-    policy = HubTLSPolicy(
-        reactor, target.host, target.port, target.verify_name, options["ca-cert"],
-        connect_timeout=options["connect-timeout"],
-    )
+    policy = options.hub_policy(reactor)
     agent = make_agent(reactor, policy)
     steps: list[Step] = []
     where = authority(target.host, target.port)

@@ -9,6 +9,7 @@ can fail runs here, before anything listens, and fails with one sentence naming 
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
@@ -16,7 +17,7 @@ from twisted.python import usage
 
 from jds.guard import is_loopback
 from jds.paths import HubTarget, listen_address
-from jds.tls import TLSConfigError, load_trust_root
+from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
 __all__ = ["Options", "parse_hub"]
@@ -223,3 +224,11 @@ class Options(usage.Options):
         number = _port(port, "JUPYTER_PROXY_PORT") if port else 8000
         interface = (address or "127.0.0.1").replace(":", "\\:")
         return f"tcp:{number}:interface={interface}"
+
+    def hub_policy(self, reactor: Any) -> HubTLSPolicy:
+        """The one way to the hub these options describe: its address, verified name, CA and timeout."""
+        target: HubTarget = self["target"]
+        return HubTLSPolicy(
+            reactor, target.host, target.port, target.verify_name, self["ca-cert"],
+            connect_timeout=self["connect-timeout"],
+        )

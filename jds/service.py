@@ -34,7 +34,6 @@ from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
 from jds.proxy import make_agent
 from jds.site import LocalSite, build_site
-from jds.tls import HubTLSPolicy
 
 log = Logger(namespace="jds")
 
@@ -89,10 +88,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
     target: HubTarget = options["target"]
-    policy = HubTLSPolicy(
-        reactor, target.host, target.port, target.verify_name, options["ca-cert"],
-        connect_timeout=options["connect-timeout"],
-    )
+    policy = options.hub_policy(reactor)
     credentials = Credentials(options["hub-token"], options["local-token"])
     starter = None
     if credentials.managed:
