@@ -14,20 +14,13 @@ import datetime
 import json
 import signal
 import sys
-from collections.abc import Mapping
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from twisted.logger import (
-    FileLogObserver,
-    ILogObserver,
-    formatEvent,
-    formatEventAsClassicLogText,
-    formatTime,
-)
+from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 from twisted.python.logfile import LogFile
-from zope.interface import implementer
 
-__all__ = ["JSONLineObserver", "event_record", "json_observer_for"]
+__all__ = ["event_record", "json_line", "json_observer_for", "text_observer_for"]
 
 # Keys of legacy (twisted.python.log) events that repeat what the record already says.
 _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure", "printed"})
@@ -58,16 +51,9 @@ def event_record(event: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-@implementer(ILogObserver)
-class JSONLineObserver:
-    """Writes each event as one line of JSON to ``stream`` and flushes it."""
-
-    def __init__(self, stream: TextIO | LogFile) -> None:
-        self.stream = stream
-
-    def __call__(self, event: Mapping[str, Any]) -> None:
-        self.stream.write(json.dumps(event_record(event), default=str) + "\n")
-        self.stream.flush()
+def json_line(event: Mapping[str, Any]) -> str:
+    """One event as one line of JSON: the formatter ``FileLogObserver`` writes (and flushes)."""
+    return json.dumps(event_record(event), default=str) + "\n"
 
 
 class _PerSecondTime:
@@ -91,26 +77,25 @@ class _PerSecondTime:
 
 
 def text_observer_for(twistd_config: Mapping[str, Any] | None) -> FileLogObserver | None:
-    """twistd's text format, on the destination twistd's options name (as :func:`json_observer_for`)."""
-    config = twistd_config or {"nodaemon": True}
-    if config.get("logger") or config.get("syslog"):
-        return None
+    """twistd's text format, on the destination twistd's options name (see :func:`_observer_for`)."""
     clock = _PerSecondTime()
 
     def line(event: Mapping[str, Any]) -> str | None:
         return formatEventAsClassicLogText(event, formatTime=clock)
 
-    name = config.get("logfile")
-    if name == "-" or (not name and config.get("nodaemon")):
-        return FileLogObserver(sys.stdout, line)
-    logfile = LogFile.fromFullPath(name or "twistd.log")
-    _rotate_on_sigusr1(logfile)
-    return FileLogObserver(logfile, line)
+    return _observer_for(twistd_config, line)
 
 
-def json_observer_for(twistd_config: Mapping[str, Any] | None) -> JSONLineObserver | None:
+def json_observer_for(twistd_config: Mapping[str, Any] | None) -> FileLogObserver | None:
+    """One JSON line per event, on the destination twistd's options name (see :func:`_observer_for`)."""
+    return _observer_for(twistd_config, json_line)
+
+
+def _observer_for(
+    twistd_config: Mapping[str, Any] | None, line: Callable[[Mapping[str, Any]], str | None]
+) -> FileLogObserver | None:
     """
-    The JSON observer twistd's logging options ask for: ``--logfile`` (``-`` or none with
+    ``line`` written where twistd's logging options ask for: ``--logfile`` (``-`` or none with
     ``--nodaemon`` is stdout, none without it twistd's ``twistd.log``). ``None`` when ``--logger``
     or ``--syslog`` chose another destination, which then wins.
     """
@@ -119,10 +104,10 @@ def json_observer_for(twistd_config: Mapping[str, Any] | None) -> JSONLineObserv
         return None
     name = config.get("logfile")
     if name == "-" or (not name and config.get("nodaemon")):
-        return JSONLineObserver(sys.stdout)
+        return FileLogObserver(sys.stdout, line)
     logfile = LogFile.fromFullPath(name or "twistd.log")
     _rotate_on_sigusr1(logfile)
-    return JSONLineObserver(logfile)
+    return FileLogObserver(logfile, line)
 
 
 def _rotate_on_sigusr1(logfile: LogFile) -> None:

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 from hub import JupyterHubProcess, ProxyFactory, poll
-from twisted.logger import Logger, LogLevel, eventAsText
+from twisted.logger import FileLogObserver, Logger, LogLevel, eventAsText
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.logfile import LogFile
 
-from jds.logs import JSONLineObserver, event_record, json_observer_for
+from jds.logs import event_record, json_line, json_observer_for
 from jds.options import Options
 
 
@@ -31,7 +29,7 @@ def capture(emit) -> list[dict]:
 def test_one_line_per_event_with_level_and_fields() -> None:
     (event,) = capture(lambda log: log.warn("{method} {uri} -> {status}", method="GET", uri="/api/x", status=502))
     stream = io.StringIO()
-    JSONLineObserver(stream)(event)
+    FileLogObserver(stream, json_line)(event)
     line = stream.getvalue()
     assert line.endswith("\n") and line.count("\n") == 1
     record = json.loads(line)
@@ -46,7 +44,7 @@ def test_a_failure_keeps_its_traceback_on_one_line() -> None:
     failure = Failure(ZeroDivisionError("division by zero"))
     (event,) = capture(lambda log: log.failure("Relaying {path} failed", failure, path="/api/y"))
     stream = io.StringIO()
-    JSONLineObserver(stream)(event)
+    FileLogObserver(stream, json_line)(event)
     assert stream.getvalue().count("\n") == 1
     record = json.loads(stream.getvalue())
     assert record["level"] == "critical"
@@ -61,12 +59,14 @@ def test_objects_are_left_out_of_fields() -> None:
     assert "x <object object" in eventAsText(event)
 
 
-def test_destination_follows_twistds_options(tmp_path: Path) -> None:
-    assert json_observer_for({"nodaemon": True, "logfile": None}).stream is sys.stdout
-    assert json_observer_for({"nodaemon": True, "logfile": "-"}).stream is sys.stdout
-    to_file = json_observer_for({"nodaemon": False, "logfile": str(tmp_path / "jds.log")})
-    assert isinstance(to_file.stream, LogFile)
-    to_file.stream.close()
+def test_destination_follows_twistds_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (event,) = capture(lambda log: log.info("to {where}", where="here"))
+    for config in ({"nodaemon": True, "logfile": None}, {"nodaemon": True, "logfile": "-"}):
+        json_observer_for(config)(event)
+        assert json.loads(capsys.readouterr().out)["message"] == "to here", config
+    path = tmp_path / "jds.log"
+    json_observer_for({"nodaemon": False, "logfile": str(path)})(event)
+    assert json.loads(path.read_text())["fields"] == {"where": "here"}
     assert json_observer_for({"logger": object()}) is None, "an explicit --logger wins"
     assert json_observer_for({"syslog": True}) is None, "--syslog wins"
 
