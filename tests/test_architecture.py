@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,20 @@ def test_the_plugins_options_for_help_import_the_options_but_not_the_daemon() ->
     assert "jds.options" in loaded["jds"]
     assert not {"jds.service", "jds.site", "jds.proxy", "jds.relay", "jds.check"} & set(loaded["jds"])
     assert loaded["reactor"] is False
+
+
+def test_architecture_md_lists_the_same_layers() -> None:
+    """ARCHITECTURE.md's layer table is this file's LAYERS, in the same order, module for module."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    start = next(index for index, row in enumerate(rows) if row.startswith("| layer |"))
+    documented = []
+    for row in rows[start + 1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if set(cells[0]) <= {"-"}:
+            continue
+        if cells[0] == "change":
+            break
+        documented.append((cells[0], {f"jds.{name}" for name in re.findall(r"`(\w+)`", cells[1])}))
+    expected = [(name, members - {"jds", "jds.__init__"}) for name, members in LAYERS]
+    assert documented == expected
