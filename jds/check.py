@@ -71,114 +71,146 @@ def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
 
 @inlineCallbacks
 def run_checks(reactor: Any, options: Options):
-    target: HubTarget = options["target"]
-    policy = options.hub_policy(reactor)
-    agent = make_agent(reactor, policy)
+    """The links in order, each a list of steps, up to the first step that is not a pass."""
+    chain = _Chain(reactor, options)
     steps: list[Step] = []
-    where = authority(target.host, target.port)
-
-    probe = Factory.forProtocol(_Probe)
-    probe.noisy = False
-    try:
-        protocol = yield HostnameEndpoint(reactor, target.host, target.port, timeout=policy.connect_timeout).connect(probe)
-        peer = protocol.transport.getPeer()
-        steps.append(Step("connect", True, f"{where} answers (at {peer.host})"))
-    except Exception:
-        refusal = policy.explain(Failure())
-        steps.append(Step("connect", False, refusal.message, refusal.hint))
-        return steps
-
-    try:
-        response = yield agent.request(b"GET", f"{target.url}hub/api".encode(), Headers({b"Accept": [b"application/json"]}))
-        body = yield readBody(response)
-    except Exception:
-        refusal = policy.explain(Failure())
-        steps.append(Step("tls", False, refusal.message, refusal.hint))
-        return steps
-    cert = policy.creator.last_peer
-    days = cert.days_left(datetime.datetime.now(datetime.timezone.utc)) if cert else None
-    steps.append(Step(
-        "tls", True,
-        f"verified {target.verify_name} by {policy.ca_source}; certificate for {cert.names if cert else '?'}, "
-        f"issued by {cert.issuer if cert else '?'}, {days if days is not None else '?'} days left",
-        "" if days is None or days > 14 else "The hub's certificate expires soon: tell the cluster administrators.",
-    ))
-    try:
-        version = json.loads(body).get("version")
-    except (ValueError, AttributeError):
-        version = None
-    if response.code != 200 or not version:
-        steps.append(Step(
-            "hub", False, f"{target.url}hub/api answered HTTP {response.code}, not a JupyterHub version",
-            "Check the path prefix in --hub (https://HOST:PORT/PREFIX/) and the port.",
-        ))
-        return steps
-    steps.append(Step("hub", True, f"JupyterHub {version} at {target.url}"))
-
-    token = options["hub-token"]
-    if not token:
-        for name in ("token", "server", "kernelspecs"):
-            steps.append(Step(name, None, "not checked: no --token-file or JUPYTERHUB_API_TOKEN (the IDE brings its own token)"))
-        return steps
-    api = HubAPI(agent, target, token)
-    code, me = yield api.json(b"GET", "user")
-    if code != 200 or not isinstance(me, dict):
-        steps.append(Step(
-            "token", False, f"the hub refused the token (HTTP {code})",
-            f"Create a new token at {target.url}hub/token and put it in the --token-file.",
-        ))
-        return steps
-    scopes = [str(s) for s in me.get("scopes", [])]
-    owner = me.get("name", "?")
-    expires = me.get("token_expires_at") or "never"
-    problems = []
-    if owner != target.user and me.get("kind") == "user" and not me.get("admin"):
-        problems.append(f"the token belongs to {owner}, not {target.user}")
-    if scopes and not _scope_covers(scopes, _ACCESS, target):
-        problems.append(f"it lacks the scope {_ACCESS}!user={target.user}")
-    can_start = not scopes or any(_scope_covers(scopes, s, target) for s in _START)
-    detail = f"owner {owner}, expires {expires}, {len(scopes)} scopes"
-    if problems:
-        steps.append(Step("token", False, detail + "; " + "; ".join(problems),
-                          f"Create a token for {target.user} at {target.url}hub/token."))
-        return steps
-    steps.append(Step("token", True, detail + ("" if can_start else "; cannot start servers (no 'servers' scope)")))
-
-    try:
-        state = yield api.server_state()
-    except Exception as exc:
-        steps.append(Step("server", False, getattr(exc, "message", str(exc))))
-        return steps
-    if not state.ready:
-        how = "the proxy will start it when needed" if can_start else f"start it at {target.url}hub/home"
-        steps.append(Step(
-            "server", False, f"{target.server_url} is {state.word}",
-            f"Start your server: {how}." if not state.pending else "Wait for it to finish starting.",
-        ))
-        return steps
-    steps.append(Step("server", True, f"{target.server_url} is running"))
-
-    credentials = Credentials(token, options["local-token"] or "check")
-    site = build_site(target, policy, reactor, credentials, ServerStarter(api, reactor, allowed=False))
-    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-    try:
-        local = f"http://127.0.0.1:{port.getHost().port}/api/kernelspecs".encode()
-        response = yield Agent(reactor, pool=quiet_pool(reactor, persistent=False)).request(
-            b"GET", local, Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
-        )
-        body = yield readBody(response)
-    finally:
-        yield port.stopListening()
-    try:
-        names = sorted(json.loads(body)["kernelspecs"])
-    except (ValueError, KeyError, TypeError):
-        names = []
-    if response.code != 200 or not names:
-        steps.append(Step("kernelspecs", False, f"/api/kernelspecs through the proxy answered HTTP {response.code}",
-                          "Run the daemon and read its log for the request."))
-    else:
-        steps.append(Step("kernelspecs", True, "kernels an IDE will offer: " + ", ".join(names)))
+    for link in (chain.connect, chain.tls, chain.hub, chain.token, chain.server, chain.kernelspecs):
+        found: list[Step] = yield link()
+        steps.extend(found)
+        if found[-1].ok is not True:
+            break
     return steps
+
+
+class _Chain:
+    """One run of the checks: one method per link, and what a link learns that a later one needs."""
+
+    def __init__(self, reactor: Any, options: Options) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.target: HubTarget = options["target"]
+        self.policy = options.hub_policy(reactor)
+        self.agent = make_agent(reactor, self.policy)
+        self.api = HubAPI(self.agent, self.target, options["hub-token"] or "")
+        self.hub_code = 0
+        self.hub_body = b""
+        self.can_start = False
+
+    @inlineCallbacks
+    def connect(self):
+        target = self.target
+        probe = Factory.forProtocol(_Probe)
+        probe.noisy = False
+        endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.policy.connect_timeout)
+        try:
+            protocol = yield endpoint.connect(probe)
+        except Exception:
+            refusal = self.policy.explain(Failure())
+            return [Step("connect", False, refusal.message, refusal.hint)]
+        peer = protocol.transport.getPeer()
+        return [Step("connect", True, f"{authority(target.host, target.port)} answers (at {peer.host})")]
+
+    @inlineCallbacks
+    def tls(self):
+        target = self.target
+        try:
+            response = yield self.agent.request(
+                b"GET", f"{target.url}hub/api".encode(), Headers({b"Accept": [b"application/json"]})
+            )
+            self.hub_body = yield readBody(response)
+        except Exception:
+            refusal = self.policy.explain(Failure())
+            return [Step("tls", False, refusal.message, refusal.hint)]
+        self.hub_code = response.code
+        cert = self.policy.creator.last_peer
+        days = cert.days_left(datetime.datetime.now(datetime.timezone.utc)) if cert else None
+        return [Step(
+            "tls", True,
+            f"verified {target.verify_name} by {self.policy.ca_source}; certificate for "
+            f"{cert.names if cert else '?'}, issued by {cert.issuer if cert else '?'}, "
+            f"{days if days is not None else '?'} days left",
+            "" if days is None or days > 14 else "The hub's certificate expires soon: tell the cluster administrators.",
+        )]
+
+    def hub(self) -> list[Step]:
+        target = self.target
+        try:
+            version = json.loads(self.hub_body).get("version")
+        except (ValueError, AttributeError):
+            version = None
+        if self.hub_code != 200 or not version:
+            return [Step(
+                "hub", False, f"{target.url}hub/api answered HTTP {self.hub_code}, not a JupyterHub version",
+                "Check the path prefix in --hub (https://HOST:PORT/PREFIX/) and the port.",
+            )]
+        return [Step("hub", True, f"JupyterHub {version} at {target.url}")]
+
+    @inlineCallbacks
+    def token(self):
+        target = self.target
+        if not self.options["hub-token"]:
+            return [
+                Step(name, None, "not checked: no --token-file or JUPYTERHUB_API_TOKEN (the IDE brings its own token)")
+                for name in ("token", "server", "kernelspecs")
+            ]
+        code, me = yield self.api.json(b"GET", "user")
+        if code != 200 or not isinstance(me, dict):
+            return [Step(
+                "token", False, f"the hub refused the token (HTTP {code})",
+                f"Create a new token at {target.url}hub/token and put it in the --token-file.",
+            )]
+        scopes = [str(s) for s in me.get("scopes", [])]
+        owner = me.get("name", "?")
+        expires = me.get("token_expires_at") or "never"
+        problems = []
+        if owner != target.user and me.get("kind") == "user" and not me.get("admin"):
+            problems.append(f"the token belongs to {owner}, not {target.user}")
+        if scopes and not _scope_covers(scopes, _ACCESS, target):
+            problems.append(f"it lacks the scope {_ACCESS}!user={target.user}")
+        self.can_start = not scopes or any(_scope_covers(scopes, s, target) for s in _START)
+        detail = f"owner {owner}, expires {expires}, {len(scopes)} scopes"
+        if problems:
+            return [Step("token", False, detail + "; " + "; ".join(problems),
+                         f"Create a token for {target.user} at {target.url}hub/token.")]
+        return [Step("token", True, detail + ("" if self.can_start else "; cannot start servers (no 'servers' scope)"))]
+
+    @inlineCallbacks
+    def server(self):
+        target = self.target
+        try:
+            state = yield self.api.server_state()
+        except Exception as exc:
+            return [Step("server", False, getattr(exc, "message", str(exc)))]
+        if not state.ready:
+            how = "the proxy will start it when needed" if self.can_start else f"start it at {target.url}hub/home"
+            return [Step(
+                "server", False, f"{target.server_url} is {state.word}",
+                f"Start your server: {how}." if not state.pending else "Wait for it to finish starting.",
+            )]
+        return [Step("server", True, f"{target.server_url} is running")]
+
+    @inlineCallbacks
+    def kernelspecs(self):
+        reactor = self.reactor
+        credentials = Credentials(self.options["hub-token"], self.options["local-token"] or "check")
+        site = build_site(self.target, self.policy, reactor, credentials, ServerStarter(self.api, reactor, allowed=False))
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        try:
+            local = f"http://127.0.0.1:{port.getHost().port}/api/kernelspecs".encode()
+            response = yield Agent(reactor, pool=quiet_pool(reactor, persistent=False)).request(
+                b"GET", local, Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
+            )
+            body = yield readBody(response)
+        finally:
+            yield port.stopListening()
+        try:
+            names = sorted(json.loads(body)["kernelspecs"])
+        except (ValueError, KeyError, TypeError):
+            names = []
+        if response.code != 200 or not names:
+            return [Step("kernelspecs", False, f"/api/kernelspecs through the proxy answered HTTP {response.code}",
+                         "Run the daemon and read its log for the request.")]
+        return [Step("kernelspecs", True, "kernels an IDE will offer: " + ", ".join(names))]
 
 
 def main(argv: list[str]) -> int:
