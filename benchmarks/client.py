@@ -24,6 +24,7 @@ from typing import Any
 
 from benchmarks.kernelws import KernelSocket
 from benchmarks.procfs import nodelay_report, reset_peak, snapshot
+from benchmarks.wan import wan
 
 __all__ = ["main"]
 
@@ -363,7 +364,7 @@ def kernels_ready(job: dict) -> dict:
 
 WORKLOADS: dict[str, Callable[[dict], dict]] = {
     "rest": rest, "kernel_ws": kernel_ws, "download": download, "upload": upload,
-    "idle_sockets": idle_sockets, "mixed": mixed, "kernels_ready": kernels_ready,
+    "idle_sockets": idle_sockets, "mixed": mixed, "kernels_ready": kernels_ready, "wan": wan,
 }
 
 

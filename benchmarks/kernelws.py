@@ -64,23 +64,40 @@ class KernelSocket:
         self.ws.close(timeout=2)
 
     def send_kernel_info(self) -> str:
+        return self.send_request("kernel_info_request", {})
+
+    def send_request(self, msg_type: str, content: dict) -> str:
+        """Send a shell request; returns its ``msg_id``."""
         msg_id = uuid.uuid4().hex
         header = {
             "msg_id": msg_id,
             "session": self.session,
             "username": "bench",
-            "msg_type": "kernel_info_request",
+            "msg_type": msg_type,
             "version": "5.3",
             "date": datetime.now(timezone.utc).isoformat(),
         }
         if self.v1:
-            parts = [json.dumps(header).encode(), b"{}", b"{}", b"{}"]
+            parts = [json.dumps(header).encode(), b"{}", b"{}", json.dumps(content).encode()]
             self.ws.send_bytes(_encode_v1("shell", parts))
         else:
             message = {"channel": "shell", "header": header, "parent_header": {}, "metadata": {},
-                       "content": {}, "buffers": []}
+                       "content": content, "buffers": []}
             self.ws.send(json.dumps(message))
         return msg_id
+
+    def read_message(self) -> tuple[str, str, str | None]:
+        """Read one message: its channel, ``msg_type`` and the ``msg_id`` it answers."""
+        frame = self.ws.recv()
+        if self.v1:
+            if isinstance(frame, str):
+                frame = frame.encode()
+            channel, parts = _decode_v1(frame)
+            header, parent = json.loads(parts[0]), json.loads(parts[1])
+            return channel, header.get("msg_type", ""), parent.get("msg_id")
+        message = json.loads(frame)
+        return (message.get("channel", ""), message.get("header", {}).get("msg_type", ""),
+                message.get("parent_header", {}).get("msg_id"))
 
     def _shell_reply_parent(self) -> str | None:
         """Read one frame; the ``msg_id`` its shell reply answers, or None for anything else."""

@@ -40,6 +40,7 @@ PLAN = {
         "idle": {"count": 200, "settle": 2.0},
         "mixed": {"kernels": 10, "rounds": 2, "one_duration": 3.0, "many_duration": 6.0, "one_period": 0.02,
                   "many": 50, "per_process": 10, "many_period": 2.0},
+        "wan": {"rounds": 7, "idle": 6.0, "notebook_bytes": 2 * MiB, "delay": 0.010},
     },
     "quick": {
         "rest": {"warmup": 20, "rounds": 3, "requests": 200},
@@ -49,6 +50,7 @@ PLAN = {
         "idle": {"count": 50, "settle": 1.0},
         "mixed": {"kernels": 4, "rounds": 1, "one_duration": 2.0, "many_duration": 3.0, "one_period": 0.02,
                   "many": 20, "per_process": 10, "many_period": 1.0},
+        "wan": {"rounds": 2, "idle": 6.0, "notebook_bytes": 2 * MiB, "delay": 0.010},
     },
 }
 
@@ -277,6 +279,60 @@ def summarise_mixed(table: Table, mixed: dict, many: int) -> None:
     table.add(f"samples at {many} clients (REST + kernel_info)", counts.pop("direct"), counts)
 
 
+def start_wan(fleet: Fleet, proxies: dict[str, str | None], delay: float, notebook_bytes: int,
+              chp: bool = True) -> dict[str, dict]:
+    """
+    The WAN setup: a hub-like far end (configurable-http-proxy over TLS in front of the server),
+    :mod:`benchmarks.delayline` in front of it, and the routes through that link: ``direct`` (the
+    IDE over the link), each jds of ``proxies`` (name: its PYTHONPATH) and a local CHP as a prefix
+    proxy, both with the link between them and the far end.
+    """
+    from benchmarks.wan import NOTEBOOK, make_notebook
+
+    (fleet.root_dir / NOTEBOOK).write_text(json.dumps(make_notebook(notebook_bytes)))
+    far = fleet.start_chp(name="far-end", tls=True)
+    if far is None:
+        raise RuntimeError("the WAN workload needs configurable-http-proxy: run `make test` once (its npm step)")
+    far_port = int(far.origin.rsplit(":", 1)[1])
+    link = fleet.start_delay_line(far_port, delay)
+    routes = {"direct": {**far.as_dict(), "name": "direct", "origin": f"https://127.0.0.1:{link}", "pid": None}}
+    for name, pythonpath in proxies.items():
+        routes[name] = fleet.start_jds(name=f"wan-{name}", pythonpath=pythonpath, hub_port=link).as_dict()
+    if chp:
+        local = fleet.start_chp(name="wan-chp", target_port=link)
+        if local is not None:
+            routes["chp"] = local.as_dict()
+    return routes
+
+
+def summarise_wan(table: Table, result: dict, delay: float) -> None:
+    rounds, errors = result["rounds"], result["errors"]
+    rtt = f"{2 * delay * 1e3:.0f} ms"
+    if not rounds["direct"]:
+        table.add(f"WAN ({rtt} RTT): direct failed", "; ".join(errors["direct"][:1]), {})
+        return
+    for key, what, target in (("first_output", "time to first output", 1.0),
+                              ("total", "whole sequence", 0.9)):
+        cells, met = {}, None
+        for name in table.proxies:
+            mine = rounds.get(name) or []
+            failed = errors.get(name) or []
+            if not mine:
+                cells[name] = f"failed {len(failed)} of {len(failed)}: {failed[0] if failed else 'no data'}"
+                met = "n/a" if name == "jds" else met
+                continue
+            ratio = _ratio_rounds(rounds, name, key) if len(mine) == len(rounds["direct"]) else float("nan")
+            note = f"; failed {len(failed)} of {len(failed) + len(mine)}: {failed[0]}" if failed else ""
+            cells[name] = f"{_ms(_median([r[key] for r in mine]))} ({ratio:.2f}×){note}"
+            if name == "jds":
+                met = ratio <= target and not failed
+        table.add(f"WAN ({rtt} RTT), open a notebook and run a cell after 6 s idle: {what} (× direct)",
+                  _ms(_median([r[key] for r in rounds["direct"]])), cells, f"≤ {target}×", met)
+    cells = {n: f"{_median([r['connections'] for r in rounds[n]]):.0f}" for n in table.proxies if rounds.get(n)}
+    table.add("WAN: new connections the IDE opened per sequence", f"{_median([r['connections'] for r in rounds['direct']]):.0f}",
+              cells)
+
+
 def _machine_busy() -> tuple[float, float]:
     """CPU-seconds the whole machine has been busy, and stolen by the hypervisor, since boot."""
     with open("/proc/stat") as handle:
@@ -327,6 +383,26 @@ def _warm(route: dict, token: str) -> None:
         response.read()
 
 
+def _run_wan(fleet: Fleet, plan: dict, args: argparse.Namespace, table: Table | None) -> dict:
+    """The WAN workload on its own processes; with ``table``, print it alone (``--wan-only``)."""
+    w = plan["wan"]
+    routes = start_wan(fleet, {"jds": args.jds_pythonpath}, w["delay"], w["notebook_bytes"], chp=not args.no_chp)
+    result = _client({"workload": "wan", "routes": routes, "token": fleet.token, **w}, timeout=900)
+    if table is not None:
+        table.proxies = [p for p in table.proxies if p in routes]
+        summarise_wan(table, result, w["delay"])
+        print(table.render())
+        for name, errors in result["errors"].items():
+            for error in errors:
+                print(f"  {name} failed: {error}")
+        for name, rounds in result["rounds"].items():
+            if rounds:
+                marks = ", ".join(f"{k} {_median([r['phases'][k] for r in rounds]) * 1e3:.0f}"
+                                  for k in rounds[0]["phases"])
+                print(f"  {name}, ms from the start to the end of each step (medians): {marks}")
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     plan = PLAN["quick" if args.quick else "full"]
     started = time.monotonic()
@@ -345,6 +421,10 @@ def run(args: argparse.Namespace) -> int:
         kernels = [fleet.start_kernel() for _ in range(plan["mixed"]["kernels"])]
         _client({"workload": "kernels_ready", "route": fleet.paths["direct"].as_dict(), "token": fleet.token,
                  "kernels": kernels})
+        if args.wan_only:
+            _run_wan(fleet, plan, args, Table(["jds"] if args.no_chp else ["jds", "chp"]))
+            failed = False
+            return 0
         fleet.start_jds(pythonpath=args.jds_pythonpath)
         if not args.no_chp and fleet.start_chp() is None:
             print("configurable-http-proxy not installed (run `make test` once): no comparison column")
@@ -387,18 +467,23 @@ def run(args: argparse.Namespace) -> int:
                                                  m["per_process"]))
                 mixed.setdefault(name, []).append((windows[0], windows[1]))
         end_rss = {name: snapshot(routes[name]["pid"]).rss_kib for name in proxies}
-
+        step(f"WAN: open a notebook and run a cell after {plan['wan']['idle']:.0f} s idle, "
+             f"{plan['wan']['rounds']} rounds")
         table = Table(proxies)
+        wan_result = _run_wan(fleet, plan, args, None)
+
         summarise_rest(table, rest)
         summarise_ws(table, ws, {n: [rest["nodelay"].get(n), ws["nodelay"].get(n)] for n in proxies})
         summarise_transfer(table, down, f"{plan['download']['size'] // MiB} MiB GET /files/", 0.7)
         summarise_transfer(table, up, f"{plan['upload']['size'] // MiB} MiB PUT /api/contents", 0.8)
         summarise_idle(table, idle, idle_rss, plan["idle"]["count"])
         summarise_mixed(table, mixed, m["many"])
+        summarise_wan(table, wan_result, plan["wan"]["delay"])
         table.add("proxy RSS after the whole run", "—",
                   {name: f"{kib / 1024:.1f} MiB" for name, kib in end_rss.items()})
         raw = {"rest": rest, "kernel_ws": ws, "download": down, "upload": up, "idle": idle,
-               "idle_rss_kib": idle_rss, "end_rss_kib": end_rss, "mixed": mixed, "plan": plan}
+               "idle_rss_kib": idle_rss, "end_rss_kib": end_rss, "mixed": mixed, "wan": wan_result,
+               "plan": plan}
         (directory / "results.json").write_text(json.dumps(raw, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(raw, indent=1))
@@ -440,6 +525,7 @@ def main() -> int:
     parser.add_argument("--no-chp", action="store_true", help="leave configurable-http-proxy out")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, results.json)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results to FILE")
+    parser.add_argument("--wan-only", action="store_true", help="run the WAN workload alone (~2 min)")
     parser.add_argument("--jds-pythonpath", metavar="DIR",
                         help="benchmark the jds package in DIR (a scratch copy with a change) instead")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -177,15 +178,17 @@ class Fleet:
         return path
 
     def start_jds(
-        self, name: str = "jds", pythonpath: str | None = None, launcher: tuple[str, ...] | None = None
+        self, name: str = "jds", pythonpath: str | None = None, launcher: tuple[str, ...] | None = None,
+        hub_port: int | None = None,
     ) -> Route:
         """
         jupyter-dev-server in pass-through mode, as ``twistd -n``; ``pythonpath`` runs another copy
-        of ``jds``, ``launcher`` replaces the ``twistd`` command (e.g. with a profiler around it).
+        of ``jds``, ``launcher`` replaces the ``twistd`` command (e.g. with a profiler around it),
+        ``hub_port`` puts something else (the WAN far end) in the server's place.
         """
         argv = [
             *(launcher or (str(BIN / "twistd"),)), "-n", "--pidfile=", "jupyter-dev-server",
-            "--hub", f"https://127.0.0.1:{self.server_port}",
+            "--hub", f"https://127.0.0.1:{hub_port or self.server_port}",
             "--user", self.user,
             "--ca-cert", str(self.ca_path),
             "--tls-name", TLS_NAME,
@@ -204,8 +207,13 @@ class Fleet:
         self.paths[name] = path
         return path
 
-    def start_chp(self) -> Route | None:
-        """configurable-http-proxy as JupyterHub runs it (plain HTTP in front), if npm installed it."""
+    def start_chp(self, name: str = "chp", target_port: int | None = None, tls: bool = False) -> Route | None:
+        """
+        configurable-http-proxy as JupyterHub runs it, if npm installed it: plain HTTP in front
+        (``tls``: HTTPS with the server's certificate, as a hub's public side), forwarding to the
+        server or to ``target_port`` (the WAN far end). Node's HTTP server closes keep-alive
+        connections idle for 5 s, as a real hub's proxy does.
+        """
         binary = next((p for p in CHP_CANDIDATES if p.exists()), None)
         if binary is None:
             return None
@@ -213,27 +221,49 @@ class Fleet:
         argv = [
             str(binary), "--ip", "127.0.0.1", "--port", str(port),
             "--api-ip", "127.0.0.1", "--api-port", str(api_port),
-            "--default-target", f"https://127.0.0.1:{self.server_port}",
+            "--default-target", f"https://127.0.0.1:{target_port or self.server_port}",
             "--log-level", "warn",
         ]
+        if tls:
+            argv += ["--ssl-key", str(self.key_path), "--ssl-cert", str(self.cert_path),
+                     "--keep-alive-timeout", "5000"]
         env = {"CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16), "NODE_EXTRA_CA_CERTS": str(self.ca_path)}
-        proc = self._start("configurable-http-proxy", argv, env)
-        url = f"http://127.0.0.1:{port}/user/{self.user}/api/status"
+        proc = self._start(name, argv, env)
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://127.0.0.1:{port}/user/{self.user}/api/status"
+        context = ssl.create_default_context(cafile=str(self.ca_path)) if tls else None
 
         def ready() -> bool | None:
             self._check_running(proc)
             request = urllib.request.Request(url, headers={"Authorization": f"token {self.token}"})
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:
+                with urllib.request.urlopen(request, timeout=5, context=context) as response:
                     return True if response.status == 200 else None
             except OSError:
                 return None
 
-        _poll(ready, 30, "configurable-http-proxy to forward /api/status", proc.log)
+        _poll(ready, 30, f"configurable-http-proxy ({name}) to forward /api/status", proc.log)
         # The bin script is `#!/usr/bin/env node`: the pid we started is node itself.
-        path = Route("chp", f"http://127.0.0.1:{port}", f"/user/{self.user}", proc.popen.pid, None)
-        self.paths["chp"] = path
+        path = Route(name, f"{scheme}://127.0.0.1:{port}", f"/user/{self.user}", proc.popen.pid,
+                     str(self.ca_path) if tls else None)
+        self.paths[name] = path
         return path
+
+    def start_delay_line(self, target_port: int, delay: float) -> int:
+        """:mod:`benchmarks.delayline` in front of ``target_port``; returns the port it listens on."""
+        port = free_ports(1)[0]
+        argv = [sys.executable, "-m", "benchmarks.delayline", "--listen", str(port),
+                "--target", f"127.0.0.1:{target_port}", "--delay", str(delay)]
+        proc = self._start(f"delayline-{port}", argv, {"PYTHONPATH": str(REPO)})
+
+        def listening() -> bool | None:
+            self._check_running(proc)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+            return None
+
+        _poll(listening, 30, "the delay line to listen", proc.log)
+        return port
 
     def start_kernel(self) -> str:
         """A python3 kernel on the server (the workloads share it); returns its id."""
