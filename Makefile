@@ -25,8 +25,8 @@ test: $(VENV_STAMP) $(NODE_STAMP)
 
 # Proxy performance against a local TLS jupyter_server, direct vs through the proxy (and through
 # configurable-http-proxy if `make test` installed it); about 4 minutes. See benchmarks/README.md.
-# BENCH_ARGS=--quick for a one-minute smoke run.
-bench: $(VENV_STAMP)
+# BENCH_ARGS=--quick for a one-minute smoke run. The WAN workload's far end is configurable-http-proxy.
+bench: $(VENV_STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 # 1,000 cycles of HTTP requests and kernel WebSockets through the proxy against a real hub, one in ten

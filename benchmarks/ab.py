@@ -22,13 +22,16 @@ from benchmarks.run import (
     _client,
     _median,
     _warm,
+    print_wan_steps,
+    start_wan,
     summarise_rest,
     summarise_transfer,
+    summarise_wan,
     summarise_ws,
 )
 from benchmarks.servers import Fleet
 
-WORKLOADS = ("rest", "kernel_ws", "download", "upload")
+WORKLOADS = ("rest", "kernel_ws", "download", "upload", "wan")
 
 
 def _cpu_row(table: Table, result: dict, what: str) -> None:
@@ -51,6 +54,7 @@ def main() -> int:
     )
     parser.add_argument("--only", action="append", choices=WORKLOADS, help="run just these workloads")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--wan-tls", metavar="VERSION", help="the WAN far end speaks only this, e.g. TLSv1_2")
     parser.add_argument("--download-mib", type=int, default=256)
     parser.add_argument("--upload-mib", type=int, default=64)
     args = parser.parse_args()
@@ -107,6 +111,16 @@ def main() -> int:
             up = _client({"workload": "upload", **common, "size": args.upload_mib * MiB})
             summarise_transfer(table, up, f"{args.upload_mib} MiB PUT", 0.8)
             _cpu_row(table, up, f"{args.upload_mib} MiB PUT")
+        if "wan" in only:
+            w = dict(PLAN["full"]["wan"], rounds=args.rounds)
+            wan_routes = start_wan(fleet, {"jds": None, **variants}, w["delay"], w["notebook_bytes"], chp=False,
+                                   tls_version=args.wan_tls)
+            wan = _client({"workload": "wan", "routes": wan_routes, "token": fleet.token, **w}, timeout=900)
+            summarise_wan(table, wan, w["delay"])
+            for name, errors in wan["errors"].items():
+                for error in errors:
+                    print(f"WAN, {name} failed: {error}")
+            print_wan_steps(wan)
         print(table.render())
     finally:
         for note in fleet.stop():

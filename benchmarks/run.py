@@ -280,7 +280,7 @@ def summarise_mixed(table: Table, mixed: dict, many: int) -> None:
 
 
 def start_wan(fleet: Fleet, proxies: dict[str, str | None], delay: float, notebook_bytes: int,
-              chp: bool = True) -> dict[str, dict]:
+              chp: bool = True, tls_version: str | None = None) -> dict[str, dict]:
     """
     The WAN setup: a hub-like far end (configurable-http-proxy over TLS in front of the server),
     :mod:`benchmarks.delayline` in front of it, and the routes through that link: ``direct`` (the
@@ -290,7 +290,7 @@ def start_wan(fleet: Fleet, proxies: dict[str, str | None], delay: float, notebo
     from benchmarks.wan import NOTEBOOK, make_notebook
 
     (fleet.root_dir / NOTEBOOK).write_text(json.dumps(make_notebook(notebook_bytes)))
-    far = fleet.start_chp(name="far-end", tls=True)
+    far = fleet.start_chp(name="far-end", tls=True, tls_version=tls_version)
     if far is None:
         raise RuntimeError("the WAN workload needs configurable-http-proxy: run `make test` once (its npm step)")
     far_port = int(far.origin.rsplit(":", 1)[1])
@@ -331,6 +331,19 @@ def summarise_wan(table: Table, result: dict, delay: float) -> None:
     cells = {n: f"{_median([r['connections'] for r in rounds[n]]):.0f}" for n in table.proxies if rounds.get(n)}
     table.add("WAN: new connections the IDE opened per sequence", f"{_median([r['connections'] for r in rounds['direct']]):.0f}",
               cells)
+
+
+def print_wan_steps(result: dict) -> None:
+    """Where each route's WAN sequence spends its time: medians of each step's duration."""
+    for name, rounds in result["rounds"].items():
+        if rounds:
+            steps, before = [], 0.0
+            for key in rounds[0]["phases"]:
+                end = _median([r["phases"][key] for r in rounds])
+                steps.append(f"{key} {(end - before) * 1e3:.0f}")
+                before = end
+            steps.append(f"PUT {(_median([r['total'] for r in rounds]) - before) * 1e3:.0f}")
+            print(f"  WAN steps through {name}, ms (medians): {', '.join(steps)}")
 
 
 def _machine_busy() -> tuple[float, float]:
@@ -395,11 +408,7 @@ def _run_wan(fleet: Fleet, plan: dict, args: argparse.Namespace, table: Table | 
         for name, errors in result["errors"].items():
             for error in errors:
                 print(f"  {name} failed: {error}")
-        for name, rounds in result["rounds"].items():
-            if rounds:
-                marks = ", ".join(f"{k} {_median([r['phases'][k] for r in rounds]) * 1e3:.0f}"
-                                  for k in rounds[0]["phases"])
-                print(f"  {name}, ms from the start to the end of each step (medians): {marks}")
+        print_wan_steps(result)
     return result
 
 

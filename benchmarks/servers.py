@@ -207,10 +207,12 @@ class Fleet:
         self.paths[name] = path
         return path
 
-    def start_chp(self, name: str = "chp", target_port: int | None = None, tls: bool = False) -> Route | None:
+    def start_chp(self, name: str = "chp", target_port: int | None = None, tls: bool = False,
+                  tls_version: str | None = None) -> Route | None:
         """
         configurable-http-proxy as JupyterHub runs it, if npm installed it: plain HTTP in front
-        (``tls``: HTTPS with the server's certificate, as a hub's public side), forwarding to the
+        (``tls``: HTTPS with the server's certificate, as a hub's public side, ``tls_version`` only),
+        forwarding to the
         server or to ``target_port`` (the WAN far end). Node's HTTP server closes keep-alive
         connections idle for 5 s, as a real hub's proxy does.
         """
@@ -227,6 +229,8 @@ class Fleet:
         if tls:
             argv += ["--ssl-key", str(self.key_path), "--ssl-cert", str(self.cert_path),
                      "--keep-alive-timeout", "5000"]
+            if tls_version:  # e.g. TLSv1_2: a hub that does not speak TLS 1.3
+                argv += ["--ssl-protocol", tls_version]
         env = {"CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16), "NODE_EXTRA_CA_CERTS": str(self.ca_path)}
         proc = self._start(name, argv, env)
         scheme = "https" if tls else "http"

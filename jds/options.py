@@ -225,10 +225,13 @@ class Options(usage.Options):
         interface = (address or "127.0.0.1").replace(":", "\\:")
         return f"tcp:{number}:interface={interface}"
 
-    def hub_policy(self, reactor: Any) -> HubTLSPolicy:
-        """The one way to the hub these options describe: its address, verified name, CA and timeout."""
+    def hub_policy(self, reactor: Any, spares: int = 0, spare_seconds: float = 4.0) -> HubTLSPolicy:
+        """
+        The one way to the hub these options describe: its address, verified name, CA and timeout.
+        The daemon asks for ``spares`` (see :mod:`jds.spares`); one-shot commands such as ``check`` do not.
+        """
         target: HubTarget = self["target"]
         return HubTLSPolicy(
             reactor, target.host, target.port, target.verify_name, self["ca-cert"],
-            connect_timeout=self["connect-timeout"],
+            connect_timeout=self["connect-timeout"], spares=spares, spare_seconds=spare_seconds,
         )

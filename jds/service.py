@@ -32,12 +32,16 @@ from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
-from jds.proxy import make_agent
+from jds.proxy import IDLE_UPSTREAM_SECONDS, make_agent
 from jds.site import LocalSite, build_site
 
 log = Logger(namespace="jds")
 
 __all__ = ["ListenError", "make_service"]
+
+# Hub connections opened beside the first one after the IDE was idle (jds/spares.py): enough for the
+# requests VS Code sends in parallel when it opens a notebook and for the kernel WebSocket after them.
+SPARE_CONNECTIONS = 2
 
 
 class ListenError(Exception):
@@ -88,7 +92,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
     target: HubTarget = options["target"]
-    policy = options.hub_policy(reactor)
+    policy = options.hub_policy(reactor, spares=SPARE_CONNECTIONS, spare_seconds=IDLE_UPSTREAM_SECONDS)
     credentials = Credentials(options["hub-token"], options["local-token"])
     starter = None
     if credentials.managed:

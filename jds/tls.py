@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jds.refusal import Refusal
+from jds.spares import SpareConnections
 
 __all__ = ["HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure"]
 
@@ -305,7 +306,10 @@ class HubTLSPolicy:
         tls_name: str,
         ca_path: str | None,
         connect_timeout: float = 10.0,
+        spares: int = 0,
+        spare_seconds: float = 4.0,
     ) -> None:
+        """``spares``: connections opened ahead of need when the IDE becomes active (:mod:`jds.spares`)."""
         trust_root, self.ca_source = load_trust_root(ca_path)
         self.reactor = reactor
         self.host = host
@@ -313,10 +317,12 @@ class HubTLSPolicy:
         self.connect_timeout = connect_timeout
         options = CertificateOptions(trustRoot=trust_root, raiseMinimumTo=TLSVersion.TLSv1_2)
         self.creator = _PinnedClientCreator(options, tls_name, self.ca_source)
+        self.spares = SpareConnections(reactor, spares, spare_seconds) if spares else None
 
     def endpoint(self) -> IStreamClientEndpoint:
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
-        return _UnbufferedTLSEndpoint(self.creator, _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout))
+        tls = _UnbufferedTLSEndpoint(self.creator, _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout))
+        return self.spares.endpoint(tls) if self.spares is not None else tls
 
     def explain(self, failure: Failure) -> Refusal:
         return explain_failure(failure, self.host, self.port, self.connect_timeout)

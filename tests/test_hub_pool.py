@@ -16,7 +16,10 @@ from pathlib import Path
 import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.resource import Resource
@@ -71,7 +74,7 @@ class _CountingSite(Site):
         return self.echo.requests
 
 
-class HubPoolTests(TestCase):
+class _FarEndTestCase(TestCase):
     def setUp(self) -> None:
         ca = trustme.CA()
         directory = tempfile.mkdtemp(prefix="jds-pool-")
@@ -79,9 +82,8 @@ class HubPoolTests(TestCase):
         self.ca_path = Path(directory, "ca.pem")
         ca.cert_pem.write_to_path(str(self.ca_path))
         leaf = ca.issue_cert(NAME)
-        self.options = PrivateCertificate.loadPEM(
-            leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
-        ).options()
+        self.leaf = PrivateCertificate.loadPEM(leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes())
+        self.options = self.leaf.options()
 
     def far_end(self, idle_timeout: float | None) -> tuple[_CountingSite, int]:
         site = _CountingSite(idle_timeout)
@@ -89,6 +91,9 @@ class HubPoolTests(TestCase):
         self.addCleanup(port.stopListening)
         return site, port.getHost().port
 
+
+
+class HubPoolTests(_FarEndTestCase):
     def agent(self, port: int):
         policy = HubTLSPolicy(reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=5)
         agent = make_agent(reactor, policy)
@@ -134,3 +139,90 @@ class HubPoolTests(TestCase):
         self.assertGreaterEqual(waited, IDLE_UPSTREAM_SECONDS - 0.5)
         self.assertLess(waited, NODE_KEEP_ALIVE_SECONDS)
         self.assertEqual((site.opened, site.requests), (1, 1))
+
+
+class SpareConnectionTests(_FarEndTestCase):
+    """jds/spares.py against the same far end: connections opened ahead of need, and only then."""
+
+    def agent(self, port: int, spare_seconds: float = 4.0):
+        self.policy = HubTLSPolicy(
+            reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=5, spares=2,
+            spare_seconds=spare_seconds,
+        )
+        self.addCleanup(self.policy.spares.close)
+        agent = make_agent(reactor, self.policy)
+        self.addCleanup(agent._pool.closeCachedConnections)
+        return agent
+
+    @inlineCallbacks
+    def test_first_request_after_idle_opens_spares_that_later_connections_take(self):
+        site, port = self.far_end(idle_timeout=None)
+        agent = self.agent(port)
+        url = f"https://{NAME}:{port}/api/a".encode()
+        self.assertEqual(self.policy.spares.ready, 0)  # nothing is opened before the IDE asks
+        self.assertEqual(site.opened, 0)
+        first = agent.request(b"GET", url)
+        self.assertEqual(self.policy.spares.ready, 2)
+        # a second request while the first is under way needs a connection: it takes a spare
+        second = agent.request(b"POST", url, bodyProducer=FileBodyProducer(io.BytesIO(b"two")))
+        self.assertEqual(self.policy.spares.ready, 1)
+        self.assertEqual((yield readBody((yield first))), b"got /api/a")
+        self.assertEqual((yield readBody((yield second))), b"posted two")
+        # the kernel WebSocket (any protocol) gets the last one, already connected and verified
+        self.assertEqual(self.policy.spares.ready, 1)
+        raw = yield self.policy.endpoint().connect(_RawHTTPFactory())
+        self.assertEqual(self.policy.spares.ready, 0)
+        raw.transport.write(b"GET /api/raw HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+        answer = yield raw.done
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:80])
+        self.assertTrue(answer.endswith(b"got /api/raw"), answer[-80:])
+        self.assertEqual((site.opened, site.requests), (3, 3))
+
+    @inlineCallbacks
+    def test_unused_spares_close_without_sending_anything(self):
+        site, port = self.far_end(idle_timeout=None)
+        agent = self.agent(port, spare_seconds=0.5)
+        response = yield agent.request(b"GET", f"https://{NAME}:{port}/api/b".encode())
+        yield readBody(response)
+        self.assertEqual(site.opened, 3)
+        yield site.closed[1]  # both spares end at their own timeout, not the pool's (4 s)
+        yield site.closed[2]
+        self.assertEqual(self.policy.spares.ready, 0)
+        self.assertEqual((site.opened, site.requests), (3, 1))
+
+    @inlineCallbacks
+    def test_a_hub_that_refuses_connections_keeps_no_spares_and_the_error_is_the_hub_s(self):
+        listening = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        port = listening.getHost().port
+        yield listening.stopListening()
+        agent = self.agent(port)
+        try:
+            yield agent.request(b"GET", f"https://{NAME}:{port}/api/c".encode())
+        except Exception:
+            reason = self.policy.explain(Failure()).reason
+        else:
+            self.fail("a request to a closed port was answered")
+        self.assertEqual(reason, "hub-unreachable")
+        while self.policy.spares.ready:  # the spares' refusals arrive on the next reactor turns
+            yield _later(0.01)  # poll
+        self.assertEqual(self.policy.spares.ready, 0)
+
+
+class _RawHTTP(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted interface name
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted interface name
+        self.done.callback(self.received)
+
+
+class _RawHTTPFactory(Factory):
+    protocol = _RawHTTP
+
+
+def _later(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
