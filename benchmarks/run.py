@@ -199,6 +199,11 @@ def summarise_ws(table: Table, result: dict, nodelay: dict) -> None:
               p50, "≤ 1.2×", met_p50)
     table.add("100 pipelined kernel_info, msgs/s (× direct)",
               f"{_median([r['burst_rate'] for r in rounds['direct']]):,.0f}/s", burst, "≥ 0.8×", met_burst)
+    cpu = {name: sum(r["proxy_cpu"] for r in rounds[name]) / sum(r["n"] for r in rounds[name])
+           for name in table.proxies if name not in errors and rounds.get(name)}
+    met_cpu = cpu["jds"] <= cpu["chp"] if "jds" in cpu and "chp" in cpu else None
+    table.add("proxy CPU per kernel_info round trip", "—", {n: _us(c) for n, c in cpu.items()}, "≤ CHP's",
+              met_cpu)
     cells, met = {}, None
     for name, seen in nodelay.items():
         counts = [c for c in seen if c is not None]
