@@ -105,11 +105,11 @@ def main() -> int:
             down = _client(
                 {"workload": "download", **common, "path": "/files/big.bin", "size": args.download_mib * MiB}
             )
-            summarise_transfer(table, down, f"{args.download_mib} MiB GET", 0.7)
+            summarise_transfer(table, down, f"{args.download_mib} MiB GET", 0.75)
             _cpu_row(table, down, f"{args.download_mib} MiB GET")
         if "upload" in only:
             up = _client({"workload": "upload", **common, "size": args.upload_mib * MiB})
-            summarise_transfer(table, up, f"{args.upload_mib} MiB PUT", 0.8)
+            summarise_transfer(table, up, f"{args.upload_mib} MiB PUT", 0.85)
             _cpu_row(table, up, f"{args.upload_mib} MiB PUT")
         if "wan" in only:
             w = dict(PLAN["full"]["wan"], rounds=args.rounds)
