@@ -51,6 +51,8 @@ class _Spare:
         self._store = store
         self._holder: _Holder | None = None
         self._taker: tuple[IProtocolFactory, Deferred, Callable[[], Deferred]] | None = None
+        self._keep = keep
+        self._closing = False
         self._expiry: IDelayedCall | None = store.reactor.callLater(keep, self.expire)
         self._connecting: Deferred | None = endpoint.connect(_QuietFactory.forProtocol(lambda: _Holder(self)))
         self._connecting.addCallbacks(self._connected, self._failed)
@@ -63,7 +65,9 @@ class _Spare:
     def _connected(self, holder: _Holder) -> None:
         self._connecting = None
         self._holder = holder
-        if self._taker is not None:
+        if self._closing:
+            holder.transport.loseConnection()
+        elif self._taker is not None:
             self._hand_over()
 
     def _failed(self, failure: Failure) -> None:
@@ -80,12 +84,11 @@ class _Spare:
         self._stop_expiry()
 
     def expire(self) -> None:
-        """Close it unused (or stop opening it)."""
+        """Close it unused; one still on its way is closed when it arrives."""
         self._stop_expiry()
         self._store.forget(self)
-        if self._connecting is not None:
-            self._connecting.cancel()
-        elif self._holder is not None:
+        self._closing = True
+        if self._holder is not None:
             self._holder.transport.loseConnection()
 
     def take(self, factory: IProtocolFactory, fresh: Callable[[], Deferred]) -> Deferred:
@@ -93,9 +96,10 @@ class _Spare:
         self._stop_expiry()
 
         def cancel(_: Deferred) -> None:
+            # The taker went away (the IDE closed during the handshake): the spare stays a spare.
             self._taker = None
-            if self._connecting is not None:
-                self._connecting.cancel()
+            self._expiry = self._store.reactor.callLater(self._keep, self.expire)
+            self._store.give_back(self)
 
         handed: Deferred = Deferred(cancel)
         self._taker = (factory, handed, fresh)
@@ -151,6 +155,9 @@ class SpareConnections:
         for _ in range(self.count - len(self._ready)):
             self._ready.append(_Spare(self, inner, self.keep))
         return fresh
+
+    def give_back(self, spare: _Spare) -> None:
+        self._ready.append(spare)
 
     def forget(self, spare: _Spare) -> None:
         if spare in self._ready:

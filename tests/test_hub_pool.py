@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trustme
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import deferLater
@@ -186,6 +186,23 @@ class SpareConnectionTests(_FarEndTestCase):
         yield readBody(response)
         self.assertEqual(site.opened, 3)
         yield site.closed[1]  # both spares end at their own timeout, not the pool's (4 s)
+        yield site.closed[2]
+        self.assertEqual(self.policy.spares.ready, 0)
+        self.assertEqual((site.opened, site.requests), (3, 1))
+
+    @inlineCallbacks
+    def test_a_taker_that_gives_up_before_its_spare_connected_leaves_it_a_spare(self):
+        """The relay cancels its hub connection when the IDE goes away during the handshake."""
+        site, port = self.far_end(idle_timeout=None)
+        agent = self.agent(port, spare_seconds=0.5)
+        first = agent.request(b"GET", f"https://{NAME}:{port}/api/d".encode())
+        taking = self.policy.endpoint().connect(_RawHTTPFactory())  # a spare still on its way
+        self.assertEqual(self.policy.spares.ready, 1)
+        taking.cancel()
+        yield self.assertFailure(taking, CancelledError)
+        self.assertEqual(self.policy.spares.ready, 2)
+        yield readBody((yield first))
+        yield site.closed[1]  # both spares close unused at their timeout, nothing sent on them
         yield site.closed[2]
         self.assertEqual(self.policy.spares.ready, 0)
         self.assertEqual((site.opened, site.requests), (3, 1))
