@@ -3,7 +3,8 @@
 fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
 
 address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
-server state → kernelspecs through the proxy's own mapping, served in-process on a loopback port.
+server state → kernelspecs through the proxy's own mapping, served in-process on a loopback port →
+the --root folder, listed through that same mapping.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class _Chain:
         if not self.options["hub-token"]:
             return [
                 Step(name, None, "not checked: no --token-file or JUPYTERHUB_API_TOKEN (the IDE brings its own token)")
-                for name in ("token", "server", "kernelspecs")
+                for name in ("token", "server", "kernelspecs", *(("root",) if target.root else ()))
             ]
         code, me = yield self.api.json(b"GET", "user")
         if code != 200 or not isinstance(me, dict):
@@ -191,26 +192,55 @@ class _Chain:
 
     @inlineCallbacks
     def kernelspecs(self):
+        """The kernelspecs, and the --root folder, through the proxy's own mapping."""
         reactor = self.reactor
         credentials = Credentials(self.options["hub-token"], self.options["local-token"] or "check")
         site = build_site(self.target, self.policy, reactor, credentials, ServerStarter(self.api, reactor, allowed=False))
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        try:
-            local = f"http://127.0.0.1:{port.getHost().port}/api/kernelspecs".encode()
-            response = yield Agent(reactor, pool=quiet_pool(reactor, persistent=False)).request(
-                b"GET", local, Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
+        agent = Agent(reactor, pool=quiet_pool(reactor, persistent=False))
+        headers = Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
+
+        def get(path: str):
+            url = f"http://127.0.0.1:{port.getHost().port}{path}".encode()
+            return agent.request(b"GET", url, headers).addCallback(
+                lambda response: readBody(response).addCallback(lambda body: (response.code, body))
             )
-            body = yield readBody(response)
+
+        try:
+            code, body = yield get("/api/kernelspecs")
+            root_answer = (yield get("/api/contents?content=0")) if self.target.root else None
         finally:
             yield port.stopListening()
         try:
             names = sorted(json.loads(body)["kernelspecs"])
         except (ValueError, KeyError, TypeError):
             names = []
-        if response.code != 200 or not names:
-            return [Step("kernelspecs", False, f"/api/kernelspecs through the proxy answered HTTP {response.code}",
-                         "Run the daemon and read its log for the request.")]
-        return [Step("kernelspecs", True, "kernels an IDE will offer: " + ", ".join(names))]
+        if code != 200 or not names:
+            steps = [Step("kernelspecs", False, f"/api/kernelspecs through the proxy answered HTTP {code}",
+                          "Run the daemon and read its log for the request.")]
+        else:
+            steps = [Step("kernelspecs", True, "kernels an IDE will offer: " + ", ".join(names))]
+        if root_answer is not None:
+            steps.append(_root_step(self.target, *root_answer))
+        return steps
+
+
+def _root_step(target: HubTarget, code: int, body: bytes) -> Step:
+    """Whether the --root folder is a folder of the server, from its contents model."""
+    where = f"{target.root}/ on {target.server_url}"
+    try:
+        kind = json.loads(body).get("type")
+    except (ValueError, AttributeError):
+        kind = None
+    if code == 200 and kind == "directory":
+        return Step("root", True, f"the IDE sees {where} as the server's root")
+    fix = "Create that folder on your server, or give --root a folder relative to your server's root."
+    if code == 404:
+        return Step("root", False, f"--root {target.root}: there is no such folder ({where})", fix)
+    if code == 200:
+        return Step("root", False, f"--root {target.root} is a {kind or 'file'}, not a folder ({where})", fix)
+    return Step("root", False, f"--root {target.root}: listing it answered HTTP {code}",
+                "Run the daemon and read its log for the request.")
 
 
 def main(argv: list[str]) -> int:

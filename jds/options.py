@@ -16,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from jds.guard import is_loopback
-from jds.paths import HubTarget, listen_address
+from jds.paths import HubTarget, listen_address, parse_root
 from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
@@ -96,6 +96,10 @@ class Options(usage.Options):
          "[env JUPYTER_SERVER_IP_OR_NAME, JUPYTER_SERVER_PORT]"],
         ["user", None, None, "Your user name on the hub. [env JUPYTER_USERNAME]"],
         ["server", None, "", "A named server of yours (/user/NAME/SERVER/); default: your default server."],
+        ["root", None, None,
+         "A folder of your server, relative to its root, that the IDE sees as the server's root: "
+         "files, notebooks' kernels and new terminals start there. [env JUPYTER_DEV_SERVER_ROOT; "
+         "default: the server's root]"],
         ["tls-name", None, None,
          "The name to verify in the hub's certificate, when it differs from the address in --hub "
          "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
@@ -190,9 +194,13 @@ class Options(usage.Options):
                 "(--token-file), so that every request must carry the local token."
             )
 
+        try:
+            root = parse_root(self["root"] or env("JUPYTER_DEV_SERVER_ROOT") or "")
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
         self["target"] = HubTarget(
             host=host, port=port, user=user, server=self["server"] or "", base_path=base,
-            tls_name=tls_name,
+            tls_name=tls_name, root=root,
         )
 
     def _tokens(self) -> None:

@@ -5,6 +5,13 @@ at ``[PREFIX]/user/NAME[/SERVER]/``).
 Everything here is a pure function of bytes and a :class:`HubTarget`, so it can be tested without a
 reactor, and property-tested both ways. The proxy and the WebSocket relay both call into this module,
 which is why no Twisted type appears in it.
+
+With ``--root`` (:attr:`HubTarget.root`) the IDE's ``/`` is a folder of the server: contents paths in
+URLs (``/api/contents/X``, ``/files/X``, ...) and in the JSON bodies that carry paths (sessions,
+terminals, renames) get the folder put in front on the way in and taken off on the way out. Paths
+already under the user's prefix (``/user/NAME/...``, what the server's own pages link to) are the
+server's coordinates and are left alone. The folder is a view, not a sandbox: a terminal can still
+``cd /``.
 """
 
 from __future__ import annotations
@@ -23,14 +30,22 @@ __all__ = [
     "HOP_BY_HOP",
     "HubTarget",
     "authority",
+    "in_ide_view",
     "is_kernelspec_path",
     "map_kernelspecs_body",
     "map_location",
     "map_request_path",
     "map_response_headers",
+    "map_request_body",
+    "map_response_body",
     "map_set_cookie",
     "listen_address",
+    "parse_root",
+    "path_into_root",
+    "path_out_of_root",
     "redact_query",
+    "request_body_kind",
+    "response_body_kind",
     "split_authority",
     "upstream_request_headers",
 ]
@@ -114,6 +129,9 @@ class HubTarget:
     server: str = ""
     base_path: str = "/"
     tls_name: str = ""
+    # The folder the IDE sees as the server's root, relative to it, "/"-separated, without
+    # leading or trailing "/" ("" for the server's root); see parse_root.
+    root: str = ""
 
     @property
     def verify_name(self) -> str:
@@ -147,6 +165,11 @@ class HubTarget:
         """The decoded segments of :attr:`user_prefix`, which every request path is compared with."""
         return _decoded_prefix_segments(self.user_prefix)
 
+    @cached_property
+    def root_segments(self) -> list[bytes]:
+        """The folder as percent-encoded path segments, as put into request paths."""
+        return [quote(part, safe="@~!$&'()*+,;=:").encode("ascii") for part in self.root.split("/") if part]
+
     @property
     def url(self) -> str:
         return f"https://{self.netloc}{self.base}"
@@ -164,11 +187,43 @@ def _decoded(segment: bytes) -> bytes:
     return unquote_to_bytes(segment)
 
 
-def _normalise(raw_path: bytes) -> list[bytes]:
+# Routes whose remaining path names a file or folder of the server, and whether an empty remaining
+# path there means the root folder (it does for listings; /nbconvert/FORMAT without a path is the
+# POST that converts a notebook sent in the body). None matches any segment.
+_CONTENTS_ROUTES: tuple[tuple[tuple[bytes | None, ...], bool], ...] = (
+    ((b"api", b"contents"), True),
+    ((b"tree",), True),
+    ((b"lab", b"tree"), True),
+    ((b"files",), False),
+    ((b"view",), False),
+    ((b"edit",), False),
+    ((b"notebooks",), False),
+    ((b"nbconvert", None), False),
+)
+
+
+def _contents_route(decoded: list[bytes]) -> tuple[int, bool] | None:
+    """``(segments in the route, empty path is the root)`` of the contents route a path is on."""
+    for route, empty_is_root in _CONTENTS_ROUTES:
+        if len(decoded) >= len(route) and all(
+            want is None or want == got for want, got in zip(route, decoded, strict=False)
+        ):
+            return len(route), empty_is_root
+    return None
+
+
+def _at_folder_top(out: list[bytes]) -> bool:
+    """Whether ``out`` is a contents route's top: one more '..' would leave the --root folder."""
+    route = _contents_route([_decoded(s) for s in out[:2]])
+    return route is not None and len(out) <= route[0]
+
+
+def _normalise(raw_path: bytes, floored: bool = False) -> list[bytes]:
     """
     Resolve dot segments (also percent-encoded ones) the way RFC 3986 5.2.4 does, refusing any that
     would climb above the root instead of clamping: a clamped path would silently mean something
-    else than what the client asked for.
+    else than what the client asked for. ``floored`` (with --root) also refuses climbing out of a
+    contents route (``/api/contents/..``): that would leave the folder the IDE sees as its root.
     """
     if not raw_path.startswith(b"/"):
         raise Refusal(400, "The request path must start with '/'.", "bad-path")
@@ -189,6 +244,10 @@ def _normalise(raw_path: bytes) -> list[bytes]:
             if not out:
                 raise Refusal(
                     400, "The request path climbs above the server root with '..'.", "bad-path"
+                )
+            if floored and _at_folder_top(out):
+                raise Refusal(
+                    400, "The request path climbs out of the --root folder with '..'.", "outside-root"
                 )
             out.pop()
             if last:
@@ -225,18 +284,68 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
     ``/hub`` and ``/hub/...`` are refused with 404: the VS Code extension probes ``/hub/api`` and
     gives up on a URL where a hub answers.
     """
-    segments = _normalise(raw_path)
+    segments = _normalise(raw_path, floored=bool(target.root))
     if segments[:1] == [b"hub"]:
         raise Refusal(
             404,
             "jupyter-dev-server serves your Jupyter server, not the hub: /hub/ is not forwarded.",
             "hub-path",
         )
-    prefix = target.prefix_segments
-    decoded = [_decoded(s) for s in segments[: len(prefix)]]
-    if decoded == prefix:
-        segments = segments[len(prefix) :] or [b""]
+    inside = _under_prefix(segments, target)
+    if inside is not None:
+        segments = inside
+    elif target.root:
+        segments = _into_root(segments, target)
     return target.user_prefix.encode("ascii") + b"/".join(segments)
+
+
+def _under_prefix(segments: list[bytes], target: HubTarget) -> list[bytes] | None:
+    """The segments after the user's prefix, or ``None`` for a path not under it."""
+    prefix = target.prefix_segments
+    if [_decoded(s) for s in segments[: len(prefix)]] != prefix:
+        return None
+    return segments[len(prefix) :] or [b""]
+
+
+def in_ide_view(raw_path: bytes, target: HubTarget) -> bool:
+    """
+    Whether a request path that :func:`map_request_path` accepted is in the IDE's view, which
+    --root maps, rather than under the user's prefix: the server's own view, which its pages use.
+    """
+    return _under_prefix(_normalise(raw_path), target) is None
+
+
+def _into_root(segments: list[bytes], target: HubTarget) -> list[bytes]:
+    """Put the --root folder after the contents route a local path is on, if it is on one."""
+    route = _contents_route([_decoded(s) for s in segments[:2]])
+    if route is None:
+        return segments
+    length, empty_is_root = route
+    rest = segments[length:]
+    if rest in ([], [b""]):
+        if not empty_is_root:
+            return segments
+        rest = []
+    return segments[:length] + target.root_segments + rest
+
+
+def _out_of_root(local: bytes, target: HubTarget) -> bytes | None:
+    """
+    The IDE's path for a server path in local form (the inverse of :func:`_into_root`); ``None``
+    for a contents path outside the folder, which the IDE cannot name.
+    """
+    segments = _segments(local)
+    decoded = [_decoded(s) for s in segments]
+    route = _contents_route(decoded[:2])
+    if route is None:
+        return local
+    length, empty_is_root = route
+    if decoded[length:] in ([], [b""]) and not empty_is_root:
+        return local
+    root = [_decoded(s) for s in target.root_segments]
+    if decoded[length : length + len(root)] != root:
+        return None
+    return b"/" + b"/".join(segments[:length] + segments[length + len(root) :])
 
 
 def local_path(hub_path: bytes, target: HubTarget) -> bytes | None:
@@ -257,9 +366,10 @@ def map_location(location: bytes, target: HubTarget) -> bytes:
     """
     Map a ``Location`` (or any URL the hub hands out) to what the IDE should follow.
 
-    URLs under the user's prefix, on the hub or path-absolute, become local path-absolute URLs;
-    other hub URLs become absolute hub URLs, because only the hub can answer them; relative
-    references and foreign hosts are left alone: they resolve the same on both sides.
+    URLs under the user's prefix, on the hub or path-absolute, become local path-absolute URLs
+    (contents URLs relative to the --root folder); other hub URLs, and contents URLs outside the
+    folder, become absolute hub URLs, because only the hub can answer them; relative references and
+    foreign hosts are left alone: they resolve the same on both sides.
     """
     try:
         parts = urlsplit(location)
@@ -271,6 +381,8 @@ def map_location(location: bytes, target: HubTarget) -> bytes:
     elif not parts.path.startswith(b"/"):
         return location
     mapped = local_path(parts.path, target)
+    if mapped is not None and target.root:
+        mapped = _out_of_root(mapped, target)
     tail = b""
     if parts.query:
         tail += b"?" + parts.query
@@ -426,3 +538,166 @@ def map_kernelspecs_body(body: bytes, target: HubTarget) -> bytes:
     if not changed:
         return body
     return json.dumps(document).encode("utf-8")
+
+
+# -- --root: contents paths inside JSON bodies -------------------------------------------------
+
+# Bodies are rewritten in memory; anything larger passes untouched (see the proxy).
+MAX_REWRITTEN_BODY = 8 * 1024 * 1024
+
+
+def parse_root(text: str) -> str:
+    """
+    The --root folder in :attr:`HubTarget.root` form: ``"/"``-separated, no empty or ``.``
+    segments, no leading or trailing ``"/"``; ``""`` for the server's root. Raises ValueError
+    with a sentence for a folder that would not be one folder under the server's root.
+    """
+    parts = [part for part in text.strip().replace("\\", "/").split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"--root {text!r} climbs with '..': give a folder inside your server's root.")
+    if any(ord(char) < 0x20 or char == "\x7f" for char in text):
+        raise ValueError(f"--root {text!r} contains control characters.")
+    return "/".join(parts)
+
+
+def _refuse_outside(path: str) -> Refusal:
+    return Refusal(
+        400, f"The path {path!r} climbs out of the --root folder with '..'.", "outside-root"
+    )
+
+
+def path_into_root(path: str, root: str) -> str:
+    """
+    A contents path as the IDE means it (relative to the folder) as the server means it.
+    Dot segments are resolved; one that climbs out of the folder raises :class:`Refusal`.
+    """
+    if not root:
+        return path
+    kept: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." or ".." in part.split("\\"):
+            if part != ".." or not kept:
+                raise _refuse_outside(path)
+            kept.pop()
+            continue
+        kept.append(part)
+    return "/".join([root, *kept])
+
+
+def path_out_of_root(path: str, root: str) -> str:
+    """
+    A server's contents path as the IDE sees it: relative to the folder. A path outside the folder
+    (a session a browser opened elsewhere) is given relative to it too, with ``..``, so the IDE
+    never mistakes it for a file in the folder; opening it is then refused.
+    """
+    if not root:
+        return path
+    parts = [part for part in path.split("/") if part]
+    top = root.split("/")
+    common = 0
+    while common < min(len(parts), len(top)) and parts[common] == top[common]:
+        common += 1
+    return "/".join([".."] * (len(top) - common) + parts[common:])
+
+
+def request_body_kind(method: bytes, local: bytes) -> str | None:
+    """
+    Which request bodies carry contents paths (local path in the IDE's view): a rename
+    (``PATCH /api/contents``, ``path``) or copy (``POST``, ``copy_from``), a session's ``path``
+    (``POST/PATCH /api/sessions``), a new terminal's ``cwd``.
+    """
+    segments = [_decoded(s) for s in _segments(local)]
+    if segments[:2] == [b"api", b"contents"] and method in (b"POST", b"PATCH"):
+        return "contents"
+    if segments[:2] == [b"api", b"sessions"] and method in (b"POST", b"PATCH"):
+        return "sessions"
+    if segments[:2] == [b"api", b"terminals"] and segments[2:] in ([], [b""]) and method == b"POST":
+        return "terminals"
+    return None
+
+
+def response_body_kind(method: bytes, local: bytes, rooted: bool) -> str | None:
+    """Which JSON answers carry paths to map: kernelspec resource URLs always, models with --root."""
+    if method == b"GET" and is_kernelspec_path(local):
+        return "kernelspecs"
+    if not rooted or method in (b"DELETE", b"HEAD"):
+        return None
+    segments = [_decoded(s) for s in _segments(local)]
+    if segments[:2] == [b"api", b"contents"]:
+        return "contents"
+    if segments[:2] == [b"api", b"sessions"]:
+        return "sessions"
+    return None
+
+
+def _map_fields(document: object, kind: str, into: bool, root: str) -> bool:
+    """Map the path fields of one decoded body in place; whether anything changed."""
+    mapped = path_into_root if into else path_out_of_root
+    items = document if isinstance(document, list) else [document]
+    changed = False
+
+    def field(holder: object, key: str) -> None:
+        nonlocal changed
+        if isinstance(holder, dict) and isinstance(holder.get(key), str):
+            new = mapped(holder[key], root)
+            changed |= new != holder[key]
+            holder[key] = new
+
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if kind == "contents":
+            field(item, "path")
+            field(item, "copy_from")
+            if not into and item.get("path") == "" and item.get("type") == "directory":
+                item["name"] = ""  # the folder is the IDE's root, which has no name
+            if not into and isinstance(item.get("content"), list):
+                changed |= _map_fields(item["content"], kind, into, root)
+        elif kind == "sessions":
+            field(item, "path")
+            field(item.get("notebook"), "path")
+        elif kind == "terminals":
+            if "cwd" not in item:
+                item["cwd"] = ""
+            field(item, "cwd")
+    return changed
+
+
+def map_request_body(kind: str, body: bytes, target: HubTarget) -> bytes:
+    """
+    A request body of :func:`request_body_kind` with its paths put under the folder. A body that
+    is not the JSON object expected passes unchanged (the server then says what is wrong); a path
+    that climbs out of the folder raises :class:`Refusal`. A terminal without ``cwd`` gets the
+    folder as its ``cwd``.
+    """
+    if not target.root:
+        return body
+    if kind == "terminals" and not body.strip():
+        body = b"{}"
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict) or not _map_fields(document, kind, True, target.root):
+        return body
+    return json.dumps(document).encode("utf-8")
+
+
+def map_response_body(kind: str, body: bytes, target: HubTarget) -> bytes:
+    """
+    An answer of :func:`response_body_kind` as the IDE should see it: kernelspec resource URLs
+    local, model paths relative to the folder (directory listings' ``content`` included). Anything
+    that is not the JSON expected, or needs no change, is returned as it came.
+    """
+    if kind == "kernelspecs":
+        return map_kernelspecs_body(body, target)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not _map_fields(document, kind, False, target.root):
+        return body
+    return json.dumps(document).encode("utf-8")
+

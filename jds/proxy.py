@@ -11,6 +11,7 @@ it were complete.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
 
@@ -39,12 +40,16 @@ from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, server_not_running
 from jds.login import auth_cookie_header
 from jds.paths import (
+    MAX_REWRITTEN_BODY,
     HubTarget,
-    is_kernelspec_path,
+    in_ide_view,
     local_path,
-    map_kernelspecs_body,
+    map_request_body,
     map_request_path,
+    map_response_body,
     map_response_headers,
+    request_body_kind,
+    response_body_kind,
     split_token,
     upstream_request_headers,
 )
@@ -175,11 +180,14 @@ class _Discard(Protocol):
 class _Exchange:
     """One client request and its upstream counterpart, tied together until both are over."""
 
-    def __init__(self, resource: HubProxyResource, request: Request, hub_path: bytes, query: bytes) -> None:
+    def __init__(
+        self, resource: HubProxyResource, request: Request, hub_path: bytes, query: bytes, ide_view: bool = True
+    ) -> None:
         self.resource = resource
         self.request = request
         self.hub_path = hub_path
         self.query = query
+        self.body_kind = self._response_body_kind(ide_view)
         self._pending: Deferred | None = None
         self._upstream_body = None
         self._client_gone = False
@@ -199,8 +207,7 @@ class _Exchange:
             local_host=request.getHeader(b"host"),
             query_token=token,
         )
-        self.rewrites_kernelspecs = self._rewrites_kernelspecs()
-        if self.rewrites_kernelspecs or credentials.managed:
+        if self.body_kind is not None or credentials.managed:
             # Bodies that are rewritten or scrubbed must arrive uncompressed.
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
@@ -216,11 +223,13 @@ class _Exchange:
         accept = self.request.getHeader(b"accept") or b""
         return local.startswith(b"/api/") or b"application/json" in accept
 
-    def _rewrites_kernelspecs(self) -> bool:
-        if self.request.method != b"GET" or b"kernelspecs" not in self.hub_path:
-            return False
+    def _response_body_kind(self, ide_view: bool) -> str | None:
+        """Which answers carry paths to map (see :func:`jds.paths.response_body_kind`)."""
+        rooted = ide_view and bool(self.resource.target.root)
+        if not rooted and b"kernelspecs" not in self.hub_path:
+            return None  # the common case, decided without parsing the path
         local = local_path(self.hub_path, self.resource.target)
-        return local is not None and is_kernelspec_path(local)
+        return None if local is None else response_body_kind(self.request.method, local, rooted)
 
     def _body_producer(self) -> FileBodyProducer | None:
         content = self.request.content
@@ -302,8 +311,8 @@ class _Exchange:
         request.responseHeaders = Headers(_group(headers))
         if self.set_auth_cookie:
             request.responseHeaders.addRawHeader(b"set-cookie", auth_cookie_header(credentials))
-        if response.code == 200 and self.rewrites_kernelspecs:
-            readBody(response).addCallbacks(self._write_kernelspecs, self._body_failed)
+        if self._rewrites_body(response):
+            readBody(response).addCallbacks(self._write_mapped_body, self._body_failed)
             return
         scrubber = None
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -329,8 +338,24 @@ class _Exchange:
             hint="Replace the token in --token-file and restart jupyter-dev-server.",
         ))
 
-    def _write_kernelspecs(self, body: bytes) -> None:
-        body = map_kernelspecs_body(body, self.resource.target)
+    def _rewrites_body(self, response: IResponse) -> bool:
+        """
+        Bodies with paths to map are read whole, so only JSON answers of a known, bounded length;
+        a larger one (a big file's model) streams as it came, its paths unmapped.
+        """
+        if self.body_kind is None or response.code not in (200, 201):
+            return False
+        if self.body_kind == "kernelspecs":
+            return True
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        return (
+            content_type.startswith(b"application/json")
+            and response.length is not UNKNOWN_LENGTH
+            and response.length <= MAX_REWRITTEN_BODY
+        )
+
+    def _write_mapped_body(self, body: bytes) -> None:
+        body = map_response_body(self.body_kind, body, self.resource.target)
         if self._client_gone:
             return
         self.request.setHeader(b"content-length", b"%d" % len(body))
@@ -449,10 +474,31 @@ class HubProxyResource(ReverseProxyResource):
                 return render_refusal(request, Refusal(501, "WebSocket relaying is not available.", "no-websocket"))
             return self.websockets.render_upgrade(request, hub_path, query)
         request.defaultContentType = None
-        exchange = _Exchange(self, request, hub_path, query)
+        ide_view = not self.target.root or in_ide_view(raw_path, self.target)
+        if ide_view and self.target.root:
+            try:
+                self._map_request_body(request, hub_path)
+            except Refusal as refused:
+                return render_refusal(request, refused)
+        exchange = _Exchange(self, request, hub_path, query, ide_view)
         exchange.set_auth_cookie = self.credentials.managed and not verdict.by_cookie and b"token=" in query
         exchange.start()
         return NOT_DONE_YET
+
+    def _map_request_body(self, request: Request, hub_path: bytes) -> None:
+        """With --root, the paths in a session's, terminal's or rename's JSON body go under the folder."""
+        kind = request_body_kind(request.method, local_path(hub_path, self.target) or b"")
+        if kind is None or request.content is None:
+            return
+        size = request.content.seek(0, 2)
+        request.content.seek(0)
+        if size > MAX_REWRITTEN_BODY:
+            return
+        body = request.content.read()
+        request.content.seek(0)
+        mapped = map_request_body(kind, body, self.target)
+        if mapped != body:
+            request.content = BytesIO(mapped)
 
     def _refuse(self, request: Request, raw_path: bytes, query: bytes, verdict, websocket: bool) -> bytes:
         """

@@ -93,6 +93,7 @@ class StatusResource(Resource):
             "user": self.target.user,
             "server": self.target.server,
             "server_url": self.target.server_url,
+            "root": self.target.root,
             "server_state": server_state,
             **self.stats.snapshot(),
         }
@@ -135,6 +136,12 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def _root_line(root: str) -> str:
+    if not root:
+        return "the server's root (no --root)"
+    return f"{root}/ (--root: the IDE sees this folder as the server's root)"
+
+
 def describe(report: dict[str, Any], url: str) -> str:
     """The status document as a few lines for a person."""
     server = f"server {report['server']!r}" if report.get("server") else "default server"
@@ -143,6 +150,7 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"up {_duration(report['uptime_seconds'])} (since {report['started']})",
         f"  hub:        {report['hub']}",
         f"  server:     {report['server_url']} ({report['user']}'s {server}) is {report['server_state']}",
+        f"  root:       {_root_line(report.get('root', ''))}",
         f"  relayed:    {_plural(report['requests'], 'request')}, {_size(report['bytes_in'])} from the IDE, "
         f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}",
         f"  open now:   {_plural(report['open_http'], 'HTTP request')}, "

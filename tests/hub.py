@@ -58,6 +58,7 @@ __all__ = [
     "configurable_http_proxy",
     "dump",
     "escape_name",
+    "execute_in_kernel",
     "free_port",
     "free_ports",
     "poll",
@@ -340,34 +341,40 @@ def run_in_kernel(base_url: str, token: str, code: str, timeout: float = 60) -> 
     if started.status_code != 201:
         raise HarnessError(f"POST {base}/api/kernels -> {dump(started)}")
     kernel = started.json()["id"]
-    session = uuid.uuid4().hex
     try:
-        ws = websocket.create_connection(
-            f"ws{base[4:]}/api/kernels/{kernel}/channels?session_id={session}",
-            header=[f"Authorization: token {token}"],
-            timeout=timeout,
-            suppress_origin=True,
-        )
-        try:
-            msg_id = uuid.uuid4().hex
-            ws.send(json.dumps({
-                "channel": "shell",
-                "header": {
-                    "msg_id": msg_id, "msg_type": "execute_request", "session": session,
-                    "username": "jds", "version": "5.3",
-                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-                "parent_header": {}, "metadata": {}, "buffers": [],
-                "content": {
-                    "code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True,
-                },
-            }))  # fmt: skip
-            return _collect_stdout(ws, msg_id, timeout)
-        finally:
-            ws.close()
+        return execute_in_kernel(base, token, kernel, code, timeout)
     finally:
         requests.delete(f"{base}/api/kernels/{kernel}", headers=auth, timeout=timeout)
+
+
+def execute_in_kernel(base_url: str, token: str, kernel: str, code: str, timeout: float = 60) -> str:
+    """Run ``code`` in a running kernel (by id) over its WebSocket and return what it printed."""
+    base = base_url.rstrip("/")
+    session = uuid.uuid4().hex
+    ws = websocket.create_connection(
+        f"ws{base[4:]}/api/kernels/{kernel}/channels?session_id={session}",
+        header=[f"Authorization: token {token}"],
+        timeout=timeout,
+        suppress_origin=True,
+    )
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "channel": "shell",
+            "header": {
+                "msg_id": msg_id, "msg_type": "execute_request", "session": session,
+                "username": "jds", "version": "5.3",
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            "parent_header": {}, "metadata": {}, "buffers": [],
+            "content": {
+                "code": code, "silent": False, "store_history": False, "user_expressions": {},
+                "allow_stdin": False, "stop_on_error": True,
+            },
+        }))  # fmt: skip
+        return _collect_stdout(ws, msg_id, timeout)
+    finally:
+        ws.close()
 
 
 def _collect_stdout(ws: Any, msg_id: str, timeout: float) -> str:

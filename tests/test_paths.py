@@ -13,15 +13,23 @@ from hypothesis import strategies as st
 from jds.paths import (
     HubTarget,
     authority,
+    in_ide_view,
     is_kernelspec_path,
     listen_address,
     local_path,
     map_kernelspecs_body,
     map_location,
+    map_request_body,
     map_request_path,
+    map_response_body,
     map_response_headers,
     map_set_cookie,
+    parse_root,
+    path_into_root,
+    path_out_of_root,
     redact_query,
+    request_body_kind,
+    response_body_kind,
     split_authority,
     split_token,
     upstream_request_headers,
@@ -281,3 +289,247 @@ def test_split_authority_keeps_anything_but_host_and_port_whole(value: str, spli
 )
 def test_listen_address_reads_kind_port_and_interface(description: str, parsed: tuple[str, str | None, str | None]) -> None:
     assert listen_address(description) == parsed
+
+
+# -- --root ------------------------------------------------------------------------------------
+
+ROOTED = HubTarget(host="10.0.0.5", port=8000, user="alice", tls_name="hub.example.org", root="work/my proj")
+
+
+@pytest.mark.parametrize(
+    ("local", "hub"),
+    [
+        (b"/api/contents", b"/user/alice/api/contents/work/my%20proj"),
+        (b"/api/contents/", b"/user/alice/api/contents/work/my%20proj"),
+        (b"/api/contents/a.ipynb", b"/user/alice/api/contents/work/my%20proj/a.ipynb"),
+        (b"/api/contents/d/", b"/user/alice/api/contents/work/my%20proj/d/"),
+        (b"/api/contents/a.ipynb/checkpoints/c1", b"/user/alice/api/contents/work/my%20proj/a.ipynb/checkpoints/c1"),
+        (b"/files/data.csv", b"/user/alice/files/work/my%20proj/data.csv"),
+        (b"/view/p.png", b"/user/alice/view/work/my%20proj/p.png"),
+        (b"/edit/x.py", b"/user/alice/edit/work/my%20proj/x.py"),
+        (b"/notebooks/n.ipynb", b"/user/alice/notebooks/work/my%20proj/n.ipynb"),
+        (b"/tree", b"/user/alice/tree/work/my%20proj"),
+        (b"/tree/d", b"/user/alice/tree/work/my%20proj/d"),
+        (b"/lab/tree/n.ipynb", b"/user/alice/lab/tree/work/my%20proj/n.ipynb"),
+        (b"/nbconvert/html/n.ipynb", b"/user/alice/nbconvert/html/work/my%20proj/n.ipynb"),
+        # converting a notebook sent in the body has no path; nor do other routes
+        (b"/nbconvert/html", b"/user/alice/nbconvert/html"),
+        (b"/files", b"/user/alice/files"),
+        (b"/api/sessions", b"/user/alice/api/sessions"),
+        (b"/api/kernels/k/channels", b"/user/alice/api/kernels/k/channels"),
+        (b"/lab", b"/user/alice/lab"),
+        (b"/api/contentsX/a", b"/user/alice/api/contentsX/a"),
+        # dot segments that stay inside the folder, and the server's own view, left alone
+        (b"/api/contents/d/../a.ipynb", b"/user/alice/api/contents/work/my%20proj/a.ipynb"),
+        (b"/api/contents/a%2Fb", b"/user/alice/api/contents/work/my%20proj/a%2Fb"),
+        (b"/user/alice/api/contents/other.ipynb", b"/user/alice/api/contents/other.ipynb"),
+    ],
+)
+def test_root_request_paths(local: bytes, hub: bytes) -> None:
+    assert map_request_path(local, ROOTED) == hub
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        (b"/api/contents/..", "outside-root"),
+        (b"/api/contents/../secret", "outside-root"),
+        (b"/api/contents/%2e%2e/secret", "outside-root"),
+        (b"/api/contents/%2E./secret", "outside-root"),
+        (b"/files/d/../../secret", "outside-root"),
+        (b"/nbconvert/html/..", "outside-root"),
+        (b"/tree/..", "outside-root"),
+        (b"/api/contents/..%2Fsecret", "bad-path"),
+        (b"/api/contents/d%2F..%2F..%2Fsecret", "bad-path"),
+        (b"/files/..%5csecret", "bad-path"),
+    ],
+)
+def test_root_escapes_are_refused(path: bytes, reason: str) -> None:
+    with pytest.raises(Refusal) as refused:
+        map_request_path(path, ROOTED)
+    assert (refused.value.status, refused.value.reason) == (400, reason)
+    # without --root, the same paths mean what RFC 3986 says (or are refused as before)
+    try:
+        map_request_path(path, ALICE)
+    except Refusal as before:
+        assert before.reason == "bad-path"
+
+
+route = st.sampled_from(["api/contents", "files", "view", "edit", "notebooks", "tree", "lab/tree", "nbconvert/html"])
+
+
+@settings(max_examples=500)
+@given(route, st.lists(segment, max_size=8))
+@example("api/contents", ["..", "x"])
+@example("files", ["%2e%2e", "%2e%2e", "secret"])
+@example("nbconvert/html", ["a", "..", "..", "b"])
+def test_rooted_contents_paths_stay_inside_the_folder(route: str, segments: list[str]) -> None:
+    raw = ("/" + route + "/" + "/".join(segments)).encode("latin-1")
+    try:
+        hub = map_request_path(raw, ROOTED)
+    except Refusal as refused:
+        assert refused.status == 400
+        return
+    normalised = posixpath.normpath(unquote(hub.decode("ascii")).replace("\\", "/"))
+    top = f"/user/alice/{route}"
+    if normalised == top and route not in ("api/contents", "tree", "lab/tree"):
+        return  # /files/ and the like without a path name nothing, and are not mapped
+    if normalised.startswith(top):
+        # a contents path: whatever the server decodes, it is in the folder
+        assert (normalised + "/").startswith(f"/user/alice/{route}/work/my proj/"), (raw, hub)
+
+
+parts = st.lists(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters="/\\%?#"), min_size=1, max_size=6)
+    .filter(lambda s: s not in (".", "..")),
+    min_size=1,
+    max_size=4,
+)
+
+
+@given(st.sampled_from(["api/contents", "files", "notebooks", "nbconvert/pdf", "tree"]), parts, parts)
+def test_root_locations_and_requests_are_inverse(route: str, root: list[str], names: list[str]) -> None:
+    target = HubTarget(host="hub", port=8000, user="alice", root="/".join(root))
+    local = ("/" + route + "/" + "/".join(quote(n, safe="") for n in names)).encode("ascii")
+    hub = map_request_path(local, target)
+    assert in_ide_view(local, target) and not in_ide_view(hub, target)
+    assert map_location(hub, target) == local
+    assert map_location(b"https://hub:8000" + hub + b"?a=1", target) == local + b"?a=1"
+
+
+def test_root_locations() -> None:
+    assert map_location(b"/user/alice/api/contents/work/my%20proj/a/checkpoints/1", ROOTED) == b"/api/contents/a/checkpoints/1"
+    assert map_location(b"/user/alice/api/contents/work/my%20proj", ROOTED) == b"/api/contents"
+    assert map_location(b"/user/alice/notebooks/work/my%20proj/n.ipynb", ROOTED) == b"/notebooks/n.ipynb"
+    assert map_location(b"/user/alice/api/sessions/s1", ROOTED) == b"/api/sessions/s1"
+    # contents outside the folder have no local name: only the hub can answer them
+    assert map_location(b"/user/alice/api/contents/other.ipynb", ROOTED) == (
+        b"https://hub.example.org:8000/user/alice/api/contents/other.ipynb"
+    )
+    assert map_location(b"/user/alice/api/contents/work/my%20projX/a", ROOTED).startswith(b"https://")
+
+
+@pytest.mark.parametrize(
+    ("text", "root"),
+    [("", ""), ("/", ""), ("work", "work"), ("/work/proj/", "work/proj"), ("work//./proj", "work/proj"), ("a\\b", "a/b")],
+)
+def test_parse_root(text: str, root: str) -> None:
+    assert parse_root(text) == root
+
+
+@pytest.mark.parametrize("text", ["..", "work/../..", "a/../b", "x\x00y"])
+def test_parse_root_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="--root"):
+        parse_root(text)
+
+
+contents_path = st.lists(
+    st.text(alphabet="ab.é \\", min_size=1, max_size=4).filter(lambda s: s not in (".", "..") and ".." not in s.split("\\")),
+    max_size=4,
+).map("/".join)
+
+
+@given(st.sampled_from(["proj", "a/b c", "é/x"]), contents_path)
+def test_body_paths_both_ways(root: str, path: str) -> None:
+    server = path_into_root(path, root)
+    assert server == root or server.startswith(root + "/")
+    assert path_out_of_root(server, root) == path.strip("/")
+    assert path_into_root(path, "") == path_out_of_root(path, "") == path
+
+
+@given(st.lists(st.sampled_from(["a", "b", "..", ".", "", "x\\..", "%2e%2e"]), max_size=6).map("/".join))
+def test_body_paths_never_leave_the_folder(path: str) -> None:
+    try:
+        server = path_into_root(path, "proj")
+    except Refusal as refused:
+        assert (refused.status, refused.reason) == (400, "outside-root")
+        return
+    assert server == "proj" or server.startswith("proj/")
+    assert ".." not in server.split("/")
+
+
+def test_path_out_of_root_outside_the_folder() -> None:
+    assert path_out_of_root("other/n.ipynb", "work/proj") == "../../other/n.ipynb"
+    assert path_out_of_root("work/n.ipynb", "work/proj") == "../n.ipynb"
+    assert path_out_of_root("work/proj", "work/proj") == ""
+    assert path_out_of_root("", "work/proj") == "../.."
+
+
+@pytest.mark.parametrize(
+    ("method", "local", "kind"),
+    [
+        (b"POST", b"/api/sessions", "sessions"),
+        (b"PATCH", b"/api/sessions/s1", "sessions"),
+        (b"GET", b"/api/sessions", None),
+        (b"POST", b"/api/terminals", "terminals"),
+        (b"POST", b"/api/terminals/1", None),
+        (b"PATCH", b"/api/contents/work/a.txt", "contents"),
+        (b"POST", b"/api/contents/work", "contents"),
+        (b"PUT", b"/api/contents/work/a.txt", None),
+        (b"POST", b"/api/kernels", None),
+    ],
+)
+def test_request_body_kind(method: bytes, local: bytes, kind: str | None) -> None:
+    assert request_body_kind(method, local) == kind
+
+
+def test_response_body_kind() -> None:
+    assert response_body_kind(b"GET", b"/api/kernelspecs", False) == "kernelspecs"
+    assert response_body_kind(b"GET", b"/api/contents/x", False) is None
+    assert response_body_kind(b"GET", b"/api/contents/x", True) == "contents"
+    assert response_body_kind(b"PATCH", b"/api/contents/x", True) == "contents"
+    assert response_body_kind(b"POST", b"/api/sessions", True) == "sessions"
+    assert response_body_kind(b"DELETE", b"/api/sessions/s", True) is None
+    assert response_body_kind(b"GET", b"/api/kernels", True) is None
+
+
+def test_request_bodies() -> None:
+    vscode = {"path": "n-jvsc-1b2c.ipynb", "type": "notebook", "name": "n.ipynb", "kernel": {"name": "python3"}}
+    mapped = json.loads(map_request_body("sessions", json.dumps(vscode).encode(), ROOTED))
+    assert mapped == {**vscode, "path": "work/my proj/n-jvsc-1b2c.ipynb"}
+    old_style = json.loads(map_request_body("sessions", b'{"notebook": {"path": "/sub/n.ipynb"}}', ROOTED))
+    assert old_style == {"notebook": {"path": "work/my proj/sub/n.ipynb"}}
+    assert json.loads(map_request_body("terminals", b"", ROOTED)) == {"cwd": "work/my proj"}
+    assert json.loads(map_request_body("terminals", b"{}", ROOTED)) == {"cwd": "work/my proj"}
+    assert json.loads(map_request_body("terminals", b'{"cwd": "sub"}', ROOTED)) == {"cwd": "work/my proj/sub"}
+    rename = json.loads(map_request_body("contents", b'{"path": "new/name.txt"}', ROOTED))
+    assert rename == {"path": "work/my proj/new/name.txt"}
+    copy = json.loads(map_request_body("contents", b'{"copy_from": "a.ipynb"}', ROOTED))
+    assert copy == {"copy_from": "work/my proj/a.ipynb"}
+    # what is not the JSON object expected goes as it came: the server explains
+    for body in (b"not json", b"[1]", b'{"path": 3}', b'{"kernel": {"name": "x"}}'):
+        assert map_request_body("sessions", body, ROOTED) == body
+    assert map_request_body("terminals", b"{", ROOTED) == b"{"
+    # and without --root nothing is touched
+    assert map_request_body("terminals", b"", ALICE) == b""
+    assert map_request_body("sessions", json.dumps(vscode).encode(), ALICE) == json.dumps(vscode).encode()
+    with pytest.raises(Refusal) as refused:
+        map_request_body("sessions", b'{"path": "../n.ipynb"}', ROOTED)
+    assert (refused.value.status, refused.value.reason) == (400, "outside-root")
+    with pytest.raises(Refusal):
+        map_request_body("terminals", b'{"cwd": "a/../.."}', ROOTED)
+
+
+def test_response_bodies() -> None:
+    listing = {
+        "name": "my proj", "path": "work/my proj", "type": "directory", "format": "json",
+        "content": [
+            {"name": "a.ipynb", "path": "work/my proj/a.ipynb", "type": "notebook", "content": None},
+            {"name": "d", "path": "work/my proj/d", "type": "directory", "content": None},
+        ],
+    }  # fmt: skip
+    mapped = json.loads(map_response_body("contents", json.dumps(listing).encode(), ROOTED))
+    assert (mapped["name"], mapped["path"]) == ("", "")
+    assert [c["path"] for c in mapped["content"]] == ["a.ipynb", "d"]
+    assert [c["name"] for c in mapped["content"]] == ["a.ipynb", "d"]
+    session = {
+        "id": "s", "path": "work/my proj/n-jvsc-1.ipynb", "name": "n.ipynb", "type": "notebook",
+        "kernel": {"id": "k", "name": "python3"}, "notebook": {"path": "work/my proj/n-jvsc-1.ipynb", "name": "n.ipynb"},
+    }  # fmt: skip
+    mapped = json.loads(map_response_body("sessions", json.dumps([session]).encode(), ROOTED))
+    assert mapped[0]["path"] == mapped[0]["notebook"]["path"] == "n-jvsc-1.ipynb"
+    assert mapped[0]["kernel"] == session["kernel"]
+    # a checkpoint model has no path, so its body is passed as it came
+    checkpoints = b'[{"id": "checkpoint", "last_modified": "2026-12-01T00:00:00Z"}]'
+    assert map_response_body("contents", checkpoints, ROOTED) == checkpoints
+    assert map_response_body("contents", b"<html>", ROOTED) == b"<html>"
