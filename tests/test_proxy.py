@@ -208,3 +208,122 @@ class ProxyResourceTests(SynchronousTestCase):
         [(_, _, headers, _, _)] = self.agent.calls
         self.assertEqual(headers.getRawHeaders(b"x-a"), [b"1", b"2"])
 
+
+
+ROOTED = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.example.org", root="work/proj")
+
+
+class RootedProxyTests(SynchronousTestCase):
+    """``--root``: paths in URLs and JSON bodies under the folder on the way in, taken off on the way out."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.agent = RecordingAgent()
+        policy = HubTLSPolicy(self.reactor, ROOTED.host, ROOTED.port, ROOTED.verify_name, None)
+        self.site = LocalSite(HubProxyResource(ROOTED, policy, self.reactor, agent=self.agent), reactor=self.reactor)
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def request(self, method: bytes, path: bytes, body: bytes | None = None) -> tuple:
+        """Send one request on a new connection (the next one on a connection waits for an answer)."""
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        head = method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        if body is not None:
+            head += b"Content-Length: %d\r\n" % len(body)
+        self.channel.dataReceived(head + b"\r\n" + (body or b""))
+        [call] = self.agent.calls
+        self.agent.calls.clear()
+        return call
+
+    @staticmethod
+    def body_of(producer) -> bytes:
+        """What the producer would send (read from its file: its cooperator needs a running reactor)."""
+        source = producer._inputFile
+        source.seek(0)
+        body = source.read()
+        source.seek(0)
+        return body
+
+    def answer(self, d: Deferred, code: int, document: object, headers: dict | None = None) -> tuple[bytes, bytes]:
+        body = json.dumps(document).encode()
+        response = FakeResponse(
+            code, {b"Content-Type": [b"application/json"], **(headers or {})}, length=len(body)
+        )
+        d.callback(response)
+        response.send(body)
+        head, _, sent = self.transport.value().partition(b"\r\n\r\n")
+        return head, sent
+
+    def test_vscode_session_goes_into_the_folder_and_comes_back_without_it(self) -> None:
+        model = {"path": "nb-jvsc-7f3e.ipynb", "type": "notebook", "name": "nb.ipynb", "kernel": {"name": "python3"}}
+        method, uri, _, producer, d = self.request(b"POST", b"/api/sessions", json.dumps(model).encode())
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/sessions")
+        sent_up = self.body_of(producer)
+        self.assertEqual(producer.length, len(sent_up))
+        self.assertEqual(json.loads(sent_up), {**model, "path": "work/proj/nb-jvsc-7f3e.ipynb"})
+        session = {"id": "s1", "path": "work/proj/nb-jvsc-7f3e.ipynb", "type": "notebook", "name": "nb.ipynb",
+                   "kernel": {"id": "k1", "name": "python3"}, "notebook": {"path": "work/proj/nb-jvsc-7f3e.ipynb"}}
+        head, sent = self.answer(d, 201, session, {b"Location": [b"/user/alice/api/sessions/s1"]})
+        self.assertIn(b"Location: /api/sessions/s1\r\n", head + b"\r\n")
+        self.assertIn(b"Content-Length: %d\r\n" % len(sent), head + b"\r\n")
+        back = json.loads(sent)
+        self.assertEqual((back["path"], back["notebook"]["path"]), ("nb-jvsc-7f3e.ipynb", "nb-jvsc-7f3e.ipynb"))
+
+    def test_listing_paths_lose_the_folder(self) -> None:
+        _, uri, headers, _, d = self.request(b"GET", b"/api/contents?content=1")
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/contents/work/proj?content=1")
+        listing = {"name": "proj", "path": "work/proj", "type": "directory",
+                   "content": [{"name": "a.csv", "path": "work/proj/a.csv", "type": "file", "content": None}]}
+        _, sent = self.answer(d, 200, listing)
+        back = json.loads(sent)
+        self.assertEqual((back["name"], back["path"], back["content"][0]["path"]), ("", "", "a.csv"))
+
+    def test_new_terminal_starts_in_the_folder(self) -> None:
+        _, uri, _, producer, _ = self.request(b"POST", b"/api/terminals", b"")
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/terminals")
+        self.assertEqual(json.loads(self.body_of(producer)), {"cwd": "work/proj"})
+        _, _, _, producer, _ = self.request(b"POST", b"/api/terminals", b'{"cwd": "sub"}')
+        self.assertEqual(json.loads(self.body_of(producer)), {"cwd": "work/proj/sub"})
+
+    def test_bad_json_goes_as_it_came(self) -> None:
+        _, _, _, producer, _ = self.request(b"POST", b"/api/sessions", b"{not json")
+        self.assertEqual(self.body_of(producer), b"{not json")
+
+    def test_the_servers_own_view_is_not_mapped(self) -> None:
+        # JupyterLab's pages use the user's prefix: those paths are the server's, not the IDE's
+        model = b'{"path": "other/nb.ipynb", "type": "notebook"}'
+        _, uri, _, producer, d = self.request(b"POST", b"/user/alice/api/sessions", model)
+        self.assertEqual(uri, b"https://hub.example.org:8443/user/alice/api/sessions")
+        self.assertEqual(self.body_of(producer), model)
+        _, sent = self.answer(d, 201, {"id": "s", "path": "other/nb.ipynb"})
+        self.assertEqual(json.loads(sent)["path"], "other/nb.ipynb")
+
+    def test_escapes_are_refused_locally(self) -> None:
+        for method, path, body in (
+            (b"GET", b"/api/contents/../secret", None),
+            (b"GET", b"/files/%2e%2e/secret", None),
+            (b"GET", b"/api/contents/..%2Fsecret", None),
+            (b"POST", b"/api/sessions", b'{"path": "../nb.ipynb", "type": "notebook"}'),
+            (b"POST", b"/api/terminals", b'{"cwd": "../.."}'),
+            (b"PATCH", b"/api/contents/a.txt", b'{"path": "../a.txt"}'),
+        ):
+            self.transport.clear()
+            head = method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            if body is not None:
+                head += b"Content-Length: %d\r\n" % len(body)
+            self.channel.dataReceived(head + b"\r\n" + (body or b""))
+            status, _, sent = self.transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(status.startswith(b"HTTP/1.1 400 "), (path, status))
+            self.assertIn(json.loads(sent)["reason"], ("outside-root", "bad-path"))
+        self.assertEqual(self.agent.calls, [])
+
+    def test_large_and_non_json_answers_stream_untouched(self) -> None:
+        _, _, _, _, d = self.request(b"GET", b"/api/contents/big.txt")
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=UNKNOWN_LENGTH)
+        d.callback(response)
+        response.send(b'{"path": "work/proj/big.txt"', b"}")
+        self.assertIn(b"Transfer-Encoding: chunked", self.transport.value())
+        self.assertIn(b'{"path": "work/proj/big.txt"', self.transport.value())
