@@ -1,0 +1,223 @@
+"""
+``--root`` against the real hub: the IDE sees a folder of alice's server as the server's root, for
+files, for the kernels of sessions created as VS Code creates them, and for new terminals; paths that
+would leave the folder are refused by the proxy itself.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, dump, execute_in_kernel, poll, venv_script
+from test_managed_hub import run_check
+
+ROOT = "work/proj"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
+
+
+@pytest.fixture
+def folder(hub: JupyterHubProcess) -> Path:
+    """``work/proj`` in alice's home (her server's root), with a data file and a sibling secret."""
+    home = hub.directory / "home" / "alice"
+    path = home / ROOT
+    (path / "sub").mkdir(parents=True, exist_ok=True)
+    (path / "data.csv").write_text("a,b\n1,2\n")
+    (home / "work" / "secret.txt").write_text("outside the folder\n")
+    return path
+
+
+@pytest.fixture
+def rooted(hub: JupyterHubProcess, proxy: ProxyFactory, folder: Path) -> ProxyProcess:
+    """A pass-through proxy for alice with the folder given in the environment, as a user may."""
+    hub.start_server("alice")
+    return proxy(
+        "--hub", hub.url, "--user", "alice", "--ca-cert", str(hub.ca_path), "--tls-name", hub.tls_name,
+        env={"JUPYTER_DEV_SERVER_ROOT": ROOT},
+    )  # fmt: skip
+
+
+def test_listing_shows_the_folder_as_the_root(hub: JupyterHubProcess, rooted: ProxyProcess) -> None:
+    listing = requests.get(f"{rooted.url}/api/contents", headers=auth(hub.alice_token))
+    assert listing.status_code == 200, dump(listing)
+    model = listing.json()
+    assert (model["type"], model["path"], model["name"]) == ("directory", "", "")
+    entries = {entry["name"]: entry["path"] for entry in model["content"]}
+    assert entries.get("data.csv") == "data.csv" and entries.get("sub") == "sub", entries
+    assert "secret.txt" not in entries
+    sub = requests.get(f"{rooted.url}/api/contents/sub", headers=auth(hub.alice_token))
+    assert sub.status_code == 200 and sub.json()["path"] == "sub", dump(sub)
+    raw = requests.get(f"{rooted.url}/files/data.csv", headers=auth(hub.alice_token))
+    assert raw.status_code == 200 and raw.text == "a,b\n1,2\n", dump(raw)
+
+
+def test_write_lands_in_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    name = f"notes-{uuid.uuid4().hex[:8]}.txt"
+    put = requests.put(
+        f"{rooted.url}/api/contents/sub/{name}", json={"type": "file", "format": "text", "content": "hello"},
+        headers=headers,
+    )
+    assert put.status_code == 201, dump(put)
+    assert put.json()["path"] == f"sub/{name}"
+    assert put.headers["Location"] == f"/api/contents/sub/{name}"
+    # on the hub directly, the file is under the folder
+    direct = requests.get(
+        f"{hub.url}/user/alice/api/contents/{ROOT}/sub/{name}?content=1", headers=headers, verify=str(hub.ca_path)
+    )
+    assert direct.status_code == 200 and direct.json()["content"] == "hello", dump(direct)
+    assert (folder / "sub" / name).read_text() == "hello"
+    back = requests.get(f"{rooted.url}/api/contents/sub/{name}?content=1", headers=headers)
+    assert (back.json()["path"], back.json()["content"]) == (f"sub/{name}", "hello")
+    # checkpoints and renames (the new path travels in the body) stay in the folder too
+    checkpoint = requests.post(f"{rooted.url}/api/contents/sub/{name}/checkpoints", headers=headers)
+    assert checkpoint.status_code == 201, dump(checkpoint)
+    assert checkpoint.headers["Location"].startswith(f"/api/contents/sub/{name}/checkpoints/")
+    renamed = requests.patch(f"{rooted.url}/api/contents/sub/{name}", json={"path": f"renamed-{name}"}, headers=headers)
+    assert renamed.status_code == 200 and renamed.json()["path"] == f"renamed-{name}", dump(renamed)
+    assert (folder / f"renamed-{name}").read_text() == "hello" and not (folder / "sub" / name).exists()
+    deleted = requests.delete(f"{rooted.url}/api/contents/renamed-{name}", headers=headers)
+    assert deleted.status_code == 204, dump(deleted)
+    assert not (folder / f"renamed-{name}").exists()
+
+
+def raw_request(proxy: ProxyProcess, method: str, path: str, token: str, body: str | None = None):
+    """Send a path exactly as written: HTTP clients would resolve its dot segments first."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=auth(token))
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/contents/../secret.txt", None),
+        ("GET", "/files/%2e%2e/secret.txt", None),
+        ("GET", "/api/contents/%2E%2E/secret.txt?content=1", None),
+        ("GET", "/files/..%2Fsecret.txt", None),
+        ("GET", "/api/contents/sub%2F..%2F..%2Fsecret.txt", None),
+        ("POST", "/api/sessions", '{"path": "../secret.ipynb", "type": "notebook", "kernel": {"name": "python3"}}'),
+        ("PATCH", "/api/contents/data.csv", '{"path": "../moved.csv"}'),
+    ],
+)
+def test_escapes_are_refused_by_the_proxy(
+    hub: JupyterHubProcess, rooted: ProxyProcess, method: str, path: str, body: str | None
+) -> None:
+    marker = uuid.uuid4().hex
+    status, sent = raw_request(rooted, method, f"{path}{'&' if '?' in path else '?'}m={marker}", hub.alice_token, body)
+    assert status == 400, sent
+    error = json.loads(sent)
+    assert error["reason"] in ("outside-root", "bad-path") and error["message"], error
+    assert "outside the folder" not in sent.decode()
+    # answered by the proxy, with one log line; the hub never saw it
+    assert len([line for line in rooted.log_text().splitlines() if marker in line and "-> 400" in line]) == 1
+    assert marker not in hub.log_text()
+
+
+def test_vscode_session_kernel_runs_in_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    path = f"analysis-jvsc-{uuid.uuid4()}.ipynb"
+    model = {"path": path, "type": "notebook", "name": "analysis.ipynb", "kernel": {"name": "python3"}}
+    created = requests.post(f"{rooted.url}/api/sessions", json=model, headers=headers, timeout=120)
+    assert created.status_code == 201, dump(created)
+    session = created.json()
+    try:
+        assert session["path"] == path and session["notebook"]["path"] == path, session
+        listed = requests.get(f"{rooted.url}/api/sessions", headers=headers).json()
+        assert path in [s["path"] for s in listed]
+        direct = requests.get(
+            f"{hub.url}/user/alice/api/sessions/{session['id']}", headers=headers, verify=str(hub.ca_path)
+        )
+        assert direct.json()["path"] == f"{ROOT}/{path}", dump(direct)
+        printed = execute_in_kernel(
+            rooted.url, hub.alice_token, session["kernel"]["id"],
+            "import os\nprint(os.getcwd())\nprint(open('data.csv').read(), end='')",
+        )  # fmt: skip
+        cwd, _, data = printed.partition("\n")
+        assert os.path.realpath(cwd) == os.path.realpath(folder)
+        assert data == "a,b\n1,2\n"
+        renamed = requests.patch(
+            f"{rooted.url}/api/sessions/{session['id']}", json={"path": f"sub/{path}"}, headers=headers
+        )
+        assert renamed.status_code == 200 and renamed.json()["path"] == f"sub/{path}", dump(renamed)
+    finally:
+        gone = requests.delete(f"{rooted.url}/api/sessions/{session['id']}", headers=headers)
+        assert gone.status_code == 204, dump(gone)
+
+
+def terminal_pwd(proxy: ProxyProcess, token: str, name: str) -> str:
+    """Run ``pwd`` in a terminal over its WebSocket (terminado's JSON framing); what it printed."""
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{proxy.port}/terminals/websocket/{name}", header=[f"Authorization: token {token}"],
+        timeout=30, suppress_origin=True,
+    )  # fmt: skip
+    marker = uuid.uuid4().hex[:8]
+    # the shell's echo of the command line shows "$(pwd)" between the markers, the answer a path
+    answer = re.compile(f"{marker}(/[^\r\n]*?){marker}")
+    output = ""
+
+    def printed() -> str | None:
+        nonlocal output
+        kind, *payload = json.loads(ws.recv())
+        if kind == "stdout":
+            output += payload[0]
+        match = answer.search(output)
+        return match.group(1) if match else None
+
+    try:
+        ws.send(json.dumps(["stdin", f"echo {marker}$(pwd){marker}\r"]))
+        return poll(printed, 30, "the terminal to print its working directory", 0)
+    finally:
+        ws.close()
+
+
+def test_new_terminals_start_in_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    for body, where in ((None, folder), ({"cwd": "sub"}, folder / "sub")):
+        created = requests.post(f"{rooted.url}/api/terminals", json=body, headers=headers)
+        assert created.status_code == 200, dump(created)
+        name = created.json()["name"]
+        try:
+            assert os.path.realpath(terminal_pwd(rooted, hub.alice_token, name)) == os.path.realpath(where)
+        finally:
+            requests.delete(f"{rooted.url}/api/terminals/{name}", headers=headers)
+
+
+def test_status_shows_the_folder(rooted: ProxyProcess) -> None:
+    report = requests.get(f"{rooted.url}/_jds/status", timeout=30)
+    assert report.status_code == 200, dump(report)
+    assert report.json()["root"] == ROOT
+    printed = subprocess.run(
+        [venv_script("jupyter-dev-server"), "status", "--url", rooted.url], capture_output=True, text=True, timeout=60
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert f"root:       {ROOT}/" in printed.stdout
+
+
+def test_check_verifies_the_folder(hub: JupyterHubProcess, tmp_path: Path, folder: Path) -> None:
+    hub.start_server("alice")
+    args = ["--ca-cert", str(hub.ca_path), "--tls-name", hub.tls_name]
+    code, steps = run_check(hub, *args, "--root", ROOT, token=hub.alice_token, state=tmp_path)
+    assert code == 0, steps
+    assert steps["root"]["ok"] is True and ROOT in steps["root"]["detail"]
+    code, steps = run_check(hub, *args, "--root", "work/nowhere", token=hub.alice_token, state=tmp_path)
+    assert code == 1
+    assert steps["root"]["ok"] is False, steps
+    assert "no such folder" in steps["root"]["detail"] and "--root" in steps["root"]["fix"]
+    code, steps = run_check(hub, *args, "--root", f"{ROOT}/data.csv", token=hub.alice_token, state=tmp_path)
+    assert code == 1 and "not a folder" in steps["root"]["detail"], steps
