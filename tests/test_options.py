@@ -75,8 +75,17 @@ def test_environment_of_the_original_tool(ca_file: str) -> None:
     assert options["listen"] == "unix:/tmp/jds.sock"
 
 
+def test_root_folder() -> None:
+    assert parse(["--hub", "h", "--user", "u", "--root", "/work/proj/"])["target"].root == "work/proj"
+    from_env = parse(["--hub", "h", "--user", "u"], {"JUPYTER_DEV_SERVER_ROOT": "work"})
+    assert from_env["target"].root == "work"
+    wins = parse(["--hub", "h", "--user", "u", "--root", "other"], {"JUPYTER_DEV_SERVER_ROOT": "work"})
+    assert wins["target"].root == "other"
+
+
 def test_defaults() -> None:
     options = parse(["--hub", "hub", "--user", "u"])
+    assert options["target"].root == ""
     assert options["listen"] == "tcp:8000:interface=127.0.0.1"
     assert options["target"].verify_name == "hub"
     assert options["target"].port == 8000
@@ -94,6 +103,8 @@ def test_defaults() -> None:
         (["--hub", "h", "--user", "u", "--connect-timeout", "x"], {}, "--connect-timeout"),
         (["--hub", "h", "--user", "u"], {"JUPYTER_PROXY_PORT": "eighty"}, "JUPYTER_PROXY_PORT"),
         (["--hub", "h", "--user", "u"], {"JUPYTER_SERVER_PORT": "0"}, "JUPYTER_SERVER_PORT"),
+        (["--hub", "h", "--user", "u", "--root", "../elsewhere"], {}, "--root"),
+        (["--hub", "h", "--user", "u"], {"JUPYTER_DEV_SERVER_ROOT": "a/../../b"}, "--root"),
     ],
 )
 def test_mistakes_are_named(argv: list[str], env: dict[str, str], words: str) -> None:

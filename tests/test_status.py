@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import subprocess
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -127,6 +128,10 @@ def test_describe_reads_like_a_sentence() -> None:
     assert "1 request, 1.5 kB from the IDE, 2.5 MB to the IDE" in text
     assert "403 no-token" in text
     assert "only known in managed mode" in text
+    assert "root:       the server's root (no --root)" in text
+    rooted = json.loads(StatusResource(stats, replace(TARGET, root="work/proj"), Credentials()).document("unknown"))
+    assert rooted["root"] == "work/proj"
+    assert "root:       work/proj/ (--root" in describe(rooted, "http://127.0.0.1:8000")
 
 
 @pytest.mark.parametrize(
