@@ -81,11 +81,18 @@ class RecordingAgent:
 
 
 class ProxyResourceTests(SynchronousTestCase):
+    target = TARGET
+
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.agent = RecordingAgent()
-        policy = HubTLSPolicy(self.reactor, TARGET.host, TARGET.port, TARGET.verify_name, None)
-        self.site = LocalSite(HubProxyResource(TARGET, policy, self.reactor, agent=self.agent), reactor=self.reactor)
+        target = self.target
+        policy = HubTLSPolicy(self.reactor, target.host, target.port, target.verify_name, None)
+        self.site = LocalSite(HubProxyResource(target, policy, self.reactor, agent=self.agent), reactor=self.reactor)
+        self.connect()
+
+    def connect(self) -> None:
+        """A new client connection (the next request on a connection waits for the last answer)."""
         self.channel = self.site.buildProtocol(None)
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
@@ -216,20 +223,13 @@ ROOTED = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.exam
 class RootedProxyTests(SynchronousTestCase):
     """``--root``: paths in URLs and JSON bodies under the folder on the way in, taken off on the way out."""
 
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.agent = RecordingAgent()
-        policy = HubTLSPolicy(self.reactor, ROOTED.host, ROOTED.port, ROOTED.verify_name, None)
-        self.site = LocalSite(HubProxyResource(ROOTED, policy, self.reactor, agent=self.agent), reactor=self.reactor)
-        self.channel = self.site.buildProtocol(None)
-        self.transport = StringTransport()
-        self.channel.makeConnection(self.transport)
+    target = ROOTED
+    setUp = ProxyResourceTests.setUp
+    connect = ProxyResourceTests.connect
 
     def request(self, method: bytes, path: bytes, body: bytes | None = None) -> tuple:
-        """Send one request on a new connection (the next one on a connection waits for an answer)."""
-        self.channel = self.site.buildProtocol(None)
-        self.transport = StringTransport()
-        self.channel.makeConnection(self.transport)
+        """Send one request on a new connection and return the hub request it made."""
+        self.connect()
         head = method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
         if body is not None:
             head += b"Content-Length: %d\r\n" % len(body)
