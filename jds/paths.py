@@ -29,11 +29,13 @@ from jds.refusal import Refusal
 __all__ = [
     "HOP_BY_HOP",
     "HubTarget",
+    "ModelHeadMapper",
     "authority",
     "in_ide_view",
     "is_kernelspec_path",
     "map_kernelspecs_body",
     "map_location",
+    "map_model_head",
     "map_request_path",
     "map_response_headers",
     "map_request_body",
@@ -701,3 +703,89 @@ def map_response_body(kind: str, body: bytes, target: HubTarget) -> bytes:
         return body
     return json.dumps(document).encode("utf-8")
 
+
+
+# A large model's leading members (name, path, dates: jupyter_server writes them before "content")
+# arrive within this many bytes.
+MODEL_HEAD_LIMIT = 64 * 1024
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _utf8_prefix(head: bytes) -> str | None:
+    """``head`` decoded, without a character cut at its end; ``None`` if it is not UTF-8."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:
+            return None
+        return head[: error.start].decode("utf-8")
+
+
+def map_model_head(head: bytes, target: HubTarget) -> tuple[bytes, int] | None:
+    """
+    For a contents model too large to rewrite whole: its members before ``content`` mapped as
+    :func:`map_response_body` would, as ``(replacement, bytes of head it replaces)``. ``None``
+    while ``head`` does not reach ``content`` yet; ``(b"", 0)`` when there is nothing to replace.
+    """
+    text = _utf8_prefix(head)
+    if text is None or text.lstrip(" \t\n\r")[:1] not in ("{", ""):
+        return b"", 0
+    index = _WHITESPACE.match(text).end() + 1
+    members: list[tuple[str, object]] = []
+    try:
+        while True:
+            index = _WHITESPACE.match(text, index).end()
+            if text[index : index + 1] == "}":
+                return None  # the whole model is in head: the end of the body maps it whole
+            key, after = _DECODER.raw_decode(text, index)
+            after = _WHITESPACE.match(text, after).end()
+            if after >= len(text):
+                return None
+            if not isinstance(key, str) or text[after] != ":":
+                return b"", 0
+            if key == "content":
+                break
+            value, after = _DECODER.raw_decode(text, _WHITESPACE.match(text, after + 1).end())
+            members.append((key, value))
+            after = _WHITESPACE.match(text, after).end()
+            if after >= len(text) or text[after] == "}":
+                return None  # more to come, or the whole model is in head: mapped whole at the end
+            if text[after] != ",":
+                return b"", 0
+            index = after + 1
+    except ValueError:
+        return None  # a member not complete yet
+    model = dict(members)
+    if not _map_fields(model, "contents", False, target.root):
+        return b"", 0
+    mapped = "".join(f"{json.dumps(key)}: {json.dumps(value)}, " for key, value in model.items())
+    return ("{" + mapped).encode("utf-8"), len(text[:index].encode("utf-8"))
+
+
+class ModelHeadMapper:
+    """
+    Maps the head of a large contents model as it streams (``feed``/``flush``, like
+    :class:`jds.auth.StreamScrubber`): at most :data:`MODEL_HEAD_LIMIT` bytes are held back.
+    """
+
+    def __init__(self, target: HubTarget) -> None:
+        self._target = target
+        self._held = b""
+        self._done = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._done:
+            return data
+        self._held += data
+        found = map_model_head(self._held, self._target)
+        if found is None and len(self._held) < MODEL_HEAD_LIMIT:
+            return b""
+        self._done = True
+        held, self._held = self._held, b""
+        replacement, replaced = found or (b"", 0)
+        return replacement + held[replaced:]
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held if self._done else map_response_body("contents", held, self._target)

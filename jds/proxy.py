@@ -42,6 +42,7 @@ from jds.login import auth_cookie_header
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
+    ModelHeadMapper,
     in_ide_view,
     local_path,
     map_request_body,
@@ -152,9 +153,10 @@ class _BodyRelay(Protocol):
     """
     Streams one upstream body to the client. The upstream transport is registered as the client
     request's producer, so a slow client pauses reading from the hub instead of filling memory.
+    ``scrubber`` filters the body on the way (``feed`` each piece, ``flush`` at the end).
     """
 
-    def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | None) -> None:
+    def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | ModelHeadMapper | None) -> None:
         self._exchange = exchange
         self._scrubber = scrubber
 
@@ -314,11 +316,16 @@ class _Exchange:
         if self._rewrites_body(response):
             readBody(response).addCallbacks(self._write_mapped_body, self._body_failed)
             return
-        scrubber = None
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if credentials.managed and content_type.lower().startswith(b"text/html"):
+        scrubber: StreamScrubber | ModelHeadMapper | None = None
+        keeps_length = True
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if credentials.managed and content_type.startswith(b"text/html"):
             scrubber = StreamScrubber(credentials.hub_token.encode(), credentials.local_token.encode())
-        keeps_length = scrubber is None or len(credentials.hub_token) == len(credentials.local_token)
+            keeps_length = len(credentials.hub_token) == len(credentials.local_token)
+        elif self.body_kind == "contents" and response.code in (200, 201) and content_type.startswith(b"application/json"):
+            # A model too large to map whole (a big file's): its path is mapped as it passes.
+            scrubber = ModelHeadMapper(self.resource.target)
+            keeps_length = False
         if response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY and keeps_length:
             request.setHeader(b"content-length", b"%d" % response.length)
         response.deliverBody(_BodyRelay(self, scrubber))
@@ -341,7 +348,7 @@ class _Exchange:
     def _rewrites_body(self, response: IResponse) -> bool:
         """
         Bodies with paths to map are read whole, so only JSON answers of a known, bounded length;
-        a larger one (a big file's model) streams as it came, its paths unmapped.
+        a larger one (a big file's model) streams, only its leading members mapped on the way.
         """
         if self.body_kind is None or response.code not in (200, 201):
             return False

@@ -11,7 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jds.paths import (
+    MODEL_HEAD_LIMIT,
     HubTarget,
+    ModelHeadMapper,
     authority,
     in_ide_view,
     is_kernelspec_path,
@@ -19,6 +21,7 @@ from jds.paths import (
     local_path,
     map_kernelspecs_body,
     map_location,
+    map_model_head,
     map_request_body,
     map_request_path,
     map_response_body,
@@ -533,3 +536,51 @@ def test_response_bodies() -> None:
     checkpoints = b'[{"id": "checkpoint", "last_modified": "2026-12-01T00:00:00Z"}]'
     assert map_response_body("contents", checkpoints, ROOTED) == checkpoints
     assert map_response_body("contents", b"<html>", ROOTED) == b"<html>"
+
+
+def streamed(body: bytes, sizes: list[int]) -> bytes:
+    """``body`` through a :class:`ModelHeadMapper` in pieces of the given sizes (the rest at once)."""
+    mapper = ModelHeadMapper(ROOTED)
+    out, at = [], 0
+    for size in [*sizes, len(body)]:
+        out.append(mapper.feed(body[at : at + size]))
+        at += size
+    return b"".join(out) + mapper.flush()
+
+
+file_models = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=5),
+        "path": st.one_of(contents_path.map(lambda p: f"work/my proj/{p}"), contents_path),
+        "last_modified": st.text(max_size=5),
+    },
+    optional={"size": st.integers(), "writable": st.booleans()},
+).map(lambda model: {**model, "content": "x" * 50, "format": "text", "type": "file"})
+
+
+@given(file_models, st.lists(st.integers(min_value=0, max_value=40), max_size=8), st.booleans())
+def test_large_models_stream_mapped_as_a_whole_one_would_be(model: dict, sizes: list[int], ascii: bool) -> None:
+    body = json.dumps(model, ensure_ascii=ascii).encode()
+    assert json.loads(streamed(body, sizes)) == json.loads(map_response_body("contents", body, ROOTED))
+
+
+@given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=40), max_size=4))
+@example(b'{"path": "work/my proj/a", "content": 1', [])
+@example(b'{"path": "work/my proj/a" "content": 1}', [])
+def test_anything_else_streams_as_a_whole_body_would(body: bytes, sizes: list[int]) -> None:
+    out = streamed(body, sizes)
+    if out != map_response_body("contents", body, ROOTED):
+        # a body cut short or broken after its head: only the members before "content" were mapped
+        assert b'"content"' in body and out[out.index(b'"content"') :] == body[body.index(b'"content"') :]
+
+
+def test_model_head() -> None:
+    body = b'{"name": "big.txt", "path": "work/my proj/big.txt", "content": "yyyy'
+    replacement, replaced = map_model_head(body, ROOTED)
+    assert replacement + body[replaced:] == b'{"name": "big.txt", "path": "big.txt", "content": "yyyy'
+    assert map_model_head(b'{"name": "big.txt", "path": "work/my', ROOTED) is None
+    assert map_model_head(b'{"path": "other/x", "content": "', ROOTED) == (b'{"path": "../../other/x", ', 20)
+    assert map_model_head(b'["path"', ROOTED) == (b"", 0)
+    # a head that never reaches "content" is given up at the limit, and passes as it came
+    endless = b'{"name": "' + b"n" * MODEL_HEAD_LIMIT
+    assert streamed(endless, [100] * 10) == endless

@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from jds.paths import HubTarget
+from jds.paths import MAX_REWRITTEN_BODY, HubTarget
 from jds.proxy import HubProxyResource
 from jds.site import LocalSite
 from jds.tls import HubTLSPolicy
@@ -320,10 +320,24 @@ class RootedProxyTests(SynchronousTestCase):
             self.assertIn(json.loads(sent)["reason"], ("outside-root", "bad-path"))
         self.assertEqual(self.agent.calls, [])
 
-    def test_large_and_non_json_answers_stream_untouched(self) -> None:
-        _, _, _, _, d = self.request(b"GET", b"/api/contents/big.txt")
-        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=UNKNOWN_LENGTH)
+    def test_large_models_stream_with_their_path_mapped(self) -> None:
+        _, _, _, _, d = self.request(b"GET", b"/api/contents/big.txt?content=1")
+        content = "y" * (MAX_REWRITTEN_BODY + 1)
+        body = json.dumps({"name": "big.txt", "path": "work/proj/big.txt", "content": content, "type": "file"})
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=len(body))
         d.callback(response)
-        response.send(b'{"path": "work/proj/big.txt"', b"}")
-        self.assertIn(b"Transfer-Encoding: chunked", self.transport.value())
-        self.assertIn(b'{"path": "work/proj/big.txt"', self.transport.value())
+        response.protocol.dataReceived(body[:30].encode())
+        self.assertEqual(self.transport.value(), b"", "the head is held until the path is complete")
+        response.send(body[30:].encode())
+        head, _, sent = self.transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertNotIn(b"Content-Length", head)
+        self.assertIn(b'{"name": "big.txt", "path": "big.txt", "content": "yyy', sent)
+        self.assertNotIn(b"work/proj", sent)
+
+    def test_other_answers_stream_untouched(self) -> None:
+        _, _, _, _, d = self.request(b"GET", b"/files/work.json")
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=29)
+        d.callback(response)
+        response.send(b'{"path": "work/proj/big.txt"}')
+        self.assertTrue(self.transport.value().endswith(b'\r\n\r\n{"path": "work/proj/big.txt"}'))

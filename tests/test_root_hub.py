@@ -92,6 +92,25 @@ def test_write_lands_in_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess,
     assert not (folder / f"renamed-{name}").exists()
 
 
+def test_a_large_file_streams_with_its_path_mapped(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    text = "0123456789abcdef\n" * (9 * 1024 * 1024 // 17)  # more than the proxy maps in memory
+    name = f"big-{uuid.uuid4().hex[:8]}.txt"
+    put = requests.put(
+        f"{rooted.url}/api/contents/{name}", json={"type": "file", "format": "text", "content": text},
+        headers=headers, timeout=120,
+    )  # fmt: skip
+    assert put.status_code == 201, dump(put)
+    try:
+        assert (folder / name).read_text() == text
+        got = requests.get(f"{rooted.url}/api/contents/{name}?content=1&format=text", headers=headers, timeout=120)
+        assert got.status_code == 200, dump(got)
+        model = got.json()
+        assert (model["path"], model["name"], model["content"]) == (name, name, text)
+    finally:
+        requests.delete(f"{rooted.url}/api/contents/{name}", headers=headers, timeout=60)
+
+
 def raw_request(proxy: ProxyProcess, method: str, path: str, token: str, body: str | None = None):
     """Send a path exactly as written: HTTP clients would resolve its dot segments first."""
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
