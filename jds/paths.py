@@ -123,7 +123,10 @@ def listen_address(description: str) -> tuple[str, str | None, str | None]:
 
 @dataclass(frozen=True)
 class HubTarget:
-    """Where the user's server lives on the hub, and how the proxy names itself to it."""
+    """
+    Where the user's server lives on the hub, how the proxy names itself to it, and which folder
+    of the server the IDE sees as its root (``--root``).
+    """
 
     host: str
     port: int
@@ -281,8 +284,9 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
     """
     Map the percent-encoded path of a local request onto the hub.
 
-    ``/X`` becomes ``<user prefix>X``. A path already under the user's prefix (however its name is
-    escaped) passes as it is, so a browser following JupyterLab's own base URL keeps working.
+    ``/X`` becomes ``<user prefix>X``, and with --root a contents path ``/api/contents/X`` becomes
+    ``<user prefix>api/contents/<root>/X``. A path already under the user's prefix (however its
+    name is escaped) passes as it is, so a browser following JupyterLab's own base URL keeps working.
     ``/hub`` and ``/hub/...`` are refused with 404: the VS Code extension probes ``/hub/api`` and
     gives up on a URL where a hub answers.
     """

@@ -313,12 +313,12 @@ class _Exchange:
         request.responseHeaders = Headers(_group(headers))
         if self.set_auth_cookie:
             request.responseHeaders.addRawHeader(b"set-cookie", auth_cookie_header(credentials))
-        if self._rewrites_body(response):
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if self._rewrites_body(response, content_type):
             readBody(response).addCallbacks(self._write_mapped_body, self._body_failed)
             return
         scrubber: StreamScrubber | ModelHeadMapper | None = None
         keeps_length = True
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if credentials.managed and content_type.startswith(b"text/html"):
             scrubber = StreamScrubber(credentials.hub_token.encode(), credentials.local_token.encode())
             keeps_length = len(credentials.hub_token) == len(credentials.local_token)
@@ -345,7 +345,7 @@ class _Exchange:
             hint="Replace the token in --token-file and restart jupyter-dev-server.",
         ))
 
-    def _rewrites_body(self, response: IResponse) -> bool:
+    def _rewrites_body(self, response: IResponse, content_type: bytes) -> bool:
         """
         Bodies with paths to map are read whole, so only JSON answers of a known, bounded length;
         a larger one (a big file's model) streams, only its leading members mapped on the way.
@@ -354,7 +354,6 @@ class _Exchange:
             return False
         if self.body_kind == "kernelspecs":
             return True
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         return (
             content_type.startswith(b"application/json")
             and response.length is not UNKNOWN_LENGTH

@@ -240,3 +240,6 @@ def test_check_verifies_the_folder(hub: JupyterHubProcess, tmp_path: Path, folde
     assert "no such folder" in steps["root"]["detail"] and "--root" in steps["root"]["fix"]
     code, steps = run_check(hub, *args, "--root", f"{ROOT}/data.csv", token=hub.alice_token, state=tmp_path)
     assert code == 1 and "not a folder" in steps["root"]["detail"], steps
+    # without a hub token check cannot list it: said, not passed
+    code, steps = run_check(hub, *args, "--root", "work/nowhere", token=None, state=tmp_path)
+    assert steps["root"]["ok"] is None and "not checked" in steps["root"]["detail"], steps
