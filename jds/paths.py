@@ -192,29 +192,33 @@ def _decoded(segment: bytes) -> bytes:
     return unquote_to_bytes(segment)
 
 
-# Routes whose remaining path names a file or folder of the server, and whether an empty remaining
-# path there means the root folder (it does for listings; /nbconvert/FORMAT without a path is the
-# POST that converts a notebook sent in the body). None matches any segment.
-_CONTENTS_ROUTES: tuple[tuple[tuple[bytes | None, ...], bool], ...] = (
-    ((b"api", b"contents"), True),
-    ((b"tree",), True),
-    ((b"lab", b"tree"), True),
-    ((b"files",), False),
-    ((b"view",), False),
-    ((b"edit",), False),
-    ((b"notebooks",), False),
-    ((b"nbconvert", None), False),
-)
+# Routes whose remaining path names a file or folder of the server, by first segment: the second
+# segment (b"" for a one-segment route, None for any) and whether an empty remaining path means the
+# root folder (it does for listings; /nbconvert/FORMAT without a path is the POST that converts a
+# notebook sent in the body).
+_CONTENTS_ROUTES: dict[bytes, tuple[bytes | None, bool]] = {
+    b"api": (b"contents", True),
+    b"tree": (b"", True),
+    b"lab": (b"tree", True),
+    b"files": (b"", False),
+    b"view": (b"", False),
+    b"edit": (b"", False),
+    b"notebooks": (b"", False),
+    b"nbconvert": (None, False),
+}
 
 
 def _contents_route(decoded: list[bytes]) -> tuple[int, bool] | None:
     """``(segments in the route, empty path is the root)`` of the contents route a path is on."""
-    for route, empty_is_root in _CONTENTS_ROUTES:
-        if len(decoded) >= len(route) and all(
-            want is None or want == got for want, got in zip(route, decoded, strict=False)
-        ):
-            return len(route), empty_is_root
-    return None
+    route = _CONTENTS_ROUTES.get(decoded[0]) if decoded else None
+    if route is None:
+        return None
+    second, empty_is_root = route
+    if second == b"":
+        return 1, empty_is_root
+    if len(decoded) < 2 or second is not None and decoded[1] != second:
+        return None
+    return 2, empty_is_root
 
 
 def _at_folder_top(out: list[bytes]) -> bool:
