@@ -8,8 +8,9 @@ passes through untouched, byte for byte. The test can then
 - set ``mode = "blackhole"``: new connections are accepted and then never answered nor forwarded
   (a half-open or wedged peer);
 - set ``rate`` to throttle what flows from the target to the proxy (a slow response);
-- set ``cut_after`` to reset each connection once that many bytes went from the target to the
-  proxy (a hub dying mid-response at a known point: the proxy gets at most that many bytes);
+- set ``cut_after`` to reset each connection once that many more bytes went from the target to
+  the proxy (a hub dying mid-response at a known point: the proxy gets at most that many bytes,
+  counted from when it was set, so a pooled connection's earlier traffic does not count);
 - see every connection it relayed (:meth:`TcpCutter.connections`): bytes each way, whether and
   which side closed it, to observe the proxy releasing an upstream connection.
 
@@ -74,6 +75,7 @@ class _Pipe:
         self.closed_by: str | None = None
         self.budget = 0.0
         self.eof_from: str | None = None
+        self.cut_at: int | None = None  # ``down`` at which the connection is reset
 
     def snapshot(self) -> Connection:
         return Connection(
@@ -167,8 +169,8 @@ class TcpCutter:
 
     @cut_after.setter
     def cut_after(self, size: int | None) -> None:
-        """Reset a connection once it relayed ``size`` bytes to the proxy; ``None`` never."""
-        self._call(lambda: setattr(self, "_cut_after", size))
+        """Reset each connection once it relayed ``size`` more bytes to the proxy; ``None`` never."""
+        self._call(lambda: self._set_cut_after(size))
 
     def cut(self) -> int:
         """Reset every open connection on both sides now; return how many were cut."""
@@ -251,6 +253,7 @@ class TcpCutter:
                 server.setblocking(False)
                 server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pipe = _Pipe(next(self._numbers), client, server, self._mode)
+            pipe.cut_at = self._cut_after
             with self._lock:
                 self._pipes.append(pipe)
 
@@ -271,7 +274,7 @@ class TcpCutter:
                 self._read(pipe, pipe.server, pipe.to_client, "target")
         if pipe.closed is None and mask & selectors.EVENT_WRITE:
             self._flush(pipe, sock, pipe.to_client if from_client else pipe.to_server)
-        if pipe.closed is None and self._cut_after is not None and pipe.down >= self._cut_after:
+        if pipe.closed is None and pipe.cut_at is not None and pipe.down >= pipe.cut_at:
             self._close(pipe, "cut", reset=True)
         if pipe.closed is None and pipe.eof_from and not pipe.to_client and not pipe.to_server:
             self._close(pipe, pipe.eof_from, reset=False)
@@ -282,8 +285,8 @@ class TcpCutter:
         size = _CHUNK
         if side == "target" and self._rate:
             size = min(size, int(pipe.budget))
-        if side == "target" and self._cut_after is not None:
-            size = min(size, self._cut_after - pipe.down)
+        if side == "target" and pipe.cut_at is not None:
+            size = min(size, pipe.cut_at - pipe.down)
         if size <= 0:
             return
         try:
@@ -327,7 +330,7 @@ class TcpCutter:
         elif pipe.eof_from is None:
             if len(pipe.to_server) < _BUFFER:
                 client |= selectors.EVENT_READ
-            limited = self._cut_after is not None and pipe.down >= self._cut_after
+            limited = pipe.cut_at is not None and pipe.down >= pipe.cut_at
             if len(pipe.to_client) < _BUFFER and pipe.budget >= 1 and not limited:
                 server |= selectors.EVENT_READ
         if pipe.to_client:
@@ -386,6 +389,11 @@ class TcpCutter:
         for pipe in pipes:
             self._close(pipe, "cut", reset=True)
         return len(pipes)
+
+    def _set_cut_after(self, size: int | None) -> None:
+        self._cut_after = size
+        for pipe in self._pipes:
+            pipe.cut_at = None if size is None else pipe.down + size
 
     def _stop_now(self) -> None:
         self._running = False

@@ -561,6 +561,106 @@ def test_hub_cut_mid_download_aborts_the_client(
     assert again.status_code == 200, dump(again)
 
 
+def unread_bytes(proxy: ProxyProcess, port: int) -> list[int]:
+    """
+    For each of the proxy's connections to ``port``, the bytes the kernel holds that the proxy has
+    not read yet (``rx_queue`` in /proc/net/tcp): above zero while it has paused reading them.
+    """
+    local = {c.laddr.port for c in hub_connections(proxy, port)}
+    queues = []
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            near, far = (int(address.split(":")[1], 16) for address in fields[1:3])
+            if near in local and far == port:
+                queues.append(int(fields[4].split(":")[1], 16))
+    return queues
+
+
+def test_hub_reset_while_the_proxy_waits_for_a_slow_client_aborts_it(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, big_file: tuple[str, str]
+) -> None:
+    """
+    A client that stops reading makes the proxy stop reading the hub (backpressure): its hub socket is
+    then off the reactor, and a reset arriving on it goes unseen until the client drains what the
+    proxy holds. That must still end in an abort the client sees, not a hang.
+    """
+    name, _ = big_file
+    p = through(proxy, hub, cutter)
+    watch = LogWatch(p)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.settimeout(15)
+    client.connect(("127.0.0.1", p.port))
+    try:
+        client.sendall(request_head(p, f"GET /files/{name} HTTP/1.1", hub.alice_token))
+        got = bytearray()
+        assert _read_until(client, got, lambda b: len(b) >= 256 * 1024)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        seen: list[int] = []
+
+        def stalled() -> Any:
+            """The download's hub connection carries nothing more and the proxy leaves bytes unread."""
+            busy = [c for c in cutter.open_connections() if c.down > 256 * 1024]
+            seen.append(busy[0].down if len(busy) == 1 else -1)
+            if len(seen) >= 3 and len(set(seen[-3:])) == 1 and seen[-1] > 0 and any(unread_bytes(p, cutter.port)):
+                return busy[0]
+            return None
+
+        upstream = poll(stalled, 30, "the proxy to stop reading the hub for the slow client", 0.3)
+        assert upstream.down < 20 * MB, "the whole file passed before the client stalled; nothing was tested"
+        assert cutter.cut() >= 1
+        received = len(got)
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(65536):
+                received += len(chunk)
+            raise ConnectionResetError("the proxy closed the connection")  # an EOF ends it too
+    finally:
+        client.close()
+    assert received < 20 * MB
+    watch.wait_for(rf"\[jds\.proxy#warn\] GET /user/alice/files/{name}: the hub's response was cut short")
+    again = requests.get(f"{p.url}/api/status", headers=auth(hub.alice_token), timeout=10)
+    assert again.status_code == 200, dump(again)
+
+
+def test_hub_cut_after_a_whole_download_leaves_it_whole_and_its_connection_open(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter
+) -> None:
+    """
+    What ``make soak`` once took for a hang: the hub side reset after the whole response had passed
+    the proxy. The download is complete, and the connection stays open for the client's next request
+    (HTTP/1.1 keep-alive): a client reading to EOF instead of to Content-Length waits for ever.
+    """
+    name = f"whole-{uuid.uuid4().hex[:8]}.bin"
+    payload = os.urandom(MB)
+    direct = f"{hub.url}/user/alice/api/contents/{name}"
+    p = through(proxy, hub, cutter)
+    body = {"type": "file", "format": "base64", "content": base64.b64encode(payload).decode()}
+    put = requests.put(f"{p.url}/api/contents/{name}", json=body, headers=auth(hub.alice_token), timeout=60)
+    assert put.status_code == 201, dump(put)
+    watch = LogWatch(p)
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=15) as client:
+            client.sendall(request_head(p, f"GET /files/{name} HTTP/1.1", hub.alice_token))
+            got = bytearray()
+            assert _read_until(client, got, lambda b: b"\r\n\r\n" in b)
+            head, _, rest = bytes(got).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert re.search(rb"(?im)^content-length: %d\s*$" % MB, head), head
+            body_bytes = bytearray(rest)
+            assert _read_until(client, body_bytes, lambda b: len(b) >= MB)
+            assert bytes(body_bytes) == payload
+            watch.wait_for(rf"\[jds#info\] GET /files/{name} 200 ")
+            assert cutter.cut() >= 1  # the pooled hub connection that carried it
+            client.sendall(request_head(p, "GET /api/status HTTP/1.1", hub.alice_token))
+            again = bytearray()
+            assert _read_until(client, again, lambda b: b"\r\n\r\n" in b), "the connection was closed"
+            assert again.startswith(b"HTTP/1.1 200 "), bytes(again[:200])
+        assert not [line for line in watch.lines() if "cut short" in line]
+    finally:
+        requests.delete(direct, headers=auth(hub.alice_token), verify=str(hub.ca_path), timeout=30)
+
+
 def test_client_gone_mid_download_releases_the_hub_connection(
     hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, big_file: tuple[str, str]
 ) -> None:
