@@ -18,6 +18,7 @@ from urllib.parse import quote
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -54,6 +55,7 @@ from jds.paths import (
     split_token,
     upstream_request_headers,
 )
+from jds.retry import HubLinkLog, RetryPlan, may_retry
 from jds.tls import HubTLSPolicy
 
 log = Logger(namespace="jds.proxy")
@@ -87,7 +89,8 @@ class _PinnedEndpointFactory:
         # Agent asks on every request, pooled connection or not; building a HostnameEndpoint
         # (IDNA-encoding the host) each time cost 4-8 % of the proxy's CPU per request.
         if self._endpoint is None:
-            self._endpoint = self._policy.endpoint()
+            # Handed over only after the TLS handshake: a request whose connection failed was not sent.
+            self._endpoint = self._policy.endpoint(after_handshake=True)
         return self._endpoint
 
 
@@ -195,6 +198,7 @@ class _Exchange:
         self._client_gone = False
         self._replayed = False
         self._held: IResponse | None = None
+        self._retry: RetryPlan | None = None
         self.set_auth_cookie = False
         request.notifyFinish().addErrback(self._client_went_away)
 
@@ -247,6 +251,7 @@ class _Exchange:
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
+        self.resource.link_log.back()
         if self._client_gone:
             response.deliverBody(_Discard())
             return
@@ -408,7 +413,7 @@ class _Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
-        if self._client_gone or failure.check(CancelledError):
+        if self._client_gone or failure.check(CancelledError) or self._retry_later(failure):
             return
         if failure.check(TimeoutError):
             write_refusal(self.request, Refusal(
@@ -419,6 +424,23 @@ class _Exchange:
             ))
             return
         write_refusal(self.request, self.resource.policy.explain(failure))
+
+    def _retry_later(self, failure: Failure) -> bool:
+        """A request the hub cannot have acted on, or one that changes nothing, goes again after a wait."""
+        if not may_retry(self.request.method, failure):
+            return False
+        if self._retry is None:
+            self._retry = RetryPlan(self.resource.reactor)
+            stats = getattr(getattr(self.request, "site", None), "stats", None)
+            if stats is not None:
+                stats.request_retried()
+        delay = self._retry.next_delay()
+        if delay is None:
+            return False
+        self.resource.link_log.lost(self.resource.policy.explain(failure).message)
+        self._pending = deferLater(self.resource.reactor, delay, self.start)
+        self._pending.addErrback(self._failed)
+        return True
 
     def _client_went_away(self, failure: Failure) -> None:
         """The IDE hung up: cancel the hub request or stop its body, releasing that connection."""
@@ -456,6 +478,7 @@ class HubProxyResource(ReverseProxyResource):
         self.websockets = websockets
         self.credentials = credentials or Credentials()
         self.starter = starter
+        self.link_log = HubLinkLog(reactor)
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:
         return self

@@ -25,7 +25,8 @@ class Stats:
     """
     Counters of one daemon's traffic. ``requests`` and bytes count finished HTTP exchanges relayed
     to the hub (the daemon's own pages are not traffic); ``open_http`` counts exchanges in progress,
-    ``open_websockets`` relayed sockets, ``websockets`` all sockets ever opened.
+    ``open_websockets`` relayed sockets, ``websockets`` all sockets ever opened, ``retried_requests``
+    requests sent to the hub again after a broken link (:mod:`jds.retry`).
     """
 
     clock: Callable[[], float] = time.time
@@ -36,6 +37,7 @@ class Stats:
     open_http: int = 0
     open_websockets: int = 0
     websockets: int = 0
+    retried_requests: int = 0
     last_error: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -61,6 +63,9 @@ class Stats:
         self.bytes_in += received
         self.bytes_out += sent
 
+    def request_retried(self) -> None:
+        self.retried_requests += 1
+
     def websocket_opened(self) -> None:
         self.open_websockets += 1
         self.websockets += 1
@@ -81,5 +86,6 @@ class Stats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "websockets": self.websockets,
+            "retried_requests": self.retried_requests,
             "last_error": self.last_error,
         }

@@ -152,7 +152,8 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"  server:     {report['server_url']} ({report['user']}'s {server}) is {report['server_state']}",
         f"  root:       {_root_line(report.get('root', ''))}",
         f"  relayed:    {_plural(report['requests'], 'request')}, {_size(report['bytes_in'])} from the IDE, "
-        f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}",
+        f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}"
+        + (f"; {report['retried_requests']} retried after a lost hub link" if report.get("retried_requests") else ""),
         f"  open now:   {_plural(report['open_http'], 'HTTP request')}, "
         f"{_plural(report['open_websockets'], 'WebSocket')}",
     ]

@@ -24,7 +24,7 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identit
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -46,7 +46,7 @@ from zope.interface import implementer
 from jds.refusal import Refusal
 from jds.spares import SpareConnections
 
-__all__ = ["HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure"]
+__all__ = ["HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure", "leaf_failures"]
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -272,8 +272,40 @@ class _HubSocketEndpoint:
         )
 
 
+class _HubTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's plain TLS protocol that can tell its endpoint when the handshake is over: until then
+    no byte the application wrote has left, so a connection lost before it has carried nothing.
+    """
+
+    _handshake_waiter: Deferred | None = None
+
+    def handshake_done(self) -> Deferred:
+        """Fires with the wrapped protocol once the handshake is done, or fails with why it was not."""
+        if self._handshakeDone:
+            return succeed(self.wrappedProtocol)
+        if not self.connected:
+            return fail(net_error.ConnectionLost("The connection was lost during the TLS handshake."))
+        self._handshake_waiter = Deferred(lambda _: self.abortConnection())
+        return self._handshake_waiter
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        waiter = self._handshake_waiter
+        if waiter is not None and self._handshakeDone:
+            self._handshake_waiter = None
+            waiter.callback(self.wrappedProtocol)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        waiter, self._handshake_waiter = self._handshake_waiter, None
+        why = self._reason or reason
+        super().connectionLost(reason)
+        if waiter is not None and not waiter.called:
+            waiter.errback(why)
+
+
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
-    protocol = TLSMemoryBIOProtocol
+    protocol = _HubTLSProtocol
 
 
 @implementer(IStreamClientEndpoint)
@@ -284,15 +316,24 @@ class _UnbufferedTLSEndpoint:
     already whole (a request head, a WebSocket frame, 64 KiB of a body), so holding them merges
     nothing and only adds a timer and a turn to each one: without it a small REST request costs
     ~8 % less CPU and ~140 µs less latency, and uploads get faster (``benchmarks/README.md``).
+
+    With ``after_handshake`` the connection is handed over only once its TLS handshake is done, and a
+    connection lost before then fails the connect: whoever writes on it knows that nothing was sent.
     """
 
-    def __init__(self, creator: IOpenSSLClientConnectionCreator, inner: IStreamClientEndpoint) -> None:
+    def __init__(
+        self, creator: IOpenSSLClientConnectionCreator, inner: IStreamClientEndpoint, after_handshake: bool = False
+    ) -> None:
         self._creator = creator
         self._inner = inner
+        self._after_handshake = after_handshake
 
     def connect(self, protocolFactory):  # noqa: N803 - interface name
         tls_factory = _UnbufferedTLSFactory(self._creator, True, protocolFactory)
-        return self._inner.connect(tls_factory).addCallback(lambda tls: tls.wrappedProtocol)
+        connecting = self._inner.connect(tls_factory)
+        if self._after_handshake:
+            return connecting.addCallback(lambda tls: tls.handshake_done())
+        return connecting.addCallback(lambda tls: tls.wrappedProtocol)
 
 
 class HubTLSPolicy:
@@ -319,23 +360,28 @@ class HubTLSPolicy:
         self.creator = _PinnedClientCreator(options, tls_name, self.ca_source)
         self.spares = SpareConnections(reactor, spares, spare_seconds) if spares else None
 
-    def endpoint(self) -> IStreamClientEndpoint:
+    def endpoint(self, after_handshake: bool = False) -> IStreamClientEndpoint:
+        """
+        Where hub connections come from. ``after_handshake``: connect only once TLS is established,
+        so that a failure to connect means the hub saw none of what would have been written.
+        """
         tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
-        tls = _UnbufferedTLSEndpoint(self.creator, _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout))
+        hub_socket = _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout)
+        tls = _UnbufferedTLSEndpoint(self.creator, hub_socket, after_handshake)
         return self.spares.endpoint(tls) if self.spares is not None else tls
 
     def explain(self, failure: Failure) -> Refusal:
         return explain_failure(failure, self.host, self.port, self.connect_timeout)
 
 
-def _leaves(failure: Failure) -> list[Failure]:
+def leaf_failures(failure: Failure) -> list[Failure]:
     """Agent wraps causes in ResponseNeverReceived / RequestTransmissionFailed lists."""
     reasons = getattr(failure.value, "reasons", None)
     if not reasons:
         return [failure]
     out: list[Failure] = []
     for reason in reasons:
-        out.extend(_leaves(reason))
+        out.extend(leaf_failures(reason))
     return out
 
 
@@ -345,7 +391,7 @@ def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> R
     action that fixes it) to the log line.
     """
     where = f"{host}:{port}"
-    leaves = _leaves(failure)
+    leaves = leaf_failures(failure)
     for leaf in leaves:
         if leaf.check(Refusal):
             return leaf.value

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
@@ -191,15 +192,83 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertEqual(self.agent.cancelled, [b"https://hub.example.org:8443/user/alice/api/kernels"])
         self.assertEqual(self.written(), b"")
 
-    def test_unreachable_hub_is_502_json(self) -> None:
+    def fail_every_attempt(self, failure: Failure) -> list[float]:
+        """Fail each attempt as it comes while the clock runs on; return when each one came."""
+        times: list[float] = []
+        while self.reactor.seconds() < 30:
+            if len(self.agent.calls) > len(times):
+                times.append(self.reactor.seconds())
+                self.agent.calls[len(times) - 1][4].errback(failure)
+            self.reactor.advance(0.25)
+        return times
+
+    def test_unreachable_hub_is_retried_for_ten_seconds_then_502_json(self) -> None:
         self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
-        [(_, _, _, _, d)] = self.agent.calls
-        d.errback(Failure(ConnectionRefusedError()))
+        with capturedLogs() as events:
+            attempts = self.fail_every_attempt(Failure(ConnectionRefusedError()))
+        self.assertEqual(attempts, [0.0, 0.5, 1.5, 3.5, 7.5, 10.0])
         head, _, body = self.written().partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 502 "))
         error = json.loads(body)
         self.assertEqual(error["reason"], "hub-unreachable")
         self.assertIn("127.0.0.1:8443", error["message"])
+        lost = [formatEvent(e) for e in events if formatEvent(e).startswith("Hub link lost")]
+        self.assertEqual(len(lost), 1, lost)
+        self.assertEqual(self.site.stats.retried_requests, 1)
+
+    def test_get_that_met_a_broken_link_is_answered_once_the_link_is_back(self) -> None:
+        self.send(b"GET /api/contents HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        for _ in range(2):
+            self.agent.calls[-1][4].errback(Failure(ResponseNeverReceived([Failure(ConnectionLost())])))
+            self.assertEqual(self.written(), b"")
+            self.reactor.advance(2)
+        self.assertEqual(len(self.agent.calls), 3)
+        self.assertEqual({call[1] for call in self.agent.calls}, {b"https://hub.example.org:8443/user/alice/api/contents"})
+        response = FakeResponse(200, {}, length=2)
+        with capturedLogs() as events:
+            self.agent.calls[-1][4].callback(response)
+        response.send(b"{}")
+        self.assertTrue(self.written().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual([formatEvent(e) for e in events if "Hub link back" in formatEvent(e)],
+                         ["Hub link back after 4.0 s; 2 request attempt(s) were retried."])
+
+    def test_post_that_may_have_reached_the_hub_is_never_replayed(self) -> None:
+        self.send(b"POST /api/contents/dir HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
+        self.agent.calls[0][4].errback(Failure(ResponseNeverReceived([Failure(ConnectionLost())])))
+        self.assertTrue(self.written().startswith(b"HTTP/1.1 502 "))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.agent.calls), 1)
+        self.assertEqual(self.site.stats.retried_requests, 0)
+
+    def test_post_never_sent_goes_again_with_its_whole_body(self) -> None:
+        self.send(b"POST /api/contents/dir HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 10\r\n\r\n{\"a\": \"b\"}")
+        first = self.agent.calls[0][3]
+        self.assertEqual(first._inputFile.read(4), b'{"a"')  # the first attempt had begun to read it
+        self.agent.calls[0][4].errback(Failure(ConnectionRefusedError()))
+        self.reactor.advance(0.5)
+        [_, (method, _, _, body, d)] = self.agent.calls
+        self.assertEqual(method, b"POST")
+        self.assertEqual((body.length, body._inputFile.read()), (10, b'{"a": "b"}'))
+        response = FakeResponse(201, {}, length=0)
+        d.callback(response)
+        response.send()
+        self.assertTrue(self.written().startswith(b"HTTP/1.1 201 "))
+
+    def test_client_gone_while_waiting_to_retry_ends_the_retries(self) -> None:
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.agent.calls[0][4].errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+        self.reactor.advance(10)
+        self.assertEqual(len(self.agent.calls), 1)
+        self.assertEqual(self.written(), b"")
+
+    def test_hub_that_took_the_request_and_never_answered_is_not_retried(self) -> None:
+        self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.agent.calls[0][4].errback(Failure(TimeoutError()))
+        self.assertTrue(self.written().startswith(b"HTTP/1.1 504 "))
+        self.assertEqual(len(self.agent.calls), 1)
 
     def test_refused_paths_never_reach_the_hub(self) -> None:
         for path, status in ((b"/hub/api", b"404"), (b"/../user/bob/", b"400"), (b"/a/%2e%2e/%2e%2e/x", b"400")):

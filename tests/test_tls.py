@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from jds.proxy import make_agent
+from jds.retry import never_sent
 from jds.tls import HubTLSPolicy
 
 NAME = "hub.jds.test"
@@ -152,6 +153,42 @@ class HubTLSFailureTests(TestCase):
         answer = yield answered
         self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:80])
         self.assertTrue(answer.endswith(b"hello"))
+
+    @inlineCallbacks
+    def test_after_handshake_hands_the_connection_over_with_tls_up(self):
+        """The proxy's requests wait for the handshake: then a failed connect means nothing was sent."""
+        port = self.serve_tls(self.leaf_options(self.ca.issue_cert(NAME)))
+        policy = HubTLSPolicy(reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=2)
+        client = yield policy.endpoint(after_handshake=True).connect(Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.abortConnection)
+        self.assertIsNotNone(client.transport.getPeerCertificate())
+        early = yield policy.endpoint().connect(Factory.forProtocol(Protocol))
+        self.addCleanup(early.transport.abortConnection)
+        self.assertIsNone(early.transport.getPeerCertificate())  # without it: at once, TLS not yet up
+
+    @inlineCallbacks
+    def test_after_handshake_a_peer_that_resets_before_tls_fails_the_connect(self):
+        class Resets(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802 - Twisted interface name
+                self.transport.abortConnection()
+
+        port = self.serve_plain(Resets)
+        policy = HubTLSPolicy(reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=2)
+        lost: list[Failure] = []
+
+        class Client(Protocol):
+            def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted interface name
+                lost.append(reason)
+
+        try:
+            yield policy.endpoint(after_handshake=True).connect(Factory.forProtocol(Client))
+        except Exception:
+            failure = Failure()
+        else:
+            self.fail("the connect succeeded although the peer reset the connection before TLS")
+        self.assertTrue(never_sent(failure), failure)
+        self.assertEqual(policy.explain(failure).reason, "hub-connection-lost")
+        self.assertEqual(len(lost), 1, "the protocol that never got the connection was not told it is gone")
 
     @inlineCallbacks
     def test_unknown_ca(self):

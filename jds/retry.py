@@ -1,0 +1,141 @@
+"""
+When an HTTP request that met a broken hub link may be sent again, and when.
+
+A request is sent again only when that cannot make the hub act twice: GET, HEAD and OPTIONS change
+nothing, and any request whose bytes never left the proxy (the hub refused the connection, the
+connection was lost before its TLS handshake completed, or a pooled connection was gone before the
+request was written) was never seen. Anything else that may have reached the hub, such as a POST
+whose answer never came, is never replayed: the IDE gets the 502 and decides.
+
+The first new attempt waits 0.5 s, each later one twice as long, until :data:`RETRY_WINDOW` seconds
+have passed since the first failure. Twisted's pool already sends a body-less idempotent request once
+more at once when a pooled connection turns out to be stale; what fails after that comes here.
+
+While requests fail for a broken link, :class:`HubLinkLog` says so in one line, and in one more when
+a request gets through again, however many requests and attempts there were in between.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
+from jds.tls import leaf_failures
+
+__all__ = [
+    "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "HubLinkLog", "RetryPlan", "link_broken", "may_retry", "never_sent",
+]
+
+log = Logger(namespace="jds.proxy")
+
+RETRY_WINDOW = 10.0
+FIRST_DELAY = 0.5
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+# Agent's wrappers for a request that was (or may have been) written on a connection.
+_ON_A_CONNECTION = (RequestTransmissionFailed, ResponseNeverReceived, ResponseFailed)
+# Failures to open a connection, or connections lost under a request: the network, not the hub's answer.
+_CONNECT_FAILURES = (net_error.ConnectError, net_error.DNSLookupError)
+_LOST = (net_error.ConnectionClosed,)
+
+
+def never_sent(failure: Failure) -> bool:
+    """
+    True when no byte of the request can have reached the hub: Agent never got a connection (refused,
+    unreachable, lost during the TLS handshake; the endpoint fails the connection then) or found its
+    pooled connection gone before writing (``RequestNotSent``).
+    """
+    if failure.check(RequestNotSent):
+        return True
+    if failure.check(*_ON_A_CONNECTION, CancelledError):
+        return False
+    return bool(failure.check(*_CONNECT_FAILURES, *_LOST))
+
+
+def link_broken(failure: Failure) -> bool:
+    """True when the request failed because the connection to the hub failed, not for an answer or a timeout."""
+    if never_sent(failure):
+        return True
+    if not failure.check(*_ON_A_CONNECTION):
+        return False
+    leaves = leaf_failures(failure)
+    return bool(leaves) and all(leaf.check(*_LOST, *_CONNECT_FAILURES) for leaf in leaves)
+
+
+def may_retry(method: bytes, failure: Failure) -> bool:
+    """Whether a request with ``method`` that failed with ``failure`` may be sent again."""
+    return never_sent(failure) or (method in SAFE_METHODS and link_broken(failure))
+
+
+class RetryPlan:
+    """
+    The waits before one request's new attempts: 0.5 s, then twice the last, the last wait shortened
+    so that the attempts end :data:`RETRY_WINDOW` seconds after the first failure.
+    """
+
+    def __init__(self, clock: IReactorTime, window: float = RETRY_WINDOW, first: float = FIRST_DELAY) -> None:
+        self._clock = clock
+        self._window = window
+        self._next = first
+        self._deadline: float | None = None
+        self.attempts = 1
+
+    def next_delay(self) -> float | None:
+        """How long to wait before the next attempt, or None when the window is spent."""
+        now = self._clock.seconds()
+        if self._deadline is None:
+            self._deadline = now + self._window
+        left = self._deadline - now
+        if left <= 0:
+            return None
+        delay = min(self._next, left)
+        self._next *= 2
+        self.attempts += 1
+        return delay
+
+
+class HubLinkLog:
+    """One log line when requests start failing for a broken hub link, one when one gets through."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._since: float | None = None
+        self._retried = 0
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def lost(self, why: str) -> None:
+        """A request met a broken link and will be sent again; ``why`` names no token."""
+        self._retried += 1
+        if self._since is not None:
+            return
+        self._since = self._clock.seconds()
+        log.warn(
+            "Hub link lost: {why} Requests that are safe to send again are retried for up to {window:g} s.",
+            why=why,
+            window=RETRY_WINDOW,
+        )
+
+    def back(self) -> None:
+        """A request got an answer from the hub."""
+        if self._since is None:
+            return
+        took = self._clock.seconds() - self._since
+        log.info(
+            "Hub link back after {seconds:.1f} s; {count} request attempt(s) were retried.",
+            seconds=took,
+            count=self._retried,
+        )
+        self._since = None
+        self._retried = 0
