@@ -6,8 +6,11 @@ passes through untouched, byte for byte. The test can then
 - :meth:`TcpCutter.cut` every open connection with a reset, both ways (a crashed hub or a dead
   network path mid-response: no TLS close, no FIN);
 - set ``mode = "blackhole"``: new connections are accepted and then never answered nor forwarded
-  (a half-open or wedged peer);
+  (a half-open or wedged peer); ``"reset"``: accepted and reset at once (a load balancer with no
+  backend); ``"refuse"``: not accepted, the port refuses them (a hub that is down);
 - set ``rate`` to throttle what flows from the target to the proxy (a slow response);
+- set ``hold_after`` to stop relaying the target's bytes to the proxy on each connection once that
+  many more bytes went to the target (the hub got a request; its answer waits in the cutter);
 - set ``cut_after`` to reset each connection once that many more bytes went from the target to
   the proxy (a hub dying mid-response at a known point: the proxy gets at most that many bytes,
   counted from when it was set, so a pooled connection's earlier traffic does not count);
@@ -39,11 +42,15 @@ T = TypeVar("T")
 _BUFFER = 256 * 1024
 _CHUNK = 64 * 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_MODES = ("forward", "blackhole", "reset", "refuse")
 
 
 @dataclass(frozen=True)
 class Connection:
-    """A snapshot of one relayed connection. ``closed_by`` is "proxy", "target", "cut" or "stop"."""
+    """
+    A snapshot of one relayed connection. ``closed_by`` is "proxy", "target", "cut", "stop", or
+    "reset" for one that mode "reset" turned away.
+    """
 
     number: int
     mode: str
@@ -56,6 +63,15 @@ class Connection:
     @property
     def is_open(self) -> bool:
         return self.closed is None
+
+
+def _listen(port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(128)
+    listener.setblocking(False)
+    return listener
 
 
 class _Pipe:
@@ -76,6 +92,11 @@ class _Pipe:
         self.budget = 0.0
         self.eof_from: str | None = None
         self.cut_at: int | None = None  # ``down`` at which the connection is reset
+        self.hold_at: int | None = None  # ``up`` from which the target's bytes are held
+
+    @property
+    def held(self) -> bool:
+        return self.hold_at is not None and self.up >= self.hold_at
 
     def snapshot(self) -> Connection:
         return Connection(
@@ -90,17 +111,14 @@ class TcpCutter:
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1", mode: str = "forward") -> None:
-        if mode not in ("forward", "blackhole"):
-            raise ValueError(f"mode must be 'forward' or 'blackhole', not {mode!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, not {mode!r}")
         self.target = (target_host, target_port)
         self._mode = mode
         self._rate: float | None = None
         self._cut_after: int | None = None
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.setblocking(False)
+        self._hold_after: int | None = None
+        self._listener: socket.socket | None = _listen(0)
         self.port: int = self._listener.getsockname()[1]
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -150,9 +168,18 @@ class TcpCutter:
     @mode.setter
     def mode(self, mode: str) -> None:
         """Applies to connections accepted from now on."""
-        if mode not in ("forward", "blackhole"):
-            raise ValueError(f"mode must be 'forward' or 'blackhole', not {mode!r}")
-        self._call(lambda: setattr(self, "_mode", mode))
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, not {mode!r}")
+        self._call(lambda: self._set_mode(mode))
+
+    @property
+    def hold_after(self) -> int | None:
+        return self._hold_after
+
+    @hold_after.setter
+    def hold_after(self, size: int | None) -> None:
+        """Hold the target's bytes on each connection once it relayed ``size`` more bytes to the target."""
+        self._call(lambda: self._set_hold_after(size))
 
     @property
     def rate(self) -> float | None:
@@ -197,7 +224,8 @@ class TcpCutter:
     # -- the loop's side -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._selector.register(self._listener, selectors.EVENT_READ, ("accept", None))
+        if self._listener is not None:
+            self._selector.register(self._listener, selectors.EVENT_READ, ("accept", None))
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         last = time.monotonic()
         try:
@@ -236,11 +264,17 @@ class TcpCutter:
                 answer.put((False, exc))
 
     def _accept(self) -> None:
-        while True:
+        while self._listener is not None:
             try:
                 client, _ = self._listener.accept()
             except BlockingIOError:
                 return
+            if self._mode == "reset":
+                pipe = _Pipe(next(self._numbers), client, None, "reset")
+                with self._lock:
+                    self._pipes.append(pipe)
+                self._close(pipe, "reset", reset=True)
+                continue
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server = None
@@ -254,6 +288,7 @@ class TcpCutter:
                 server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pipe = _Pipe(next(self._numbers), client, server, self._mode)
             pipe.cut_at = self._cut_after
+            pipe.hold_at = self._hold_after
             with self._lock:
                 self._pipes.append(pipe)
 
@@ -272,7 +307,7 @@ class TcpCutter:
                 self._read(pipe, pipe.client, pipe.to_server, "proxy")
             else:
                 self._read(pipe, pipe.server, pipe.to_client, "target")
-        if pipe.closed is None and mask & selectors.EVENT_WRITE:
+        if pipe.closed is None and mask & selectors.EVENT_WRITE and not (from_client and pipe.held):
             self._flush(pipe, sock, pipe.to_client if from_client else pipe.to_server)
         if pipe.closed is None and pipe.cut_at is not None and pipe.down >= pipe.cut_at:
             self._close(pipe, "cut", reset=True)
@@ -331,9 +366,9 @@ class TcpCutter:
             if len(pipe.to_server) < _BUFFER:
                 client |= selectors.EVENT_READ
             limited = pipe.cut_at is not None and pipe.down >= pipe.cut_at
-            if len(pipe.to_client) < _BUFFER and pipe.budget >= 1 and not limited:
+            if len(pipe.to_client) < _BUFFER and pipe.budget >= 1 and not limited and not pipe.held:
                 server |= selectors.EVENT_READ
-        if pipe.to_client:
+        if pipe.to_client and not pipe.held:
             client |= selectors.EVENT_WRITE
         if pipe.to_server:
             server |= selectors.EVENT_WRITE
@@ -390,6 +425,25 @@ class TcpCutter:
             self._close(pipe, "cut", reset=True)
         return len(pipes)
 
+    def _set_mode(self, mode: str) -> None:
+        """"refuse" closes the listening socket; any other mode opens it again on the same port."""
+        in_loop = threading.current_thread() is self._thread
+        if mode == "refuse" and self._listener is not None:
+            if in_loop:
+                self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        elif mode != "refuse" and self._listener is None:
+            self._listener = _listen(self.port)
+            if in_loop:
+                self._selector.register(self._listener, selectors.EVENT_READ, ("accept", None))
+        self._mode = mode
+
+    def _set_hold_after(self, size: int | None) -> None:
+        self._hold_after = size
+        for pipe in self._pipes:
+            pipe.hold_at = None if size is None else pipe.up + size
+
     def _set_cut_after(self, size: int | None) -> None:
         self._cut_after = size
         for pipe in self._pipes:
@@ -402,5 +456,6 @@ class TcpCutter:
         for pipe in list(self._pipes):
             self._close(pipe, "stop", reset=True)
         for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.close()
+            if sock is not None:
+                sock.close()
         self._selector.close()

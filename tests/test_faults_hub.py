@@ -972,6 +972,101 @@ def _answers(hub: JupyterHubProcess) -> bool:
     return direct.status_code == 200
 
 
+# -- REST across a broken link (issue 11) -------------------------------------------------------
+
+
+def alice_dir(hub: JupyterHubProcess) -> str:
+    """A new, empty directory in alice's home, made on the hub directly; its files are what a test counts."""
+    name = f"retry-{uuid.uuid4().hex[:8]}"
+    made = requests.put(f"{hub.url}/user/alice/api/contents/{name}", json={"type": "directory"},
+                        headers=auth(hub.alice_token), verify=str(hub.ca_path), timeout=30)  # fmt: skip
+    assert made.status_code == 201, dump(made)
+    return name
+
+
+def files_in(hub: JupyterHubProcess, directory: str) -> list[str]:
+    """What the hub itself holds in ``directory``, asked without the proxy or the cutter."""
+    listing = requests.get(f"{hub.url}/user/alice/api/contents/{directory}", headers=auth(hub.alice_token),
+                           verify=str(hub.ca_path), timeout=30)  # fmt: skip
+    assert listing.status_code == 200, dump(listing)
+    return sorted(entry["name"] for entry in listing.json()["content"])
+
+
+def turned_away(cutter: TcpCutter) -> int:
+    return sum(1 for c in cutter.connections() if c.closed_by == "reset")
+
+
+def test_get_during_an_outage_is_answered_once_the_hub_is_back(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter
+) -> None:
+    p = through(proxy, hub, cutter)
+    watch = LogWatch(p)
+    cutter.mode = "reset"  # every new hub connection is reset at once ...
+    cutter.cut()  # ... and the open ones too
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.get, f"{p.url}/api/contents", headers=auth(hub.alice_token), timeout=60)
+        watch.wait_for(r"\[jds\.proxy#warn\] Hub link lost: ")
+        poll(lambda: turned_away(cutter) >= 3 or None, 15, "three attempts at the hub to be turned away")
+        assert not answer.done(), "the GET was answered while every hub connection was reset"
+        cutter.mode = "forward"
+        response = answer.result(timeout=30)
+    assert response.status_code == 200, dump(response)
+    assert response.json()["type"] == "directory"
+    watch.wait_for(r"\[jds\.proxy#info\] Hub link back after \d+\.\d s; \d+ request attempt\(s\) were retried\.")
+    assert len([line for line in watch.lines() if "Hub link lost" in line]) == 1, watch.lines()
+    assert not [line for line in watch.lines() if " -> 502" in line], watch.lines()
+    assert status_document(p, hub.alice_token)["retried_requests"] == 1
+
+
+@pytest.mark.parametrize("outage", ["refuse", "reset"])
+def test_post_that_never_reached_the_hub_is_sent_again_and_acts_once(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, outage: str
+) -> None:
+    """Refused at connect, or reset before TLS was up: no byte of the POST left the proxy."""
+    directory = alice_dir(hub)
+    p = through(proxy, hub, cutter)
+    watch = LogWatch(p)
+    cutter.mode = outage
+    cutter.cut()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.post, f"{p.url}/api/contents/{directory}", json={"type": "file"},
+                             headers=auth(hub.alice_token), timeout=60)  # fmt: skip
+        watch.wait_for(r"\[jds\.proxy#warn\] Hub link lost: ")
+        if outage == "reset":
+            poll(lambda: turned_away(cutter) >= 2 or None, 15, "two attempts at the hub to be turned away")
+        assert not answer.done()
+        cutter.mode = "forward"
+        response = answer.result(timeout=30)
+    assert response.status_code == 201, dump(response)
+    assert files_in(hub, directory) == [response.json()["name"]]
+    assert status_document(p, hub.alice_token)["retried_requests"] == 1
+
+
+def test_post_that_may_have_reached_the_hub_is_not_sent_again(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter
+) -> None:
+    """The hub got the POST and acted on it; its answer was lost with the link. Sent again, it would act twice."""
+    directory = alice_dir(hub)
+    p = through(proxy, hub, cutter)
+    watch = LogWatch(p)
+    cutter.hold_after = 64 * 1024  # once the request is through, the hub's answer waits in the cutter
+    padded = {"type": "file", "padding": "x" * (128 * 1024)}  # the contents API ignores other keys
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.post, f"{p.url}/api/contents/{directory}", json=padded,
+                             headers=auth(hub.alice_token), timeout=60)  # fmt: skip
+        created = poll(lambda: files_in(hub, directory) or None, 30, "the hub to create the file")
+        assert len(created) == 1
+        assert not answer.done(), "the hub's answer reached the client: nothing was lost"
+        assert cutter.cut() >= 1
+        cutter.hold_after = None
+        response = answer.result(timeout=30)
+    assert response.status_code == 502, dump(response)
+    assert response.json()["reason"] == "hub-connection-lost"
+    assert files_in(hub, directory) == created
+    assert not [line for line in watch.lines() if "Hub link lost" in line], watch.lines()
+    assert status_document(p, hub.alice_token)["retried_requests"] == 0
+
+
 # == 3. Bad input over raw sockets ============================================================
 
 
