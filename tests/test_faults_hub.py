@@ -116,17 +116,22 @@ def request_head(proxy: ProxyProcess, line: str, token: str, *extra: str) -> byt
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def small_window(port: int, timeout: float = 15) -> http.client.HTTPConnection:
+def small_window_socket(port: int, timeout: float = 15) -> socket.socket:
     """
-    An HTTP connection whose socket takes little at a time (64 kB receive buffer), so that with the
-    proxy's backpressure most of a large body is still upstream while the client reads.
+    A client socket that takes little at a time (64 kB receive buffer), so that with the proxy's
+    backpressure most of a large body is still upstream while the client reads.
     """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     sock.settimeout(timeout)
     sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def small_window(port: int, timeout: float = 15) -> http.client.HTTPConnection:
+    """An HTTP connection over :func:`small_window_socket`."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    connection.sock = sock
+    connection.sock = small_window_socket(port, timeout)
     return connection
 
 
@@ -588,10 +593,7 @@ def test_hub_reset_while_the_proxy_waits_for_a_slow_client_aborts_it(
     name, _ = big_file
     p = through(proxy, hub, cutter)
     watch = LogWatch(p)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    client.settimeout(15)
-    client.connect(("127.0.0.1", p.port))
+    client = small_window_socket(p.port)
     try:
         client.sendall(request_head(p, f"GET /files/{name} HTTP/1.1", hub.alice_token))
         got = bytearray()
@@ -666,10 +668,7 @@ def test_client_gone_mid_download_releases_the_hub_connection(
 ) -> None:
     name, _ = big_file
     p = through(proxy, hub, cutter)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    client.settimeout(15)
-    client.connect(("127.0.0.1", p.port))
+    client = small_window_socket(p.port)
     try:
         client.sendall(request_head(p, f"GET /files/{name} HTTP/1.1", hub.alice_token))
         got = bytearray()

@@ -132,6 +132,16 @@ def test_describe_reads_like_a_sentence() -> None:
     rooted = json.loads(StatusResource(stats, replace(TARGET, root="work/proj"), Credentials()).document("unknown"))
     assert rooted["root"] == "work/proj"
     assert "root:       work/proj/ (--root" in describe(rooted, "http://127.0.0.1:8000")
+    assert "retried" not in text
+
+
+def test_describe_counts_requests_retried_after_a_lost_hub_link() -> None:
+    stats = Stats()
+    stats.request_retried()
+    stats.request_retried()
+    report = json.loads(StatusResource(stats, TARGET, Credentials()).document("unknown"))
+    assert report["retried_requests"] == 2
+    assert "0 WebSockets; 2 retried after a lost hub link" in describe(report, "http://127.0.0.1:8000")
 
 
 @pytest.mark.parametrize(
