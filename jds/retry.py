@@ -79,7 +79,8 @@ def may_retry(method: bytes, failure: Failure) -> bool:
 class RetryPlan:
     """
     The waits before one request's new attempts: 0.5 s, then twice the last, the last wait shortened
-    so that the attempts end :data:`RETRY_WINDOW` seconds after the first failure.
+    so that the last attempt starts :data:`RETRY_WINDOW` seconds after the first failure. The time an
+    attempt takes counts; one that meets a silent hub can still take its connect timeout on top.
     """
 
     def __init__(self, clock: IReactorTime, window: float = RETRY_WINDOW, first: float = FIRST_DELAY) -> None:
