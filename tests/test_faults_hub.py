@@ -688,7 +688,10 @@ def test_client_gone_mid_download_releases_the_hub_connection(
     )  # fmt: skip
     assert gone.closed_by == "proxy"
     assert gone.down < 20 * MB, "the whole file was relayed before the client went; nothing was tested"
-    # a client that gives up while the hub has not even answered: the pending connection goes too
+    # a client that gives up while the hub has not even answered: the pending connection goes too.
+    # First let the pool's idle connection and any spare (jds.spares) close, so that the request
+    # below has to dial the black-holed hub instead of taking a connection opened before.
+    poll(lambda: not cutter.open_connections() or None, 10, "the proxy's idle and spare hub connections to close")
     cutter.mode = "blackhole"
     waiting = socket.create_connection(("127.0.0.1", p.port), timeout=10)
     try:
