@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 from jds.auth import Credentials
 from jds.commands import parse_subcommand
 from jds.hub import HubAPI, ServerStarter
+from jds.hubversions import OLDEST, START_SCOPES, UnsupportedHub, release_of
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.proxy import make_agent, quiet_pool
@@ -31,9 +32,8 @@ from jds.site import build_site
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
 
-# Scopes a token needs for what the proxy does with it (JupyterHub 6 splits start:servers out).
+# The scope a token needs to reach the server; those that start it differ by release (jds.hubversions).
 _ACCESS = "access:servers"
-_START = ("servers", "start:servers", "admin:servers")
 
 
 @dataclass
@@ -96,6 +96,7 @@ class _Chain:
         self.hub_code = 0
         self.hub_body = b""
         self.can_start = False
+        self.release = OLDEST  # the hub's row in jds.hubversions, once the hub link has read its version
 
     @inlineCallbacks
     def connect(self):
@@ -144,7 +145,12 @@ class _Chain:
                 "hub", False, f"{target.url}hub/api answered HTTP {self.hub_code}, not a JupyterHub version",
                 "Check the path prefix in --hub (https://HOST:PORT/PREFIX/) and the port.",
             )]
-        return [Step("hub", True, f"JupyterHub {version} at {target.url}")]
+        try:
+            self.release = release_of(version)
+            tested = f"tested release {self.release.name}"
+        except UnsupportedHub as exc:
+            tested = f"untested: {exc}"
+        return [Step("hub", True, f"JupyterHub {version} at {target.url} ({tested})")]
 
     @inlineCallbacks
     def token(self):
@@ -168,12 +174,13 @@ class _Chain:
             problems.append(f"the token belongs to {owner}, not {target.user}")
         if scopes and not _scope_covers(scopes, _ACCESS, target):
             problems.append(f"it lacks the scope {_ACCESS}!user={target.user}")
-        self.can_start = not scopes or any(_scope_covers(scopes, s, target) for s in _START)
+        self.can_start = not scopes or any(_scope_covers(scopes, s, target) for s in START_SCOPES)
         detail = f"owner {owner}, expires {expires}, {len(scopes)} scopes"
         if problems:
             return [Step("token", False, detail + "; " + "; ".join(problems),
                          f"Create a token for {target.user} at {target.url}hub/token.")]
-        return [Step("token", True, detail + ("" if self.can_start else "; cannot start servers (no 'servers' scope)"))]
+        cannot = f"; cannot start servers (no '{self.release.start_scope}' scope)"
+        return [Step("token", True, detail + ("" if self.can_start else cannot))]
 
     @inlineCallbacks
     def server(self):

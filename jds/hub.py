@@ -23,6 +23,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from jds.hubversions import STOPPED_SERVER_CODES
 from jds.paths import HubTarget, escape_name
 from jds.refusal import Refusal
 
@@ -30,11 +31,10 @@ log = Logger(namespace="jds.hub")
 
 __all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped", "server_not_running"]
 
-# Hub answers that mean "the server is not running here", before any confirmation. JupyterHub 6
-# answers non-GET requests for a stopped server with 403 (its XSRF check) rather than the 405 of older
-# releases, and a stopped *named* server's paths fall through to the default server, which says 404.
+# Hub answers that mean "the server is not running here", before any confirmation: a redirect to the
+# spawn pages, or one of STOPPED_SERVER_CODES (which differ by release, see jds.hubversions); a stopped
+# *named* server's paths fall through to the default server, which says 404.
 _REDIRECT_CODES = {301, 302, 303, 307}
-_MAYBE_STOPPED_CODES = {403, 405, 424, 503}
 
 
 def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool | None:
@@ -52,7 +52,7 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
             if path.startswith(hub + stem + user + b"/") or path == hub + stem + user:
                 return True
         return False
-    if code in _MAYBE_STOPPED_CODES or (code == 404 and target.server):
+    if code in STOPPED_SERVER_CODES or (code == 404 and target.server):
         return None
     return False
 
