@@ -219,7 +219,7 @@ c.JupyterHub.authenticator_class = 'dummy'
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = 'simple'
 c.SimpleLocalProcessSpawner.home_dir_template = {str(home)!r}
-c.Spawner.cmd = [{venv_script("jupyterhub-singleuser")!r}]
+c.Spawner.cmd = [{self.hub_program("jupyterhub-singleuser")!r}]
 c.Spawner.args = {args!r}
 c.Spawner.ip = '127.0.0.1'
 c.Spawner.start_timeout = 120
@@ -239,6 +239,13 @@ c.JupyterHub.load_roles = [
         """The CHP this hub runs (a subclass may prefer another one)."""
         return configurable_http_proxy()
 
+    def hub_program(self, name: str) -> str:
+        """
+        A program of the hub's side (``python`` to run ``-m jupyterhub``, ``jupyterhub-singleuser``):
+        this interpreter's venv here; the tests' subclass can take them from another venv.
+        """
+        return sys.executable if name == "python" else venv_script(name)
+
     def start(self, timeout: float = 60) -> None:
         """Start the hub and wait until ``/hub/api`` answers over verified TLS."""
         if self.proc is not None and self.proc.poll() is None:
@@ -246,12 +253,13 @@ c.JupyterHub.load_roles = [
         self.config_path.write_text(self.config_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(self.config_path)],
+                [self.hub_program("python"), "-m", "jupyterhub", "-f", str(self.config_path)],
                 cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=clean_environ(),
+                # the hub's own bin first on PATH, so the servers and kernels it starts match it
+                env=clean_environ({"PATH": os.pathsep.join([str(Path(self.hub_program("python")).parent), os.environ.get("PATH", "")])}),
                 start_new_session=self.own_session,
             )
         proc = self.proc

@@ -48,6 +48,14 @@ def proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
         factory.stop_all()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``hub`` every test that runs against the real hub (uses the ``hub`` fixture, directly or
+    through another fixture): ``make test-compat`` runs those against each supported JupyterHub."""
+    for item in items:
+        if "hub" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.hub)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say how slow the hub was, to tell a slow machine from a hang in CI logs."""
     if _timings:

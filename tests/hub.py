@@ -13,6 +13,7 @@ Every process is started and stopped by its own pid; waiting is done by polling 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -41,6 +42,7 @@ from jds._demohub import (
     tail,
     venv_script,
 )
+from jds.hubversions import HubRelease, release_of
 from jds.paths import escape_name
 
 __all__ = [
@@ -69,6 +71,9 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# `make test-compat` points this at another virtualenv (its root, as in .compat/hub-3.1): the hub and the
+# single-user servers it starts run from there, pytest and the proxy under test from this one.
+HUB_PREFIX_ENV = "JDS_TEST_HUB_PREFIX"
 # `make test` installs the Node tools (configurable-http-proxy, the @jupyterlab/services client) here.
 NODE_BIN = REPO_ROOT / "tests" / "node" / "node_modules" / ".bin"
 
@@ -121,6 +126,34 @@ class JupyterHubProcess(_demohub.JupyterHubProcess):
 
     def config_text(self) -> str:
         return super().config_text() + self.extra_config + "\n"
+
+    def hub_program(self, name: str) -> str:
+        """From ``$JDS_TEST_HUB_PREFIX/bin`` when set (``make test-compat``), else from this venv."""
+        prefix = os.environ.get(HUB_PREFIX_ENV)
+        if not prefix:
+            return super().hub_program(name)
+        candidate = Path(prefix) / "bin" / name
+        if not candidate.exists():
+            raise HarnessError(f"{candidate} is missing: ${HUB_PREFIX_ENV} must name a virtualenv with JupyterHub")
+        return str(candidate)
+
+    @property
+    def release(self) -> HubRelease:
+        """This hub's row in :mod:`jds.hubversions` (what it does where releases differ)."""
+        return release_of(self.version)
+
+    @property
+    def version(self) -> str:
+        """The version ``/hub/api`` reports (of the hub under ``$JDS_TEST_HUB_PREFIX`` in compat runs)."""
+        return requests.get(f"{self.url}/hub/api", verify=self.ca_path, timeout=30).json()["version"]
+
+    def serves(self, user: str, path: str) -> bool:
+        """Whether the user's running server has ``path`` (``api/me`` is jupyter_server 2 only)."""
+        response = requests.get(
+            f"{self.server_url(user)}{path}", headers={"Authorization": f"token {self.admin_token}"},
+            verify=self.ca_path, timeout=30, allow_redirects=False,
+        )  # fmt: skip
+        return response.status_code != 404
 
     def configurable_http_proxy(self) -> str:
         return configurable_http_proxy()
@@ -258,6 +291,14 @@ class ProxyProcess:
 
         match = poll(ready, timeout, "the proxy to print its URL", 0.1, describe)
         self.port, self.token = int(match.group(1)), match.group(2)
+        return self
+
+    def wait_checked(self, timeout: float = 60) -> ProxyProcess:
+        """
+        Wait for the start-up checks (a log line each, the last on kernelspecs): in managed mode they
+        start a stopped server, and their lines should not mix with a test's.
+        """
+        poll(lambda: "check kernelspecs" in self.log_text() or None, timeout, "the proxy's start-up checks", 0.05)
         return self
 
     def wait_exit(self, timeout: float = 30) -> tuple[int, str]:

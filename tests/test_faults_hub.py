@@ -292,12 +292,6 @@ class LogWatch:
                     lambda: "\n".join(self.lines()[-30:]))  # fmt: skip
 
 
-def wait_started(proxy: ProxyProcess) -> ProxyProcess:
-    """The start-up checks log a line each, late; wait for the last so they do not mix with a test's."""
-    poll(lambda: "check kernelspecs" in proxy.log_text() or None, 30, "the start-up checks", 0.05)
-    return proxy
-
-
 # -- fixtures ----------------------------------------------------------------------------------
 
 
@@ -310,15 +304,13 @@ def cutter(hub: JupyterHubProcess) -> Iterator[TcpCutter]:
 def through(proxy: ProxyFactory, hub: JupyterHubProcess, relay: TcpCutter, *extra: str) -> ProxyProcess:
     """A pass-through proxy whose hub connections all go through ``relay``."""
     hub.start_server("alice")
-    return wait_started(
-        proxy.for_hub(hub, extra_args=["--hub", f"https://{relay.address}", *extra])
-    )
+    return proxy.for_hub(hub, extra_args=["--hub", f"https://{relay.address}", *extra]).wait_checked()
 
 
 @pytest.fixture
 def alice(hub: JupyterHubProcess, proxy: ProxyFactory) -> ProxyProcess:
     hub.start_server("alice")
-    return wait_started(proxy.for_hub(hub))
+    return proxy.for_hub(hub).wait_checked()
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +387,7 @@ def test_foreign_origin_is_refused_and_never_reaches_the_hub(
 ) -> None:
     hub.start_server("alice")
     allowed = "http://localhost:3000"
-    p = wait_started(proxy.for_hub(hub, extra_args=["--allow-origin", allowed]))
+    p = proxy.for_hub(hub, extra_args=["--allow-origin", allowed]).wait_checked()
     marker = f"origin-{uuid.uuid4().hex}"
     for method in ("GET", "POST", "DELETE"):
         refused = requests.request(
@@ -427,7 +419,7 @@ def test_listening_beyond_loopback_needs_managed_mode(hub: JupyterHubProcess, pr
     assert code != 0, output
     assert re.search(r"needs managed mode \(--token-file\)", output), output
     assert "Paste this URL" not in output
-    managed = wait_started(proxy.for_hub(hub, token=hub.alice_token, extra_args=exposed))
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=exposed).wait_checked()
     assert re.search(r"\[jds#warn\] Listening on 0\.0\.0\.0: other machines can reach this proxy", managed.log_text())
     listening = [
         c.laddr for c in psutil.Process(managed.proc.pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
@@ -442,8 +434,8 @@ def test_no_secret_reaches_a_log_line_or_an_error_body(
 ) -> None:
     """A mixed workload, errors included, in both modes; then every secret is looked for."""
     hub.start_server("alice")
-    managed = wait_started(proxy.for_hub(hub, token=hub.alice_token))
-    passing = wait_started(proxy.for_hub(hub))
+    managed = proxy.for_hub(hub, token=hub.alice_token).wait_checked()
+    passing = proxy.for_hub(hub).wait_checked()
     local, hub_token = managed.token, hub.alice_token
     wrong = f"wrong{uuid.uuid4().hex}"
     bodies: list[str] = []
@@ -753,7 +745,7 @@ def test_websocket_dropped_without_close_gets_1011(
 
 def test_slowloris_does_not_block_and_is_dropped_with_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
     hub.start_server("alice")
-    p = wait_started(proxy.for_hub(hub, extra_args=["--header-timeout", "2"]))
+    p = proxy.for_hub(hub, extra_args=["--header-timeout", "2"]).wait_checked()
     watch = LogWatch(p)
     tricklers = []
     stop = threading.Event()
@@ -844,7 +836,7 @@ def test_sigterm_closes_websockets_with_1001_drains_and_removes_the_pidfile(
         directory=tmp_path / "daemon",
     )  # fmt: skip
     proxy.started.append(p)  # stopped at teardown if the test fails before it exits
-    wait_started(p.start())
+    p.start().wait_checked()
     assert int(pidfile.read_text()) == p.proc.pid
     name = f"drain-{uuid.uuid4().hex[:8]}.bin"
     payload = os.urandom(6 * MB)
@@ -1090,7 +1082,7 @@ def sturdy(hub: JupyterHubProcess, tmp_path_factory: pytest.TempPathFactory) -> 
     factory = ProxyFactory(tmp_path_factory.mktemp("sturdy"))
     try:
         hub.start_server("alice")
-        p = wait_started(factory.for_hub(hub))
+        p = factory.for_hub(hub).wait_checked()
         started = requests.post(f"{p.url}/api/kernels", json={"name": "python3"}, headers=auth(hub.alice_token))
         assert started.status_code == 201, dump(started)
         kernel = started.json()["id"]

@@ -506,9 +506,16 @@ def test_cell_debugging(hub: JupyterHubProcess, alice: ProxyProcess, objects: Hu
     sock = KernelSocket(alice.url, kernel, hub.alice_token)
     try:
         info = sock.reply(sock.send("shell", "kernel_info_request", {}))
-        # ipykernel 6 says "debugger": true, ipykernel 7 lists it in supported_features
+        # ipykernel 7 lists the debugger in supported_features, later 6.x say "debugger": true, and
+        # older 6.x (JupyterHub 3.1's era) only in the kernelspec's metadata
         content = info["content"]
-        assert content.get("debugger") is True or "debugger" in content.get("supported_features", []), content
+        spec = requests.get(f"{alice.url}/api/kernelspecs/python3", headers=auth(hub.alice_token), timeout=HTTP_TIMEOUT)
+        assert spec.status_code == 200, dump(spec)
+        assert (
+            content.get("debugger") is True
+            or "debugger" in content.get("supported_features", [])
+            or spec.json()["spec"].get("metadata", {}).get("debugger") is True
+        ), (content, spec.json())
         debug = Debugger(sock)
         debug.request("initialize", {
             "clientID": "jds-tests", "clientName": "jds-tests", "adapterID": "python", "pathFormat": "path",
@@ -637,15 +644,33 @@ def spawn_requests(hub: JupyterHubProcess) -> int:
 
 def test_managed_websocket_starts_a_stopped_server(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
     hub.start_server("alice")
-    managed = proxy.for_hub(hub, token=hub.alice_token)
-    assert managed.token and managed.token != hub.alice_token
     # Its start-up checks (logged, the last one on kernelspecs) start a stopped server by themselves:
     # let them finish against the running server first, or they race the stop below.
-    poll(lambda: "check kernelspecs" in managed.log_text() or None, 30, "the proxy's start-up checks")
+    managed = proxy.for_hub(hub, token=hub.alice_token).wait_checked()
+    assert managed.token and managed.token != hub.alice_token
+    # jupyter_server 2's event socket needs nothing on the server; with 1.x (no event socket) the
+    # IDE's kernel socket of a kernel that went with the server is what reconnects
+    events = hub.serves("alice", "api/events/subscribe")
+    if not events:
+        kernel = requests.post(
+            f"{managed.url}/api/kernels", json={"name": "python3"}, headers=auth(managed.token), timeout=HTTP_TIMEOUT
+        )
+        assert kernel.status_code == 201, dump(kernel)
     hub.stop_server("alice")
     try:
         assert hub.server_model("alice") is None
         before = spawn_requests(hub)
+        if not events:
+            with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+                websocket.create_connection(
+                    f"{ws_base(managed.url)}/api/kernels/{kernel.json()['id']}/channels",
+                    header=[f"Authorization: token {managed.token}"], timeout=120, suppress_origin=True,
+                )  # fmt: skip
+            assert (hub.server_model("alice") or {}).get("ready"), "the server runs after the handshake"
+            assert spawn_requests(hub) - before == 1, "one spawn, by the proxy"
+            # the new server answered the handshake: that kernel is gone with the old one
+            assert refused.value.status_code == 404, refused.value
+            return
         ws = websocket.create_connection(
             f"{ws_base(managed.url)}/api/events/subscribe", header=[f"Authorization: token {managed.token}"],
             timeout=120, suppress_origin=True,
