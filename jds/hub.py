@@ -23,18 +23,41 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from jds.hubversions import STOPPED_SERVER_CODES
+from jds.hubversions import DEAD_TOKEN_CODES, LOGIN_PAGES, STOPPED_SERVER_CODES
 from jds.paths import HubTarget, escape_name
 from jds.refusal import Refusal
 
 log = Logger(namespace="jds.hub")
 
-__all__ = ["HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped", "server_not_running"]
+__all__ = [
+    "HubAPI", "Progress", "ServerStarter", "ServerState", "looks_stopped", "may_be_dead_token", "server_not_running",
+]
 
 # Hub answers that mean "the server is not running here", before any confirmation: a redirect to the
 # spawn pages, or one of STOPPED_SERVER_CODES (which differ by release, see jds.hubversions); a stopped
 # *named* server's paths fall through to the default server, which says 404.
 _REDIRECT_CODES = {301, 302, 303, 307}
+
+
+def _location_path(location: bytes) -> bytes:
+    """The path of a Location header, absolute or not, without its query."""
+    path = location.split(b"?", 1)[0]
+    if b"://" in path:
+        path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+    return path
+
+
+def may_be_dead_token(code: int, location: bytes | None, target: HubTarget) -> bool:
+    """
+    Whether the answer is what a user's server gives a token the hub no longer takes (a 401/403, or
+    on a page a redirect into the hub's login): then ask the hub whether the token still works.
+    """
+    if code in DEAD_TOKEN_CODES:
+        return True
+    if code not in _REDIRECT_CODES or not location:
+        return False
+    path = _location_path(location)
+    return any(path == f"{target.base}{page}".encode("ascii") for page in LOGIN_PAGES)
 
 
 def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool | None:
@@ -45,9 +68,7 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
     hub = f"{target.base}hub/".encode("ascii")
     user = escape_name(target.user).encode("ascii")
     if code in _REDIRECT_CODES and location:
-        path = location.split(b"?", 1)[0]
-        if b"://" in path:
-            path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+        path = _location_path(location)
         for stem in (b"user/", b"spawn-pending/", b"spawn/"):
             if path.startswith(hub + stem + user + b"/") or path == hub + stem + user:
                 return True

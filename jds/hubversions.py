@@ -36,6 +36,8 @@ __all__ = [
     "RELEASES",
     "START_SCOPES",
     "STOPPED_SERVER_CODES",
+    "DEAD_TOKEN_CODES",
+    "LOGIN_PAGES",
     "HubRelease",
     "UnsupportedHub",
     "release_of",
@@ -72,6 +74,11 @@ START_SCOPES: frozenset[str] = frozenset({r.start_scope for r in RELEASES} | {"s
 # stopped server (per release), 424 from the hub's own "server not running" page for API paths, 503 from
 # the hub's proxy while a server's route is gone.
 STOPPED_SERVER_CODES: frozenset[int] = frozenset({r.stopped_post_code for r in RELEASES} | {424, 503})
+
+# How a user's server answers a token the hub no longer accepts, in every release: 403 on /api/ paths,
+# and on pages a redirect into the hub's login (OAuth), which a client holding a token cannot follow.
+DEAD_TOKEN_CODES: frozenset[int] = frozenset({401, 403})
+LOGIN_PAGES: tuple[str, ...] = ("hub/api/oauth2/authorize", "hub/login")
 
 
 class UnsupportedHub(ValueError):

@@ -38,7 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from jds.auth import Credentials, StreamScrubber, needs_local_token
 from jds.errors import Refusal, render_refusal, write_refusal
-from jds.hub import ServerStarter, looks_stopped, server_not_running
+from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
 from jds.login import auth_cookie_header
 from jds.paths import (
     MAX_REWRITTEN_BODY,
@@ -294,9 +294,10 @@ class _Exchange:
         write_refusal(self.request, failure.value)
 
     def _check_token(self, response: IResponse) -> None:
-        """In managed mode a 401/403 may mean the hub no longer takes our token: find out."""
+        """In managed mode a 401/403 or a login redirect may mean the hub no longer takes our token: find out."""
         starter = self.resource.starter
-        if starter is None or response.code not in (401, 403):
+        location = (response.headers.getRawHeaders(b"location") or [None])[0]
+        if starter is None or not may_be_dead_token(response.code, location, self.resource.target):
             self._relay(response)
             return
         self._pending = starter.api.token_accepted()

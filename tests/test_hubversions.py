@@ -11,7 +11,9 @@ import pytest
 import requests
 from hub import JupyterHubProcess, dump
 
+from jds.hub import looks_stopped, may_be_dead_token
 from jds.hubversions import OLDEST, RELEASES, START_SCOPES, STOPPED_SERVER_CODES, UnsupportedHub, release_of
+from jds.paths import HubTarget
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,32 @@ def test_the_unions_cover_every_row() -> None:
     assert OLDEST is RELEASES[0] and list(RELEASES) == sorted(RELEASES, key=lambda r: r.since)
     assert {r.start_scope for r in RELEASES} <= START_SCOPES
     assert {r.stopped_post_code for r in RELEASES} <= STOPPED_SERVER_CODES
+
+
+PREFIXED = HubTarget(host="hub.example.org", port=443, user="alice", base_path="/jupyter/")
+
+
+@pytest.mark.parametrize(
+    ("code", "location", "dead"),
+    [
+        (403, None, True),
+        (401, None, True),
+        (302, b"/jupyter/hub/api/oauth2/authorize?client_id=jupyterhub-user-alice&state=x", True),
+        (302, b"https://hub.example.org/jupyter/hub/login?next=%2Fjupyter%2Fuser%2Falice%2Flab", True),
+        (302, b"/hub/api/oauth2/authorize?client_id=x", False),  # not this hub's prefix
+        (302, b"/jupyter/hub/user/alice/lab", False),  # a stopped server, not a token
+        (302, b"/jupyter/user/alice/lab/tree", False),
+        (404, None, False),
+        (200, None, False),
+    ],
+)
+def test_dead_token_answers_of_every_release(code: int, location: bytes | None, dead: bool) -> None:
+    assert may_be_dead_token(code, location, PREFIXED) is dead
+
+
+@pytest.mark.parametrize("code", sorted(STOPPED_SERVER_CODES))
+def test_every_releases_stopped_answer_is_asked_about(code: int) -> None:
+    assert looks_stopped(code, None, PREFIXED) is None
 
 
 def _get(hub: JupyterHubProcess, path: str, token: str | None = None, method: str = "GET") -> requests.Response:
