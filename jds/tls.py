@@ -73,6 +73,15 @@ def _describe_names(cert: X509) -> str:
     return ", ".join(names) or "none"
 
 
+def _validity(parsed: x509.Certificate, edge: str) -> datetime.datetime:
+    """
+    ``not_valid_after`` / ``not_valid_before`` as an aware UTC time. cryptography 42 added the
+    ``*_utc`` properties (and deprecated the naive ones); pyOpenSSL 23.2, our oldest, holds it to 41.
+    """
+    aware = getattr(parsed, f"{edge}_utc", None)
+    return aware if aware is not None else getattr(parsed, edge).replace(tzinfo=datetime.timezone.utc)
+
+
 def _common_name(name: x509.Name) -> str:
     for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME):
         values = name.get_attributes_for_oid(oid)
@@ -100,7 +109,7 @@ def _certificate_error(err: int, depth: int, cert: X509, ca_source: str) -> Refu
             hint="Ask the cluster administrators for the CA certificate and pass it with --ca-cert.",
         )
     if err in (_EXPIRED, _NOT_YET_VALID):
-        when = parsed.not_valid_after_utc if err == _EXPIRED else parsed.not_valid_before_utc
+        when = _validity(parsed, "not_valid_after" if err == _EXPIRED else "not_valid_before")
         stamp = when.strftime("%Y-%m-%d %H:%M UTC")
         state = "expired on" if err == _EXPIRED else "is not valid before"
         return Refusal(
@@ -129,7 +138,7 @@ class PeerCertificate:
     def of(cls, cert: X509) -> PeerCertificate:
         parsed = cert.to_cryptography()
         issuer = _common_name(parsed.issuer) or "an unnamed CA"
-        return cls(_describe_names(cert), issuer, parsed.not_valid_after_utc)
+        return cls(_describe_names(cert), issuer, _validity(parsed, "not_valid_after"))
 
     def days_left(self, now: datetime.datetime) -> int | None:
         return None if self.not_after is None else (self.not_after - now).days

@@ -54,10 +54,15 @@ class _OldTLSOnly:
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_max_proto_version(SSL.TLS1_1_VERSION)
         context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-        context.use_privatekey(
-            serialization.load_pem_private_key(self._leaf.private_key_pem.bytes(), None)
-        )
-        context.use_certificate(x509.load_pem_x509_certificate(self._leaf.cert_chain_pems[0].bytes()))
+        # from PEM files: pyOpenSSL takes cryptography's key objects only from 24.x on; 23.2 is our oldest
+        directory = Path(tempfile.mkdtemp(prefix="jds-oldtls-"))
+        try:
+            self._leaf.private_key_pem.write_to_path(str(directory / "key.pem"))
+            self._leaf.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+            context.use_privatekey_file(str(directory / "key.pem"))
+            context.use_certificate_file(str(directory / "cert.pem"))
+        finally:
+            shutil.rmtree(directory)
         return context
 
 
