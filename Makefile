@@ -39,7 +39,7 @@ test-compat: $(VENV_STAMP) $(NODE_STAMP) $(foreach hub,$(COMPAT_HUBS),$(COMPAT_D
 # The whole suite with the oldest Twisted, pyOpenSSL, service-identity and autobahn setup.cfg allows.
 test-oldest: $(OLDEST)/.installed $(NODE_STAMP)
 	PATH="$(CURDIR)/$(OLDEST)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
-		$(OLDEST)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+		$(OLDEST)/bin/python -m pytest -p no:cacheprovider --basetemp=$(OLDEST)/tmp $(PYTEST_ARGS)
 
 # Pins of install_requires to the oldest releases they allow, for test-oldest.
 constraints-oldest: $(COMPAT_DIR)/oldest-constraints.txt
