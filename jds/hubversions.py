@@ -12,7 +12,7 @@ fact                   3.1            4.1           5.x           6.x
 scope to start         servers        servers       servers       start:servers (servers has it)
 ``?token=``, server    accepted       accepted [1]  refused [2]   refused [2]
 ``?token=``, hub API   refused        refused       refused       refused
-non-GET, stopped srv   405            405           405           403 (XSRF check first)
+non-GET, stopped srv   405            403 [4]       403 [4]       403 [4]
 dead token             403 on /api/, 302 to /hub/api/oauth2/authorize on pages (every release)
 progress URL field     progress_url   progress_url  progress_url, full_progress_url [3]
 ready event            ``url`` (the server's path) in every release
@@ -23,7 +23,8 @@ named server names     any            any           any           slugs: [a-z][a
 sends ``Sec-Fetch-Mode: websocket``, which non-browser clients never do; the proxy always sends the
 token as an ``Authorization`` header instead. [3] ``full_progress_url`` is null unless the hub sets
 ``public_url``; the proxy follows progress at ``progress_url``'s path on the hub it dials (``--hub``),
-which is right whatever public name the hub believes it has.
+which is right whatever public name the hub believes it has. [4] The hub's XSRF check, from 4.1 on,
+refuses it before the "not running" page would.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class HubRelease:
 
 RELEASES: tuple[HubRelease, ...] = (
     HubRelease((3, 1), "servers", token_in_url=True, stopped_post_code=405, full_progress_url=False, slug_server_names=False),
-    HubRelease((4, 1), "servers", token_in_url=True, stopped_post_code=405, full_progress_url=False, slug_server_names=False),
-    HubRelease((5, 0), "servers", token_in_url=False, stopped_post_code=405, full_progress_url=True, slug_server_names=False),
+    HubRelease((4, 1), "servers", token_in_url=True, stopped_post_code=403, full_progress_url=False, slug_server_names=False),
+    HubRelease((5, 0), "servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=False),
     HubRelease((6, 0), "start:servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=True),
 )  # fmt: skip
 OLDEST = RELEASES[0]
