@@ -70,13 +70,14 @@ def listen_interface(description: str) -> str:
     return "0.0.0.0" if interface is None else interface
 
 
-def _seconds(value: str, name: str) -> float:
+def _seconds(value: str, name: str, unit: str = "seconds", allow_zero: bool = False) -> float:
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if seconds <= 0:
-        raise usage.UsageError(f"--{name} must be a number of seconds above 0, not {value!r}.")
+    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds or seconds == float("inf"):
+        floor = "0 or more" if allow_zero else "above 0"
+        raise usage.UsageError(f"--{name} must be a number of {unit} {floor}, not {value!r}.")
     return seconds
 
 
@@ -118,7 +119,16 @@ class Options(usage.Options):
          "Where managed mode keeps its local token, reused across restarts. "
          "[default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
         ["spawn-timeout", None, "600", "Seconds to wait for your server to start (batch queues are slow)."],
-        ["ping-interval", None, "30", "Seconds between WebSocket pings that keep idle kernels connected."],
+        ["ping-interval", None, "30",
+         "Seconds between WebSocket pings that keep idle kernels connected. A hub link that goes "
+         "silent is noticed within this plus 15 s (45 s by default)."],
+        ["reconnect-window", None, "900",
+         "Seconds (awake time: a suspended laptop's sleep does not count) that a kernel, terminal "
+         "or event WebSocket waits for a broken hub link to come back before the IDE is told (close "
+         "1011); 0 closes it at once."],
+        ["reconnect-buffer", None, "64",
+         "MiB of the IDE's messages held for the hub while the link is down; past that the IDE's "
+         "WebSocket is closed (1011)."],
         ["header-timeout", None, "30", "Seconds a client has to send a request's headers (against slowloris)."],
         ["log-format", None, "text",
          "How log events are written: 'text' (one line each: time, [namespace#level], message) or "
@@ -168,6 +178,8 @@ class Options(usage.Options):
 
         for name in ("connect-timeout", "spawn-timeout", "ping-interval", "header-timeout"):
             self[name] = _seconds(self[name], name)
+        self["reconnect-window"] = _seconds(self["reconnect-window"], "reconnect-window", allow_zero=True)
+        self["reconnect-buffer"] = int(_seconds(self["reconnect-buffer"], "reconnect-buffer", "MiB") * (1 << 20))
         self.setdefault("allow-origin", [])
         self.setdefault("allow-host", [])
         if self["log-format"] not in ("text", "json"):

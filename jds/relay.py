@@ -25,9 +25,28 @@ received from one side                                         sent to the other
 =============================================================  ==========================================
 close frame, code C (1000-1003, 1007-1013, 3000-4999), reason  C and the reason (cut to 123 bytes)
 close frame without a code                                     close frame without a code (seen as 1005)
-socket lost without a close frame (1006), ping timeout         1011 "The <side> connection was lost."
+IDE socket lost without a close frame (1006), ping timeout     1011 "The IDE connection was lost."
+hub socket lost so, other sockets or ``--reconnect-window 0``  1011 "The hub connection was lost."
+hub socket lost so, kernel/terminal/event socket               nothing: the proxy reconnects (below)
+ ... still unreachable after ``--reconnect-window``            1011 "The hub was unreachable for 15 min
+                                                               0 s; jupyter-dev-server gave up
+                                                               (--reconnect-window)."
+ ... more than ``--reconnect-buffer`` held from the IDE        1011 "The hub was unreachable for 42.0 s
+                                                               and more than 64 MiB from the IDE
+                                                               waited for it (--reconnect-buffer)."
+ ... the kernel is gone (404 twice)                            1011 "The kernel is gone (404 after a
+                                                               3.2 s outage): shut down, culled or the
+                                                               server restarted."
+ ... the server is stopped, or another refusal                 1011 saying so (managed mode: the server
+                                                               is started and the socket reconnects)
 the proxy shuts down                                           1001 to both sides
 =============================================================  ==========================================
+
+A kernel, terminal or event socket whose hub side is lost without a close frame (reset, FIN, TLS
+error, or a ping unanswered for ``--ping-interval`` + 15 s) stays open on the IDE's side while the
+proxy reconnects: see :class:`_Link` and :mod:`jds.reconnect`. After a 1011 for a gone kernel
+the IDE's own reconnect meets the hub's 404, as with a plain server, and it shows the kernel as
+dead.
 
 Once a side has been sent a close frame, its connection ends with a FIN rather than autobahn's reset,
 so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dropConnection`).
@@ -35,6 +54,7 @@ so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -65,6 +85,17 @@ from jds.errors import Refusal, error_body, render_refusal
 from jds.guard import origin_refusal
 from jds.hub import ServerStarter, looks_stopped, server_not_running
 from jds.paths import HubTarget, authority, redact_query, split_token, upstream_request_headers
+from jds.reconnect import (
+    HeldFrames,
+    Outage,
+    ReconnectPolicy,
+    ReplayCount,
+    backoff,
+    describe_duration,
+    message_date,
+    reconnectable,
+    with_session_id,
+)
 from jds.status import Stats
 from jds.tls import HubTLSPolicy
 
@@ -78,6 +109,14 @@ HANDSHAKE_TIMEOUT = 60.0
 MAX_MESSAGE_BYTES = 1 << 30
 # How long a shutting-down proxy waits for close handshakes before the reactor stops.
 SHUTDOWN_GRACE = 3.0
+# The hub side's pong deadline: with the default 30 s ping interval a silent link (no FIN, no RST)
+# is noticed within 45 s (a ping at most 30 s after the last answered one, then 15 s for its pong).
+HUB_PONG_TIMEOUT = 15.0
+# After a reconnect, the replay count is final at the first new message, or this long after the
+# last replayed one (the "reconnected" log line waits for it).
+REPLAY_SETTLE = 2.0
+# What is kept of the last kernel message to read its header.date from (see ReplayCount).
+_HEADER_ROOM = 64 * 1024
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -102,13 +141,13 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-def _options(ping_interval: float, handshake_timeout: float) -> dict[str, Any]:
+def _options(ping_interval: float, handshake_timeout: float, pong_timeout: float | None = None) -> dict[str, Any]:
     """autobahn options shared by both sides."""
     return {
         "openHandshakeTimeout": handshake_timeout,
         "closeHandshakeTimeout": 5,
         "autoPingInterval": ping_interval,
-        "autoPingTimeout": ping_interval,
+        "autoPingTimeout": ping_interval if pong_timeout is None else pong_timeout,
         "maxFramePayloadSize": MAX_MESSAGE_BYTES,
         "maxMessagePayloadSize": MAX_MESSAGE_BYTES,
         "echoCloseCodeReason": True,
@@ -294,12 +333,33 @@ class _Direction:
 
 
 class _Link:
-    """One IDE socket and its hub socket: handshake order, queues, closes and flow control."""
+    """
+    One IDE socket and its hub socket: handshake order, queues, closes and flow control, and for a
+    socket :func:`reconnectable` (``kind``) the outage state machine:
 
-    def __init__(self, relay: WebSocketRelay, upstream: ConnectingRequest, uri: str) -> None:
+    - *open*: both sides relay. The hub side is lost without a close frame (reset, FIN, TLS
+      error, ping timeout) while the IDE's is open: -> *down*. Everything else ends the pair as
+      the module's table says.
+    - *down* (``_outage`` set, no attempt running): the IDE's messages are held (:class:`HeldFrames`),
+      never written into a dead socket; an attempt is due after the next :func:`backoff` delay.
+      Past ``--reconnect-window`` of awake time, or past the held-bytes bound: the IDE gets 1011
+      with a reason saying how long the hub was unreachable.
+    - *reconnecting* (an attempt running): the same URL, the same ``session_id``. Connection
+      failures, a lost handshake, redirects that do not say "stopped", 5xx, 429 and a first 404
+      (the hub answers one while it restores its proxy's routes): -> *down* again. A second 404
+      (kernel or terminal gone: culled, shut down, server restarted), other 4xx and a stopped
+      server: 1011 with the hub's verdict, after which the IDE's own reconnect meets the refusal a
+      plain server would give. In managed mode a stopped server is started first (as on a first
+      connect), then the attempt is made again.
+    - back to *open* when the hub side opens: held messages are sent, in order, then the relay
+      carries on; :class:`ReplayCount` tells how many messages the server replayed.
+    """
+
+    def __init__(self, relay: WebSocketRelay, upstream: ConnectingRequest, uri: str, kind: str | None = None) -> None:
         self.relay = relay
         self._upstream = upstream
         self.uri = uri
+        self.kind = kind
         self.ide: _IdeSide | None = None
         self.hub: _HubSide | None = None
         self._handshake: Deferred | None = None
@@ -309,6 +369,17 @@ class _Link:
         self.counted = False
         self._recovered = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
+        # reconnecting (see the class docstring)
+        self.established = False  # both sides were open once: a later hub loss may be an outage
+        self._outage: Outage | None = None
+        self._held: HeldFrames | None = None
+        self._delays: Any = None
+        self._retry: Any = None  # the delayed call of the next attempt
+        self._verdict: Any = None  # the refused hub socket whose answer was handled
+        self._last_from_hub: tuple[bytes, bool, float] | None = None
+        self._replay: ReplayCount | None = None
+        self._replay_done: Any = None
+        self._back_line: tuple[float, int] | None = None
 
     # Opening
 
@@ -333,6 +404,9 @@ class _Link:
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         self._to_hub.gone = True
+        if self._outage is not None and not failure.check(CancelledError):
+            self._retry_later(self.relay.policy.explain(failure).message)
+            return
         if not failure.check(CancelledError):
             self._deny(self.relay.policy.explain(failure))
         self._maybe_done()
@@ -342,6 +416,11 @@ class _Link:
         line = getattr(hub, "http_status_line", "") or ""
         parts = line.split()
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 101
+        if self._outage is not None:
+            self._verdict = hub
+            location = (getattr(hub, "http_headers", {}) or {}).get("location")
+            self._refused_on_reconnect(why, status, location.encode("latin-1") if location else None)
+            return
         starter = self.relay.starter
         if starter is None or self._recovered:
             self._refused(hub, why, status)
@@ -367,6 +446,9 @@ class _Link:
 
     def _reconnect(self) -> None:
         self._waiting_for_server = False
+        if self._outage is not None:
+            self._attempt()
+            return
         if self._to_ide.gone or self._handshake is None:
             self._maybe_done()
             return
@@ -421,13 +503,16 @@ class _Link:
             handshake, self._handshake = self._handshake, None
             if handshake is not None and self.ide is not None and self.ide.state == _CONNECTING:
                 handshake.callback(self.hub.websocket_protocol_in_use)
+        if side is self.hub and self._outage is not None:
+            self._back()
+            return
         direction = self._toward(side)
         queued, direction.queued = direction.queued or [], None
         for payload, is_binary in queued:
             side.sendMessage(payload, is_binary)  # type: ignore[attr-defined]
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
-            self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
-            self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)
+            self._couple()
+            self.established = True
             self.counted = self.relay.stats is not None
             if self.counted:
                 self.relay.stats.websocket_opened()
@@ -446,7 +531,17 @@ class _Link:
         """The state kept for ``side``: any hub socket but the IDE's is the hub side."""
         return self._to_ide if side is self.ide else self._to_hub
 
+    def _couple(self) -> None:
+        """Each side's transport pauses reading from the other (see :class:`_PeerReading`)."""
+        self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)  # type: ignore[union-attr]
+        self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)  # type: ignore[union-attr]
+
     def forward(self, side: _Side, payload: bytes, is_binary: bool) -> None:
+        if side is self.ide and self._held is not None:
+            self._hold(payload, is_binary)
+            return
+        if side is self.hub and self.kind == "kernel":
+            self._note_from_hub(payload, is_binary)
         peer = self._peer(side)
         toward = self._to_hub if side is self.ide else self._to_ide
         if getattr(peer, "state", None) == _OPEN:
@@ -486,11 +581,21 @@ class _Link:
             # a refused handshake: another hub socket follows once the server runs
             self._to_hub.gone = True
             return
+        if side is not self.ide and self._outage is not None:
+            # an attempt that did not get through; a refusal was answered in hub_refused
+            self._to_hub.gone = True
+            if side is not self._verdict:
+                self._retry_later(self._loss_reason(side))
+            return
+        if side is self.hub and self._may_reconnect():
+            self._hub_dropped(self._loss_reason(side))
+            return
         direction = self._toward(side)
         direction.gone = True
         direction.queued = None
         if side is self.ide:
             self._handshake = None
+            self._end_outage("abandoned")
             self._abort_hub_handshake()
         elif self._handshake is not None:
             self._deny(self._hub_lost_during_handshake())
@@ -529,11 +634,219 @@ class _Link:
 
     def shut_down(self) -> None:
         reason = _SHUTTING_DOWN.message
+        if self._outage is not None:
+            self._end_outage("abandoned")
+            self._abort_hub_handshake()
         if self._handshake is not None:
             self._deny(_SHUTTING_DOWN)
             self._abort_hub_handshake()
         self._close(self.ide, 1001, reason)
         self._close(self.hub, 1001, reason)
+
+    # Reconnecting (see the class docstring)
+
+    def _may_reconnect(self) -> bool:
+        return (
+            self.kind is not None
+            and self.established
+            and self.relay.reconnect.enabled
+            and not self.relay.shutting_down
+            and self.ide is not None
+            and self.ide.state == _OPEN
+        )
+
+    def _loss_reason(self, hub: _Side) -> str:
+        """A short phrase for the log: why the hub side went."""
+        if getattr(hub, "wasNotCleanReason", None) and "ping timeout" in hub.wasNotCleanReason:  # type: ignore[attr-defined]
+            return f"no answer to a ping within {hub.autoPingTimeout:g} s"  # type: ignore[attr-defined]
+        if getattr(hub, "wasOpenHandshakeTimeout", False):
+            return f"no WebSocket handshake within {hub.openHandshakeTimeout:g} s"  # type: ignore[attr-defined]
+        failure = getattr(hub, "lost_reason", None)
+        if failure is None:
+            return "the connection was lost"
+        return (failure.getErrorMessage() or failure.type.__name__).rstrip(".")
+
+    def _hub_dropped(self, reason: str) -> None:
+        """*open* -> *down*: keep the IDE's socket, unhook flow control, start the attempts."""
+        relay = self.relay
+        self._outage = Outage(reason, relay.monotonic(), relay.reactor.seconds())
+        self._held = HeldFrames(relay.reconnect.max_held)
+        self._delays = backoff()
+        self._recovered = False  # a server found stopped now may be started once more
+        self._to_hub.gone = True
+        self._cancel_replay_count()
+        ide = self.ide
+        assert ide is not None
+        ide.transport.unregisterProducer()  # type: ignore[attr-defined]
+        ide.transport.resumeProducing()  # type: ignore[attr-defined]
+        relay.link_down(self, reason)
+        self._retry_later(reason)
+
+    def _retry_later(self, why: str) -> None:
+        """*down*: the next attempt after the next delay, unless the window is over."""
+        outage = self._outage
+        if outage is None or self.ide is None or self.ide.state != _OPEN:
+            return
+        outage.reason = why
+        verdict = self.relay.reconnect.gave_up(outage, self.relay.monotonic())
+        if verdict is not None:
+            self._give_up(verdict)
+            return
+        self._cancel_retry()
+        self._retry = self.relay.reactor.callLater(next(self._delays), self._attempt)
+
+    def _attempt(self) -> None:
+        self._retry = None
+        outage = self._outage
+        if outage is None or self.ide is None or self.ide.state != _OPEN:
+            return
+        verdict = self.relay.reconnect.gave_up(outage, self.relay.monotonic())
+        if verdict is not None:
+            self._give_up(verdict)
+            return
+        outage.attempts += 1
+        self._verdict = None
+        self.hub = None
+        self._to_hub.gone = False
+        self._connect()
+
+    def _hold(self, payload: bytes, is_binary: bool) -> None:
+        assert self._held is not None and self._outage is not None
+        if not self._held.hold(payload, is_binary):
+            self._give_up(self.relay.reconnect.too_much_held(self._outage, self.relay.monotonic()))
+
+    def _refused_on_reconnect(self, why: str, status: int, location: bytes | None) -> None:
+        """The hub answered an attempt with something other than 101."""
+        outage = self._outage
+        assert outage is not None
+        after = describe_duration(outage.awake(self.relay.monotonic()))
+        if status == 404 and not outage.not_found:
+            # the hub itself answers 404 for a moment after its proxy restarted, until it has
+            # restored its routes: only a second 404 means the kernel is gone
+            outage.not_found += 1
+            self._retry_later("the hub answered 404")
+            return
+        # Only a definite answer ends the wait: gone (404), refused (4xx), a stopped server. A
+        # redirect loop while the hub re-adds its routes, 5xx, 429 and a garbled 101 pass.
+        transient = status < 400 or status >= 500 or status == 429
+        stopped = looks_stopped(status, location, self.relay.target)
+        reason = self._refusal_reason(status, after, stopped is not False and status != 404)
+        starter = self.relay.starter
+        if starter is not None and not self._recovered and stopped is not False:
+            # the shared recovery: start the server (one spawn for everyone waiting), then try again
+            self._recovered = self._waiting_for_server = True
+
+            def over(started: bool) -> None:
+                self._waiting_for_server = False
+                if started:
+                    self._attempt()
+                elif transient:
+                    self._retry_later(f"the hub answered {status}")
+                else:
+                    self._give_up(reason)
+
+            def failed(failure: Failure) -> None:
+                self._waiting_for_server = False
+                message = failure.value.message if isinstance(failure.value, Refusal) else failure.getErrorMessage()
+                self._give_up(f"Restarting your server failed: {message}"[:123])
+
+            starter.recover(status, location).addCallbacks(over, failed)
+            return
+        if transient and stopped is not True:
+            self._retry_later(why if status == 101 else f"the hub answered {status}")
+        else:
+            self._give_up(reason)
+
+    def _refusal_reason(self, status: int, after: str, stopped: bool = False) -> str:
+        if stopped:
+            return f"Your server on the hub is not running (found after a {after} outage)."
+        if status == 404:
+            what = {"kernel": "The kernel", "terminal": "The terminal"}.get(self.kind or "", "This socket")
+            return f"{what} is gone (404 after a {after} outage): shut down, culled or the server restarted."
+        return f"The hub refused to reconnect ({status}) after a {after} outage."
+
+    def _give_up(self, reason: str) -> None:
+        """End the outage with 1011 and ``reason`` to the IDE (and one log line)."""
+        outage = self._outage
+        if outage is None:
+            return
+        log.warn("WebSocket {uri} closed with 1011: {reason}", uri=self.uri, reason=reason)
+        self._end_outage("gave up")
+        self._abort_hub_handshake()
+        self._to_hub.gone = True
+        self._close(self.ide, 1011, reason)
+        self._maybe_done()
+
+    def _end_outage(self, outcome: str = "abandoned") -> None:
+        if self._outage is not None:
+            self.relay.link_settled(self, outcome, self._outage.awake(self.relay.monotonic()))
+        self._outage = None
+        self._held = None
+        self._cancel_retry()
+        self._cancel_replay_count()
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _back(self) -> None:
+        """*reconnecting* -> *open*: send what was held, couple flow control again, count."""
+        outage, held = self._outage, self._held
+        assert outage is not None and held is not None and self.hub is not None and self.ide is not None
+        self._outage = self._held = None
+        frames = held.take()
+        for payload, is_binary in frames:
+            self.hub.sendMessage(payload, is_binary)
+        self._couple()
+        seconds = outage.awake(self.relay.monotonic())
+        self.relay.link_settled(self, "back", seconds)
+        self._back_line = (seconds, len(frames))
+        if self.kind == "kernel":
+            reference = None
+            if self._last_from_hub is not None:
+                payload, is_binary, wall = self._last_from_hub
+                date = message_date(payload, is_binary, self.ide.websocket_protocol_in_use)
+                reference = (date, wall) if date is not None else None
+            self._replay = ReplayCount(reference, self.relay.reactor.seconds())
+            self._replay_done = self.relay.reactor.callLater(REPLAY_SETTLE, self._log_back)
+        else:
+            self._log_back()
+
+    def _note_from_hub(self, payload: bytes, is_binary: bool) -> None:
+        replay = self._replay
+        if replay is not None:
+            replay.seen(message_date(payload, is_binary, self.ide.websocket_protocol_in_use))  # type: ignore[union-attr]
+            if replay.counting:
+                self._replay_done.reset(REPLAY_SETTLE)
+            else:
+                self._log_back()
+        # the header is at the start; a large output need not stay in memory for it
+        kept = payload if len(payload) <= _HEADER_ROOM else payload[:_HEADER_ROOM]
+        self._last_from_hub = (kept, is_binary, self.relay.reactor.seconds())
+
+    def _log_back(self) -> None:
+        """The one line that says the socket is back (for a kernel, once the replay is counted)."""
+        if self._replay_done is not None and self._replay_done.active():
+            self._replay_done.cancel()
+        self._replay_done = None
+        replay, self._replay = self._replay, None
+        if self._back_line is None:
+            return
+        seconds, sent = self._back_line
+        self._back_line = None
+        parts = [] if replay is None else [replay.describe()]
+        parts.append(f"{sent} held message{'' if sent == 1 else 's'} sent")
+        log.info(
+            "WebSocket {uri} reconnected after {after}; {counts}",
+            uri=self.uri,
+            after=describe_duration(seconds),
+            counts=", ".join(parts),
+        )
+
+    def _cancel_replay_count(self) -> None:
+        if self._back_line is not None:
+            self._log_back()
 
     def _maybe_done(self) -> None:
         if self._waiting_for_server:
@@ -589,8 +902,16 @@ class WebSocketRelay:
         credentials: Credentials | None = None,
         starter: ServerStarter | None = None,
         stats: Stats | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        monotonic: Any = None,
     ) -> None:
         self.stats = stats
+        self.reconnect = reconnect or ReconnectPolicy()
+        # awake seconds (see jds.reconnect); the reactor's own clock in tests
+        self.monotonic = monotonic or time.monotonic
+        self.holding: set[_Link] = set()
+        self._lost_line: Any = None
+        self._lost_reason = ""
         self.target = target
         self.credentials = credentials or Credentials()
         self.starter = starter
@@ -600,7 +921,7 @@ class WebSocketRelay:
         self.shutting_down = False
         self.links: set[_Link] = set()
         self._drained: Deferred | None = None
-        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT)
+        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT, min(ping_interval, HUB_PONG_TIMEOUT))
         # The IDE waits for the hub's connection and handshake, and must hear the verdict.
         ide_timeout = HANDSHAKE_TIMEOUT + getattr(policy, "connect_timeout", 10.0) + 5
         if starter is not None:  # and it may wait for the server to start first
@@ -622,10 +943,14 @@ class WebSocketRelay:
             return render_refusal(request, Refusal(426, "WebSockets need HTTP/1.1.", "upgrade-required"))
         if self.shutting_down:
             return render_refusal(request, _SHUTTING_DOWN)
+        kind = reconnectable(request.path) if self.reconnect.enabled else None
+        if kind == "kernel":
+            query = with_session_id(query)
         link = _Link(
             self,
             self._upstream(request, hub_path, query),
             redact_query(request.uri).decode("latin-1"),
+            kind,
         )
         link.ide = self.factory.buildProtocol(request.getClientAddress())
         link.ide.link = link
@@ -665,6 +990,32 @@ class WebSocketRelay:
             useragent=useragent,
             origin=self.target.origin.decode("ascii"),
         )
+
+    def link_down(self, link: _Link, reason: str) -> None:
+        """A socket lost its hub side and holds: one log line for all that go in the same moment."""
+        self.holding.add(link)
+        if self.stats is not None:
+            self.stats.hub_link_lost(len(self.holding))
+        if self._lost_line is None:
+            self._lost_reason = reason
+            self._lost_line = self.reactor.callLater(0, self._say_lost)
+
+    def _say_lost(self) -> None:
+        self._lost_line = None
+        count = len(self.holding)
+        if count:
+            log.warn(
+                "hub link lost: {reason}; {count} WebSocket{s} holding",
+                reason=self._lost_reason,
+                count=count,
+                s="" if count == 1 else "s",
+            )
+
+    def link_settled(self, link: _Link, outcome: str, seconds: float) -> None:
+        """A holding socket is back (``"back"``), closed by the proxy (``"gave up"``) or by its IDE."""
+        self.holding.discard(link)
+        if self.stats is not None:
+            self.stats.hub_link_settled(len(self.holding), outcome, seconds)
 
     def link_done(self, link: _Link) -> None:
         if link in self.links and link.counted:

@@ -33,6 +33,7 @@ from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
 from jds.proxy import IDLE_UPSTREAM_SECONDS, make_agent
+from jds.reconnect import ReconnectPolicy
 from jds.site import LocalSite, build_site
 
 log = Logger(namespace="jds")
@@ -106,6 +107,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
         guard=guard, header_timeout=options["header-timeout"],
+        reconnect=ReconnectPolicy(options["reconnect-window"], options["reconnect-buffer"]),
     )
     endpoint = serverFromString(reactor, options["listen"])
     top = _Daemon()

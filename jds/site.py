@@ -22,6 +22,7 @@ from jds.hub import ServerStarter
 from jds.login import LoginPage
 from jds.paths import HubTarget, redact_query
 from jds.proxy import HubProxyResource, make_agent
+from jds.reconnect import ReconnectPolicy
 from jds.stats import Stats
 from jds.status import StatusResource
 from jds.tls import HubTLSPolicy
@@ -170,6 +171,7 @@ def build_site(
     stats: Stats | None = None,
     guard: LocalGuard | None = None,
     header_timeout: float = HEADER_TIMEOUT,
+    reconnect: ReconnectPolicy | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
     stats = stats if stats is not None else Stats()
@@ -181,7 +183,7 @@ def build_site(
 
         return WebSocketRelay(
             target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
-            credentials=credentials, starter=starter, stats=stats,
+            credentials=credentials, starter=starter, stats=stats, reconnect=reconnect,
         )
 
     websockets = _OnFirstUse(relay)

@@ -26,7 +26,10 @@ class Stats:
     Counters of one daemon's traffic. ``requests`` and bytes count finished HTTP exchanges relayed
     to the hub (the daemon's own pages are not traffic); ``open_http`` counts exchanges in progress,
     ``open_websockets`` relayed sockets, ``websockets`` all sockets ever opened, ``retried_requests``
-    requests sent to the hub again after a broken link (:mod:`jds.retry`).
+    requests sent to the hub again after a broken link (:mod:`jds.retry`). The hub link:
+    ``hub_links_lost`` sockets that lost their hub side and held on, ``reconnects`` those that got
+    it back, ``reconnects_failed`` those closed after all (see :mod:`jds.reconnect`), and the
+    outage now, if any: since when and how many sockets are holding.
     """
 
     clock: Callable[[], float] = time.time
@@ -39,6 +42,12 @@ class Stats:
     websockets: int = 0
     retried_requests: int = 0
     last_error: dict[str, Any] | None = None
+    hub_links_lost: int = 0
+    reconnects: int = 0
+    reconnects_failed: int = 0
+    websockets_holding: int = 0
+    outage_since: float | None = None
+    last_outage_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not self.started:
@@ -73,6 +82,23 @@ class Stats:
     def websocket_closed(self) -> None:
         self.open_websockets = max(0, self.open_websockets - 1)
 
+    def hub_link_lost(self, holding: int) -> None:
+        self.hub_links_lost += 1
+        self.websockets_holding = holding
+        if self.outage_since is None:
+            self.outage_since = self.clock()
+
+    def hub_link_settled(self, holding: int, outcome: str, seconds: float) -> None:
+        """``outcome``: ``"back"``, ``"gave up"``, or anything else (the IDE left meanwhile)."""
+        if outcome == "back":
+            self.reconnects += 1
+        elif outcome == "gave up":
+            self.reconnects_failed += 1
+        self.websockets_holding = holding
+        if not holding and self.outage_since is not None:
+            self.outage_since = None
+            self.last_outage_seconds = round(seconds, 1)
+
     def error(self, status: int, message: str, reason: str) -> None:
         self.last_error = {"time": iso_time(self.clock()), "status": status, "reason": reason, "message": message}
 
@@ -88,4 +114,15 @@ class Stats:
             "websockets": self.websockets,
             "retried_requests": self.retried_requests,
             "last_error": self.last_error,
+            "hub_link": {
+                "lost": self.hub_links_lost,
+                "reconnected": self.reconnects,
+                "gave_up": self.reconnects_failed,
+                "last_outage_seconds": self.last_outage_seconds,
+                "outage": None if self.outage_since is None else {
+                    "since": iso_time(self.outage_since),
+                    "seconds": round(max(0.0, self.clock() - self.outage_since), 1),
+                    "websockets_holding": self.websockets_holding,
+                },
+            },
         }

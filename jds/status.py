@@ -157,6 +157,18 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"  open now:   {_plural(report['open_http'], 'HTTP request')}, "
         f"{_plural(report['open_websockets'], 'WebSocket')}",
     ]
+    link = report.get("hub_link")
+    if link:
+        outage = link.get("outage")
+        now = (
+            f"down since {outage['since']} ({_duration(outage['seconds'])}), "
+            f"{_plural(outage['websockets_holding'], 'WebSocket')} holding"
+            if outage else "up"
+        )
+        lines.append(
+            f"  hub link:   {now}; {_plural(link['reconnected'], 'WebSocket')} reconnected, "
+            f"{link['gave_up']} given up"
+        )
     error = report.get("last_error")
     if error:
         lines.append(

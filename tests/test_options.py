@@ -90,6 +90,14 @@ def test_defaults() -> None:
     assert options["target"].verify_name == "hub"
     assert options["target"].port == 8000
     assert options["ca-cert"] is None
+    assert options["reconnect-window"] == 900.0
+    assert options["reconnect-buffer"] == 64 << 20
+
+
+def test_reconnect_options() -> None:
+    options = parse(["--hub", "hub", "--user", "u", "--reconnect-window", "0", "--reconnect-buffer", "0.5"])
+    assert options["reconnect-window"] == 0.0
+    assert options["reconnect-buffer"] == 512 << 10
 
 
 @pytest.mark.parametrize(
@@ -101,6 +109,10 @@ def test_defaults() -> None:
         (["--hub", "h", "--user", "u", "--ca-cert", "/nonexistent/ca.pem"], {}, "Cannot read"),
         (["--hub", "h", "--user", "u", "--listen", "bogus:1"], {}, "--listen"),
         (["--hub", "h", "--user", "u", "--connect-timeout", "x"], {}, "--connect-timeout"),
+        (["--hub", "h", "--user", "u", "--connect-timeout", "0"], {}, "number of seconds above 0"),
+        (["--hub", "h", "--user", "u", "--reconnect-window", "-1"], {}, "--reconnect-window must be a number of seconds 0 or more"),
+        (["--hub", "h", "--user", "u", "--reconnect-window", "nan"], {}, "--reconnect-window"),
+        (["--hub", "h", "--user", "u", "--reconnect-buffer", "0"], {}, "--reconnect-buffer must be a number of MiB above 0"),
         (["--hub", "h", "--user", "u"], {"JUPYTER_PROXY_PORT": "eighty"}, "JUPYTER_PROXY_PORT"),
         (["--hub", "h", "--user", "u"], {"JUPYTER_SERVER_PORT": "0"}, "JUPYTER_SERVER_PORT"),
         (["--hub", "h", "--user", "u", "--root", "../elsewhere"], {}, "--root"),

@@ -37,6 +37,8 @@ from jds.relay import WebSocketRelay, _Link, _PeerReading
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "secret-hub-token-4711"
 KERNEL_PATH = f"/api/kernels/k1/channels?session_id=s1&token={TOKEN}"
+# A socket the relay does not reconnect (a language server's): a lost hub side ends it with 1011.
+OTHER_PATH = f"/lsp/ws/pylsp?token={TOKEN}"
 TARGET = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.test")
 
 
@@ -555,7 +557,7 @@ class CloseTests(RelayTestCase):
         self.assertEqual(self.relay.links, set())
 
     def test_hub_dropping_without_close_gives_the_client_1011(self) -> None:
-        ide, _ = self.open_ide()
+        ide, _ = self.open_ide(OTHER_PATH)
         self.hub.transport.abortConnection()
         self.network.pump()
         self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
@@ -563,7 +565,7 @@ class CloseTests(RelayTestCase):
 
     def test_a_close_the_proxy_started_ends_with_a_fin(self) -> None:
         """autobahn would reset the connection once the IDE answered; a reset can cost the IDE data."""
-        ide, proxy_end = self.open_ide()
+        ide, proxy_end = self.open_ide(OTHER_PATH)
         self.hub.transport.abortConnection()
         self.network.pump()
         self.assertEqual(ide.closed, (True, 1011, "The hub connection was lost."))
@@ -577,7 +579,7 @@ class CloseTests(RelayTestCase):
         with a FIN: what it has not read yet, the close frame included, stays readable (a reset
         would make its kernel discard it).
         """
-        ide, proxy_end = self.open_ide()
+        ide, proxy_end = self.open_ide(OTHER_PATH)
         ide_end = proxy_end.other
         ide_end.producerState = "paused"  # the IDE's event loop is busy
         self.hub.transport.abortConnection()
@@ -592,7 +594,7 @@ class CloseTests(RelayTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_peer_that_never_reads_is_aborted_in_the_end(self) -> None:
-        _, proxy_end = self.open_ide()
+        _, proxy_end = self.open_ide(OTHER_PATH)
         proxy_end.other.producerState = "paused"
         proxy_end.other.closed = True  # nothing written to the proxy's end will be taken away
         self.hub.transport.abortConnection()

@@ -77,6 +77,22 @@ class TestStats:
         assert snap["last_error"]["status"] == 502
 
 
+    def test_hub_link_outage_and_counts(self) -> None:
+        now = [1000.0]
+        stats = Stats(clock=lambda: now[0])
+        stats.hub_link_lost(1)
+        now[0] += 2
+        stats.hub_link_lost(2)
+        now[0] += 3
+        link = stats.snapshot()["hub_link"]
+        assert link["outage"] == {"since": "1970-01-01T00:16:40+00:00", "seconds": 5.0, "websockets_holding": 2}
+        stats.hub_link_settled(1, "back", 4.9)
+        assert stats.snapshot()["hub_link"]["outage"]["websockets_holding"] == 1
+        stats.hub_link_settled(0, "gave up", 5.0)
+        link = stats.snapshot()["hub_link"]
+        assert link == {"lost": 2, "reconnected": 1, "gave_up": 1, "last_outage_seconds": 5.0, "outage": None}
+
+
 class TestStatusResource:
     def test_managed_mode_wants_the_local_token(self) -> None:
         resource = StatusResource(Stats(), TARGET, MANAGED)
@@ -133,6 +149,11 @@ def test_describe_reads_like_a_sentence() -> None:
     assert rooted["root"] == "work/proj"
     assert "root:       work/proj/ (--root" in describe(rooted, "http://127.0.0.1:8000")
     assert "retried" not in text
+    assert "hub link:   up; 0 WebSockets reconnected, 0 given up" in text
+    stats.hub_link_lost(3)
+    report = json.loads(StatusResource(stats, TARGET, Credentials()).document("unknown"))
+    assert "hub link:   down since " in describe(report, "http://127.0.0.1:8000")
+    assert "(0 s), 3 WebSockets holding" in describe(report, "http://127.0.0.1:8000")
 
 
 def test_describe_counts_requests_retried_after_a_lost_hub_link() -> None:
