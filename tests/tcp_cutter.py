@@ -8,6 +8,8 @@ passes through untouched, byte for byte. The test can then
 - set ``mode = "blackhole"``: new connections are accepted and then never answered nor forwarded
   (a half-open or wedged peer); ``"reset"``: accepted and reset at once (a load balancer with no
   backend); ``"refuse"``: not accepted, the port refuses them (a hub that is down);
+- set ``silent = True``: open connections stop moving bytes either way, with no FIN and no reset
+  (dead Wi-Fi, a suspended peer); ``False`` lets them flow again;
 - set ``rate`` to throttle what flows from the target to the proxy (a slow response);
 - set ``hold_after`` to stop relaying the target's bytes to the proxy on each connection once that
   many more bytes went to the target (the hub got a request; its answer waits in the cutter);
@@ -118,6 +120,7 @@ class TcpCutter:
         self._rate: float | None = None
         self._cut_after: int | None = None
         self._hold_after: int | None = None
+        self._silent = False
         self._listener: socket.socket | None = _listen(0)
         self.port: int = self._listener.getsockname()[1]
         self._selector = selectors.DefaultSelector()
@@ -198,6 +201,15 @@ class TcpCutter:
     def cut_after(self, size: int | None) -> None:
         """Reset each connection once it relayed ``size`` more bytes to the proxy; ``None`` never."""
         self._call(lambda: self._set_cut_after(size))
+
+    @property
+    def silent(self) -> bool:
+        return self._silent
+
+    @silent.setter
+    def silent(self, silent: bool) -> None:
+        """While True, open connections neither read nor write (and see no close)."""
+        self._call(lambda: setattr(self, "_silent", silent))
 
     def cut(self) -> int:
         """Reset every open connection on both sides now; return how many were cut."""
@@ -380,6 +392,8 @@ class TcpCutter:
     def _update_interest(self) -> None:
         for pipe in list(self._pipes):
             for sock, events in self._wanted(pipe).items():
+                if self._silent:
+                    events = 0
                 current = self._interest.get(sock, 0)
                 if events == current:
                     continue

@@ -2,12 +2,16 @@
 // @jupyterlab/services over Node's fetch and the `ws` WebSocket, the token in an Authorization header
 // (and, as @jupyterlab/services appends it, in the socket's query).
 //
-//   node kernel_client.mjs BASE_URL TOKEN [TIMEOUT_SECONDS]
+//   node kernel_client.mjs BASE_URL TOKEN [TIMEOUT_SECONDS] [survive-cut]
 //
 // Starts a notebook session with a python3 kernel, runs print(6*7), outputs 5 MB (and prints 2 MB),
 // interrupts a time.sleep(30), restarts the kernel and runs a cell again, then shuts the session
 // down. Prints one JSON line with what it saw and exits 0; on any failure (or after TIMEOUT_SECONDS)
 // it prints the reason on stderr and exits 1. The Python test judges the JSON once more.
+//
+// With `survive-cut`: runs a cell that prints 40 lines over 10 s and prints the line `cut now` once
+// the third has arrived (the test then breaks the proxy's hub link), then a second cell; the JSON
+// line says what both printed and what became of the sockets.
 
 import { createRequire } from 'node:module';
 
@@ -74,6 +78,7 @@ async function run(kernel, code, onStdout) {
     const type = msg.header.msg_type;
     if (type === 'stream' && msg.content.name === 'stdout') {
       out.push(msg.content.text);
+      seenStdout += msg.content.text;
       if (onStdout) onStdout(msg.content.text);
     } else if (type === 'display_data') displays.push(msg.content.data['text/plain']);
     else if (type === 'error') errors.push(msg.content.ename);
@@ -81,6 +86,28 @@ async function run(kernel, code, onStdout) {
   const reply = await future.done;
   const seconds = (Date.now() - started) / 1000;
   return { stdout: out.join(''), displays, reply: reply.content, errors, seconds };
+}
+
+async function surviveCut(kernel, result) {
+  let told = false;
+  const cell = await run(
+    kernel,
+    'import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.25)',
+    () => {
+      if (!told && cell_lines() >= 3) {
+        told = true;
+        process.stdout.write('cut now\n');
+      }
+    },
+  );
+  result.cell = { status: cell.reply.status, stdout: cell.stdout, seconds: cell.seconds };
+  const next = await run(kernel, 'print(6*7)');
+  result.next = { status: next.reply.status, stdout: next.stdout };
+}
+
+let seenStdout = '';
+function cell_lines() {
+  return seenStdout.split('\n').length - 1;
 }
 
 async function main() {
@@ -98,8 +125,21 @@ async function main() {
   });
   const kernel = session.kernel;
   if (!kernel) fail('the session has no kernel');
+  const statuses = [];  // the library's view of its connection: "connected", "connecting", ...
+  kernel.connectionStatusChanged.connect((_, status) => statuses.push(status));
   const info = await kernel.info;
   const result = { kernel_id: kernel.id, session_id: session.id, implementation: info.implementation };
+  if (process.argv[5] === 'survive-cut') {
+    await surviveCut(kernel, result);
+    result.sockets = JSON.parse(JSON.stringify(sockets));  // as they were before the shutdown
+    result.connection_statuses = statuses;
+    await session.shutdown();
+    sessionManager.dispose();
+    kernelManager.dispose();
+    clearTimeout(overall);
+    process.stdout.write(JSON.stringify(result) + '\n', () => process.exit(0));
+    return;
+  }
 
   const answer = await run(kernel, 'print(6*7)');
   check(answer.stdout === '42\n', 'print(6*7) must print 42', answer);
