@@ -738,7 +738,9 @@ class _Link:
 
             def over(started: bool) -> None:
                 self._waiting_for_server = False
-                if started:
+                if self._outage is None:  # the IDE left meanwhile
+                    self._maybe_done()
+                elif started:
                     self._attempt()
                 elif transient:
                     self._retry_later(f"the hub answered {status}")
@@ -747,6 +749,9 @@ class _Link:
 
             def failed(failure: Failure) -> None:
                 self._waiting_for_server = False
+                if self._outage is None:
+                    self._maybe_done()
+                    return
                 message = failure.value.message if isinstance(failure.value, Refusal) else failure.getErrorMessage()
                 self._give_up(f"Restarting your server failed: {message}"[:123])
 

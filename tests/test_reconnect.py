@@ -424,3 +424,18 @@ class ManagedReconnectTests(OutageTestCase):
         self.network.pump()
         self.assertEqual(ide.closed[1:], (1011, "Restarting your server failed: Your server failed to start: out of quota."))
         self.assertEqual(self.relay.links, set())
+
+    def test_the_ide_leaving_while_the_server_starts_ends_the_link_once_it_runs(self) -> None:
+        starter = FakeStarter()
+        self.make_relay(monotonic=self.clock.seconds, starter=starter)
+        ide, _ = self.open_ide()
+        self.drop_hub()
+        self.hub_factory.answer = lambda request: (_ for _ in ()).throw(ConnectionDeny(424, "Failed Dependency"))
+        self.advance(1)
+        self.assertEqual(starter.starts, 1)
+        ide.sendClose(1000)
+        self.network.pump()
+        starter.running.callback(None)
+        self.network.pump()
+        self.assertEqual(self.relay.links, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
