@@ -12,8 +12,8 @@ are tested without a reactor. No Twisted type enters it.
 Time: the reconnect window counts *awake* seconds, read from ``time.monotonic``. On Linux and macOS
 that clock stops while the machine is suspended, so a laptop that sleeps overnight with a notebook
 open tries again when it wakes (the kernel may well still be there) instead of having given up in
-its sleep (on Windows the clock goes on during sleep: there the window is wall-clock time, and a
-long sleep ends in the 1011 on wake). The outage a person is told about (log, status page, close reason) is that same awake
+its sleep (where the monotonic clock goes on during sleep, as it may on Windows, the window is
+wall-clock time, and a long sleep ends in the 1011 on wake). The outage a person is told about (log, status page, close reason) is that same awake
 time; the status page also gives the wall-clock time the outage started.
 """
 
