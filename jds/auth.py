@@ -190,12 +190,17 @@ class StreamScrubber:
         return held
 
 
-def needs_local_token(hint: str) -> Refusal:
-    """The 403 for a request without the local token; ``hint`` says, in the log, where it came from."""
+def needs_local_token(hint: str, local: object = None) -> Refusal:
+    """
+    The 403 for a request without the local token; ``hint`` says, in the log, where it came from.
+    ``local`` is the address the request came in on (``request.getHost()``): the URL names its port.
+    """
+    host, port = getattr(local, "host", "127.0.0.1"), getattr(local, "port", None)
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}" if port else "http://127.0.0.1:PORT"
     return Refusal(
         403,
         "This jupyter-dev-server needs its local token: use the URL it printed at start-up "
-        "(http://127.0.0.1:PORT/?token=...) or send 'Authorization: token <local token>'.",
+        f"({where}/?token=...) or send 'Authorization: token <local token>'.",
         "no-token",
         hint=hint,
     )

@@ -1,17 +1,26 @@
 """
-What the helper commands (``check``, ``status``, ``demo``) share with the daemon's own front end: one
-way to parse a command's options and say a mistake in one line. Low in the layers so the commands do
-not import :mod:`jds.cli`, which imports them.
+The command line's shared pieces, low in the layers so the commands do not import :mod:`jds.cli`
+(which imports them): one way to parse a command's options and say a mistake in one line, and the
+commands the product prints for the user to run.
+
+Printed commands must run as printed, in a new shell. That shell does not have the virtual
+environment's ``bin/`` on its PATH (``make demo`` adds it only for its own child), so a bare
+``jupyter-dev-server`` there is "command not found": they name the console script by its absolute
+path instead, and quote every argument for a POSIX shell.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.python import usage
 
-__all__ = ["parse_subcommand"]
+from jds.paths import HubTarget
+
+__all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "program"]
 
 
 def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
@@ -22,3 +31,37 @@ def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
         print(f"jupyter-dev-server{' ' + name if name else ''}: {exc}", file=sys.stderr)
         return 2
     return None
+
+
+def program() -> str:
+    """The ``jupyter-dev-server`` script next to this interpreter, else the bare name (PATH finds it)."""
+    script = Path(sys.executable).parent / "jupyter-dev-server"
+    return str(script.absolute()) if script.exists() else "jupyter-dev-server"
+
+
+def hub_arguments(target: HubTarget, ca_cert: str | None) -> list[str]:
+    """``--hub``, ``--user`` and the TLS options that reach ``target`` as the daemon reaches it."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    base = "" if target.base == "/" else target.base
+    args = ["--hub", f"https://{host}:{target.port}{base}", "--user", target.user]
+    if ca_cert:
+        args += ["--ca-cert", str(Path(ca_cert).absolute())]
+    if target.verify_name != target.host.lower():
+        args += ["--tls-name", target.verify_name]
+    return args
+
+
+def daemon_command(target: HubTarget, ca_cert: str | None, token_file: str | Path) -> str:
+    """The daemon in managed mode with the hub token in ``token_file``."""
+    args = [program(), *hub_arguments(target, ca_cert)]
+    if target.server:
+        args += ["--server", target.server]
+    return shlex.join([*args, "--token-file", str(Path(token_file).absolute())])
+
+
+def login_command(target: HubTarget, ca_cert: str | None, token_file: str | Path | None) -> str:
+    """``login`` for the same hub and user, writing ``token_file`` (its default when ``None``)."""
+    args = [program(), "login", *hub_arguments(target, ca_cert)]
+    if token_file is not None:
+        args += ["--token-file", str(Path(token_file).absolute())]
+    return shlex.join(args)

@@ -8,7 +8,9 @@ can fail runs here, before anything listens, and fails with one sentence naming 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +22,7 @@ from jds.paths import HubTarget, listen_address, parse_root
 from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
-__all__ = ["Options", "parse_hub"]
+__all__ = ["HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
 
 DEFAULT_HUB_PORT = 8000
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
@@ -81,44 +83,105 @@ def _seconds(value: str, name: str, unit: str = "seconds", allow_zero: bool = Fa
     return seconds
 
 
-class Options(usage.Options):
+# The options that say where the hub is and how to trust it, shared by the daemon, ``check`` and
+# ``login`` (which must reach the hub exactly as the daemon will).
+HUB_PARAMETERS = [
+    ["hub", None, None,
+     "The hub: HOST, HOST:PORT or https://HOST[:PORT][/PREFIX/] (port 8000 if not given). "
+     "[env JUPYTER_SERVER_IP_OR_NAME, JUPYTER_SERVER_PORT]"],
+    ["user", None, None, "Your user name on the hub. [env JUPYTER_USERNAME]"],
+    ["tls-name", None, None,
+     "The name to verify in the hub's certificate, when it differs from the address in --hub "
+     "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
+    ["ca-cert", None, None,
+     "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
+     "certificate. [env JUPYTER_CLUSTER_CA_CERT; default: the system trust store]"],
+    ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
+]
+
+
+def hub_target(options: usage.Options, environ: Mapping[str, str], server: str = "") -> HubTarget:
+    """
+    The hub, user and TLS name from ``options`` (as :data:`HUB_PARAMETERS` defines them), each
+    falling back to its environment variable; also settles ``ca-cert`` and ``connect-timeout``.
+    """
+
+    def env(name: str) -> str | None:
+        return environ.get(name, "").strip() or None
+
+    hub = options["hub"] or env("JUPYTER_SERVER_IP_OR_NAME")
+    if not hub:
+        raise usage.UsageError("No hub given: pass --hub HOST[:PORT] or set JUPYTER_SERVER_IP_OR_NAME.")
+    env_port = env("JUPYTER_SERVER_PORT")
+    default_port = _port(env_port, "JUPYTER_SERVER_PORT") if env_port else DEFAULT_HUB_PORT
+    host, port, base = parse_hub(hub, default_port)
+
+    user = options["user"] or env("JUPYTER_USERNAME")
+    if not user:
+        raise usage.UsageError("No user given: pass --user NAME or set JUPYTER_USERNAME.")
+
+    tls_name = options["tls-name"] or env("JUPYTER_SERVER_NAME") or host
+    options["ca-cert"] = options["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT")
+    if options["ca-cert"]:
+        options["ca-cert"] = os.path.abspath(os.path.expanduser(options["ca-cert"]))
+    try:
+        load_trust_root(options["ca-cert"])
+    except TLSConfigError as exc:
+        raise usage.UsageError(str(exc)) from None
+    options["connect-timeout"] = _seconds(options["connect-timeout"], "connect-timeout")
+    return HubTarget(host=host, port=port, user=user, server=server, base_path=base, tls_name=tls_name)
+
+
+class HubOptions(usage.Options):
+    """What every command that reaches the hub (the daemon, ``check``, ``login``) makes of :data:`HUB_PARAMETERS`."""
+
+    def hub_policy(self, reactor: Any, spares: int = 0, spare_seconds: float = 4.0) -> HubTLSPolicy:
+        """
+        The one way to the hub these options describe: its address, verified name, CA and timeout.
+        The daemon asks for ``spares`` (see :mod:`jds.spares`); one-shot commands such as ``check`` do not.
+        """
+        target: HubTarget = self["target"]
+        return HubTLSPolicy(
+            reactor, target.host, target.port, target.verify_name, self["ca-cert"],
+            connect_timeout=self["connect-timeout"], spares=spares, spare_seconds=spare_seconds,
+        )
+
+
+class Options(HubOptions):
     synopsis = "--hub HOST[:PORT] --user NAME [options]"
     longdesc = (
         "Serve your server on a JupyterHub to a local IDE as a plain Jupyter server. Configure the "
         "IDE with the 'existing Jupyter server' URL printed at start-up. Each option falls back to "
         "the environment variable of the original jupyter-dev-server script named in its help. "
         "Helpers: 'jupyter-dev-server check' (test the chain to your server), 'jupyter-dev-server "
-        "status' (ask a running daemon), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
+        "status' (ask a running daemon), 'jupyter-dev-server login' (get a hub token with your "
+        "password, for --token-file), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
         "each takes --help."
     )
     optParameters = [
-        ["hub", None, None,
-         "The hub: HOST, HOST:PORT or https://HOST[:PORT][/PREFIX/] (port 8000 if not given). "
-         "[env JUPYTER_SERVER_IP_OR_NAME, JUPYTER_SERVER_PORT]"],
-        ["user", None, None, "Your user name on the hub. [env JUPYTER_USERNAME]"],
+        *HUB_PARAMETERS[:2],
         ["server", None, "", "A named server of yours (/user/NAME/SERVER/); default: your default server."],
         ["root", None, None,
          "A folder of your server, relative to its root, that the IDE sees as the server's root: "
          "files, notebooks' kernels and new terminals start there. [env JUPYTER_DEV_SERVER_ROOT; "
          "default: the server's root]"],
-        ["tls-name", None, None,
-         "The name to verify in the hub's certificate, when it differs from the address in --hub "
-         "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
-        ["ca-cert", None, None,
-         "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
-         "certificate. [env JUPYTER_CLUSTER_CA_CERT; default: the system trust store]"],
+        *HUB_PARAMETERS[2:],
         ["listen", None, None,
          "Twisted endpoint to serve the IDE on. [env JUPYTER_PROXY_IP_OR_NAME, JUPYTER_PROXY_PORT; "
          f"default: {DEFAULT_LISTEN}]"],
-        ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
         ["token-file", None, None,
-         "Managed mode: a file (mode 600) with your hub API token. The proxy then holds the token, "
-         "starts your server when needed and gives the IDE a local token instead. "
-         "[env JUPYTERHUB_API_TOKEN holds the token itself]"],
+         "Managed mode: a file (mode 600) with your hub API token, as 'jupyter-dev-server login' writes "
+         "it. The proxy then holds the token, starts your server when needed and gives the IDE a local "
+         "token instead. [env JUPYTERHUB_API_TOKEN holds the token itself]"],
         ["local-token-file", None, None,
          "Where managed mode keeps its local token, reused across restarts. "
          "[default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
         ["spawn-timeout", None, "600", "Seconds to wait for your server to start (batch queues are slow)."],
+        ["response-timeout", None, "300",
+         "Seconds to wait for the hub's answer to a request before the IDE gets a 504."],
+        ["kernel-start-timeout", None, "1800",
+         "Seconds to wait for the answer to a kernel start (POST /api/sessions, /api/kernels, a kernel "
+         "restart): kernels that run as batch jobs or pods may queue for minutes."],
         ["ping-interval", None, "30",
          "Seconds between WebSocket pings that keep idle kernels connected. A hub link that goes "
          "silent is noticed within this plus 15 s (45 s by default)."],
@@ -155,28 +218,9 @@ class Options(usage.Options):
         return value or None
 
     def postOptions(self) -> None:
-        env = self._env
-        hub = self["hub"] or env("JUPYTER_SERVER_IP_OR_NAME")
-        if not hub:
-            raise usage.UsageError("No hub given: pass --hub HOST[:PORT] or set JUPYTER_SERVER_IP_OR_NAME.")
-        env_port = env("JUPYTER_SERVER_PORT")
-        default_port = _port(env_port, "JUPYTER_SERVER_PORT") if env_port else DEFAULT_HUB_PORT
-        host, port, base = parse_hub(hub, default_port)
+        target = hub_target(self, self.environ, self["server"] or "")
 
-        user = self["user"] or env("JUPYTER_USERNAME")
-        if not user:
-            raise usage.UsageError("No user given: pass --user NAME or set JUPYTER_USERNAME.")
-
-        tls_name = self["tls-name"] or env("JUPYTER_SERVER_NAME") or host
-        self["ca-cert"] = self["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT")
-        if self["ca-cert"]:
-            self["ca-cert"] = os.path.expanduser(self["ca-cert"])
-        try:
-            load_trust_root(self["ca-cert"])
-        except TLSConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
-
-        for name in ("connect-timeout", "spawn-timeout", "ping-interval", "header-timeout"):
+        for name in ("spawn-timeout", "response-timeout", "kernel-start-timeout", "ping-interval", "header-timeout"):
             self[name] = _seconds(self[name], name)
         self["reconnect-window"] = _seconds(self["reconnect-window"], "reconnect-window", allow_zero=True)
         self["reconnect-buffer"] = int(_seconds(self["reconnect-buffer"], "reconnect-buffer", "MiB") * (1 << 20))
@@ -207,13 +251,10 @@ class Options(usage.Options):
             )
 
         try:
-            root = parse_root(self["root"] or env("JUPYTER_DEV_SERVER_ROOT") or "")
+            root = parse_root(self["root"] or self._env("JUPYTER_DEV_SERVER_ROOT") or "")
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
-        self["target"] = HubTarget(
-            host=host, port=port, user=user, server=self["server"] or "", base_path=base,
-            tls_name=tls_name, root=root,
-        )
+        self["target"] = dataclasses.replace(target, root=root)
 
     def _tokens(self) -> None:
         """Managed mode when a hub token is given: read it now, so a bad file stops start-up."""
@@ -244,14 +285,3 @@ class Options(usage.Options):
         number = _port(port, "JUPYTER_PROXY_PORT") if port else 8000
         interface = (address or "127.0.0.1").replace(":", "\\:")
         return f"tcp:{number}:interface={interface}"
-
-    def hub_policy(self, reactor: Any, spares: int = 0, spare_seconds: float = 4.0) -> HubTLSPolicy:
-        """
-        The one way to the hub these options describe: its address, verified name, CA and timeout.
-        The daemon asks for ``spares`` (see :mod:`jds.spares`); one-shot commands such as ``check`` do not.
-        """
-        target: HubTarget = self["target"]
-        return HubTLSPolicy(
-            reactor, target.host, target.port, target.verify_name, self["ca-cert"],
-            connect_timeout=self["connect-timeout"], spares=spares, spare_seconds=spare_seconds,
-        )

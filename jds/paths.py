@@ -32,6 +32,7 @@ __all__ = [
     "ModelHeadMapper",
     "authority",
     "in_ide_view",
+    "is_kernel_start",
     "is_kernelspec_path",
     "map_kernelspecs_body",
     "map_location",
@@ -521,6 +522,16 @@ def map_response_headers(
 def is_kernelspec_path(local: bytes) -> bool:
     """Kernelspec answers carry ``resources`` URLs under the user's prefix and need mapping."""
     return _KERNELSPEC_PATH.match(local) is not None
+
+
+# Requests that start a kernel: a new session or kernel, or a restart. A kernel that runs as a batch
+# job or a pod is answered only once it runs, which may be many minutes after the request.
+_KERNEL_START_PATH = re.compile(rb"^/api/(?:sessions|kernels|kernels/[^/?]+/restart)/?$")
+
+
+def is_kernel_start(method: bytes, local: bytes) -> bool:
+    """Whether a local request (method, path without query) asks the server to start a kernel."""
+    return method == b"POST" and _KERNEL_START_PATH.match(local) is not None
 
 
 def map_kernelspecs_body(body: bytes, target: HubTarget) -> bytes:

@@ -11,6 +11,7 @@ it were complete.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
@@ -18,7 +19,7 @@ from urllib.parse import quote
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -45,6 +46,7 @@ from jds.paths import (
     HubTarget,
     ModelHeadMapper,
     in_ide_view,
+    is_kernel_start,
     local_path,
     map_request_body,
     map_request_path,
@@ -60,16 +62,33 @@ from jds.tls import HubTLSPolicy
 
 log = Logger(namespace="jds.proxy")
 
-__all__ = ["HubProxyResource", "WebSocketUpgrader", "make_agent"]
+__all__ = ["HubProxyResource", "ResponseTimeouts", "WebSocketUpgrader", "make_agent"]
 
 # Node's http server (configurable-http-proxy) drops idle keep-alive connections after 5 s; closing
 # ours first avoids sending a request down a socket the hub is closing.
 IDLE_UPSTREAM_SECONDS = 4.0
-# Long enough for a kernel restart or a large save to be answered, short of waiting for ever.
-RESPONSE_TIMEOUT = 300.0
 # Status codes whose responses never have a body (RFC 9110 6.4.1).
 _NO_BODY = {204, 304}
 _BODYLESS_METHODS = (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
+
+
+@dataclass(frozen=True)
+class ResponseTimeouts:
+    """
+    How long the hub may take to answer: any request (long enough for a large save, short of for
+    ever), and a kernel start, which waits for a batch job or pod to run and gets its own limit.
+    While a kernel start waits, a log line every ``progress_interval`` seconds says so.
+    """
+
+    response: float = 300.0
+    kernel_start: float = 1800.0
+    progress_interval: float = 60.0
+
+    def limit(self, kernel_start: bool) -> tuple[float, str]:
+        """The limit for a request, and the option that sets it."""
+        if kernel_start:
+            return self.kernel_start, "--kernel-start-timeout"
+        return self.response, "--response-timeout"
 
 
 class WebSocketUpgrader(TypingProtocol):
@@ -106,8 +125,9 @@ def quiet_pool(reactor: IReactorTime, persistent: bool = True) -> HTTPConnection
     return pool
 
 
-def make_agent(reactor: IReactorTime, policy: HubTLSPolicy) -> Agent:
-    pool = quiet_pool(reactor)
+def make_agent(reactor: IReactorTime, policy: HubTLSPolicy, persistent: bool = True) -> Agent:
+    """The pinned agent; ``persistent=False`` for one-off commands that may block between requests."""
+    pool = quiet_pool(reactor, persistent)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = IDLE_UPSTREAM_SECONDS
     pool.retryAutomatically = True
@@ -200,6 +220,7 @@ class _Exchange:
         self._held: IResponse | None = None
         self._retry: RetryPlan | None = None
         self.set_auth_cookie = False
+        self.limit, self.limit_option = 0.0, ""
         request.notifyFinish().addErrback(self._client_went_away)
 
     def start(self) -> None:
@@ -220,9 +241,38 @@ class _Exchange:
         self._pending = self.resource.agent.request(
             request.method, uri, Headers(_group(headers)), self._body_producer()
         )
-        # A hub that accepts the connection but never answers must not hold the request for ever.
-        self._pending.addTimeout(RESPONSE_TIMEOUT, self.resource.reactor)
+        # A hub that accepts the connection but never answers must not hold the request for ever;
+        # a kernel start, though, may rightly take many minutes.
+        kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
+        self.limit, self.limit_option = self.resource.timeouts.limit(kernel_start)
+        self._pending.addTimeout(self.limit, self.resource.reactor)
+        if kernel_start:
+            self._pending.addBoth(self._report_waiting())
         self._pending.addCallbacks(self._got_response, self._failed)
+
+    def _report_waiting(self):
+        """Log every minute while a kernel start waits; returns the callback that stops it."""
+        reactor, interval = self.resource.reactor, self.resource.timeouts.progress_interval
+        began = reactor.seconds()
+
+        def still_waiting() -> None:
+            log.info(
+                "{method} {path}: still waiting for the kernel to start ({minutes:.0f} min so far; "
+                "up to {limit:g} s, {option}).",
+                method=self.request.method.decode("latin-1"), path=self.hub_path.decode("latin-1"),
+                minutes=(reactor.seconds() - began) / 60, limit=self.limit, option=self.limit_option,
+            )
+
+        ticker = LoopingCall(still_waiting)
+        ticker.clock = reactor
+        ticker.start(interval, now=False)
+
+        def stop(result: object) -> object:
+            if ticker.running:
+                ticker.stop()
+            return result
+
+        return stop
 
     def _is_api(self) -> bool:
         local = local_path(self.hub_path, self.resource.target) or b""
@@ -419,7 +469,7 @@ class _Exchange:
         if failure.check(TimeoutError):
             write_refusal(self.request, Refusal(
                 504,
-                f"The hub did not answer this request within {RESPONSE_TIMEOUT:g} s.",
+                f"The hub did not answer this request within {self.limit:g} s ({self.limit_option}).",
                 "hub-no-answer",
                 hint="The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
             ))
@@ -471,8 +521,10 @@ class HubProxyResource(ReverseProxyResource):
         websockets: WebSocketUpgrader | None = None,
         credentials: Credentials | None = None,
         starter: ServerStarter | None = None,
+        timeouts: ResponseTimeouts | None = None,
     ) -> None:
         super().__init__(target.host, target.port, target.user_prefix.encode("ascii"), reactor)
+        self.timeouts = timeouts if timeouts is not None else ResponseTimeouts()
         self.target = target
         self.policy = policy
         self.agent = agent if agent is not None else make_agent(reactor, policy)
@@ -546,4 +598,6 @@ class HubProxyResource(ReverseProxyResource):
             target = raw_path + (b"?" + query if query else b"")
             request.redirect(b"/login?next=" + quote(target.decode("latin-1"), safe="").encode())
             return b""
-        return render_refusal(request, needs_local_token("The request carried no valid local token."))
+        return render_refusal(
+            request, needs_local_token("The request carried no valid local token.", request.getHost())
+        )

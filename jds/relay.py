@@ -555,11 +555,10 @@ class _Link:
         code, reason = side.remoteCloseCode, side.remoteCloseReason  # type: ignore[attr-defined]
         if self._close(self._peer(side), code, reason):
             log.info(
-                "WebSocket {uri}: the {role} closed it with {code} {reason}",
+                "WebSocket {uri}: the {role} closed it {how}.",
                 uri=self.uri,
                 role=side.role,
-                code=code,
-                reason=reason or "",
+                how=f"with {code}{f' ({reason})' if reason else ''}" if code is not None else "without a close code",
             )
 
     def broken(self, side: _Side, code: int, reason: str) -> None:

@@ -26,15 +26,17 @@ from twisted.logger import ILogObserver, Logger
 from jds import __version__
 from jds.auth import Credentials
 from jds.check import run_checks
+from jds.commands import login_command
 from jds.guard import LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
-from jds.proxy import IDLE_UPSTREAM_SECONDS, make_agent
+from jds.proxy import IDLE_UPSTREAM_SECONDS, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
 from jds.site import LocalSite, build_site
+from jds.token_expiry import TokenExpiryWatch
 
 log = Logger(namespace="jds")
 
@@ -96,17 +98,22 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     policy = options.hub_policy(reactor, spares=SPARE_CONNECTIONS, spare_seconds=IDLE_UPSTREAM_SECONDS)
     credentials = Credentials(options["hub-token"], options["local-token"])
     starter = None
+    token_watch = None
     if credentials.managed:
         api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
         starter = ServerStarter(
             api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
             on_progress=ProgressBar(sys.stderr).update,
         )
+        renew = login_command(target, options["ca-cert"], options["token-file"])
+        token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
+    timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])
     site = build_site(
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
-        guard=guard, header_timeout=options["header-timeout"],
+        guard=guard, header_timeout=options["header-timeout"], timeouts=timeouts,
+        token_watch=token_watch,
         reconnect=ReconnectPolicy(options["reconnect-window"], options["reconnect-buffer"]),
     )
     endpoint = serverFromString(reactor, options["listen"])
@@ -118,6 +125,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)
+    if token_watch is not None:
+        token_watch.setServiceParent(top)
     if not is_loopback(options["interface"]):
         log.warn(
             "Listening on {interface}: other machines can reach this proxy. Every request must carry "

@@ -21,11 +21,12 @@ from jds.guard import HEADER_TIMEOUT, GuardedChannel, LocalGuard
 from jds.hub import ServerStarter
 from jds.login import LoginPage
 from jds.paths import HubTarget, redact_query
-from jds.proxy import HubProxyResource, make_agent
+from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
 from jds.stats import Stats
 from jds.status import StatusResource
 from jds.tls import HubTLSPolicy
+from jds.token_expiry import TokenExpiryWatch
 
 log = Logger(namespace="jds")
 
@@ -67,6 +68,7 @@ class LocalSite(Site):
     requestFactory = _TimedRequest
     displayTracebacks = False
     noisy = False
+    access_log = True  # off for the start-up self-check's own request
 
     def __init__(
         self,
@@ -96,6 +98,8 @@ class LocalSite(Site):
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):
             self.stats.http_finished(getattr(request, "received", 0), request.sentLength)
+        if not self.access_log:
+            return
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
         log.info(
@@ -172,6 +176,8 @@ def build_site(
     guard: LocalGuard | None = None,
     header_timeout: float = HEADER_TIMEOUT,
     reconnect: ReconnectPolicy | None = None,
+    timeouts: ResponseTimeouts | None = None,
+    token_watch: TokenExpiryWatch | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
     stats = stats if stats is not None else Stats()
@@ -189,10 +195,11 @@ def build_site(
     websockets = _OnFirstUse(relay)
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
-        starter=starter,
+        starter=starter, timeouts=timeouts,
     )
     login = LoginPage(credentials) if credentials.managed else None
     status = StatusResource(
-        stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor
+        stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor,
+        token_watch=token_watch,
     )
     return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor)

@@ -53,8 +53,10 @@ class StatusResource(Resource):
         credentials: Credentials,
         api: Any = None,
         reactor: Any = None,
+        token_watch: Any = None,
     ) -> None:
         super().__init__()
+        self.token_watch = token_watch
         self.stats = stats
         self.target = target
         self.credentials = credentials
@@ -72,7 +74,9 @@ class StatusResource(Resource):
         headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
         if not self.credentials.check(request.method, query, headers).allowed:
             return render_refusal(
-                request, needs_local_token("jupyter-dev-server status reads the local token from its file.")
+                request, needs_local_token(
+                    "jupyter-dev-server status reads the local token from its file.", request.getHost()
+                )
             )
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
@@ -95,6 +99,7 @@ class StatusResource(Resource):
             "server_url": self.target.server_url,
             "root": self.target.root,
             "server_state": server_state,
+            **(self.token_watch.report() if self.token_watch is not None else {}),
             **self.stats.snapshot(),
         }
         return json.dumps(report, indent=2).encode("utf-8") + b"\n"
@@ -176,6 +181,10 @@ def describe(report: dict[str, Any], url: str) -> str:
         )
     else:
         lines.append("  last error: none")
+    if report.get("hub_token_expires"):
+        lines.append(f"  hub token:  expires {report['hub_token_expires']}")
+    if report.get("hub_token_warning"):
+        lines.append(f"  warning:    {report['hub_token_warning']}")
     if report["server_state"] == "unknown" and report["mode"] == "pass-through":
         lines.append("  (the server's state is only known in managed mode, with --token-file)")
     return "\n".join(lines)

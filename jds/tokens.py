@@ -11,7 +11,14 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["TokenFileError", "default_local_token_path", "load_local_token", "read_hub_token"]
+__all__ = [
+    "TokenFileError",
+    "default_hub_token_path",
+    "default_local_token_path",
+    "load_local_token",
+    "read_hub_token",
+    "write_private",
+]
 
 
 class TokenFileError(ValueError):
@@ -21,6 +28,30 @@ class TokenFileError(ValueError):
 def default_local_token_path(environ: Mapping[str, str]) -> Path:
     state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "jupyter-dev-server" / "local-token"
+
+
+def default_hub_token_path(environ: Mapping[str, str]) -> Path:
+    """Where ``jupyter-dev-server login`` keeps the hub token: configuration the user made, not state."""
+    config = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "jupyter-dev-server" / "hub-token"
+
+
+def write_private(path: str | os.PathLike[str], token: str) -> None:
+    """
+    Write ``token`` to ``path`` readable by its owner only (parent made 0700), replacing any old
+    one in a single rename, so a daemon starting meanwhile reads the old token or the new, never half.
+    """
+    token_path = Path(path).expanduser()
+    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = token_path.with_name(f".{token_path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(token + "\n")
+        os.replace(temporary, token_path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _private(path: Path, what: str) -> None:
