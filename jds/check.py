@@ -22,13 +22,14 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from jds.auth import Credentials
-from jds.commands import parse_subcommand
+from jds.commands import login_command, parse_subcommand
 from jds.hub import HubAPI, ServerStarter
 from jds.hubversions import OLDEST, START_SCOPES, UnsupportedHub, release_of
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.proxy import make_agent, quiet_pool
 from jds.site import build_site
+from jds.token_expiry import describe_expiry, held_token_life, renewal_warning
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
 
@@ -168,19 +169,25 @@ class _Chain:
             )]
         scopes = [str(s) for s in me.get("scopes", [])]
         owner = me.get("name", "?")
-        expires = me.get("token_expires_at") or "never"
+        life = yield held_token_life(self.api)
+        expires = describe_expiry(life.expires_at) if life is not None else "expiry unknown"
+        renew = None
+        if life is not None:
+            now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
+            command = login_command(target, self.options["ca-cert"], self.options["token-file"])
+            renew = renewal_warning(life.expires_at, now, command)
         problems = []
         if owner != target.user and me.get("kind") == "user" and not me.get("admin"):
             problems.append(f"the token belongs to {owner}, not {target.user}")
         if scopes and not _scope_covers(scopes, _ACCESS, target):
             problems.append(f"it lacks the scope {_ACCESS}!user={target.user}")
         self.can_start = not scopes or any(_scope_covers(scopes, s, target) for s in START_SCOPES)
-        detail = f"owner {owner}, expires {expires}, {len(scopes)} scopes"
+        detail = f"owner {owner}, {expires}, {len(scopes)} scopes"
         if problems:
             return [Step("token", False, detail + "; " + "; ".join(problems),
                          f"Create a token for {target.user} at {target.url}hub/token.")]
         cannot = f"; cannot start servers (no '{self.release.start_scope}' scope)"
-        return [Step("token", True, detail + ("" if self.can_start else cannot))]
+        return [Step("token", True, detail + ("" if self.can_start else cannot), renew or "")]
 
     @inlineCallbacks
     def server(self):

@@ -410,3 +410,82 @@ class RootedProxyTests(SynchronousTestCase):
         d.callback(response)
         response.send(b'{"path": "work/proj/big.txt"}')
         self.assertTrue(self.transport.value().endswith(b'\r\n\r\n{"path": "work/proj/big.txt"}'))
+class ResponseTimeoutTests(SynchronousTestCase):
+    """--response-timeout cuts a plain request; a kernel start has its own, longer limit and a log line a minute."""
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        from jds.proxy import ResponseTimeouts
+
+        self.reactor = MemoryReactorClock()
+        self.agent = RecordingAgent()
+        policy = HubTLSPolicy(self.reactor, TARGET.host, TARGET.port, TARGET.verify_name, None)
+        resource = HubProxyResource(
+            TARGET, policy, self.reactor, agent=self.agent, timeouts=ResponseTimeouts(5, 600, 60)
+        )
+        self.site = LocalSite(resource, reactor=self.reactor)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def request(self, raw: bytes) -> StringTransport:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        return transport
+
+    def waiting_lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if "still waiting for the kernel" in e.get("log_format", "")]
+
+    def test_plain_request_gets_504_naming_the_option(self) -> None:
+        transport = self.request(b"GET /api/contents HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.reactor.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(0.2)
+        self.assertIn(b" 504 ", transport.value())
+        self.assertIn(b"within 5 s (--response-timeout)", transport.value())
+        self.assertEqual(self.waiting_lines(), [])
+
+    def test_kernel_start_waits_longer_and_says_so_every_minute(self) -> None:
+        transport = self.request(b"POST /api/sessions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
+        for _ in range(3):
+            self.reactor.advance(60)
+        self.assertEqual(transport.value(), b"")
+        lines = self.waiting_lines()
+        self.assertEqual(len(lines), 3)
+        self.assertIn("POST /user/alice/api/sessions: still waiting for the kernel to start (3 min so far", lines[-1])
+        self.assertIn("--kernel-start-timeout", lines[-1])
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(201, {b"Content-Type": [b"application/json"]}, length=2)
+        d.callback(response)
+        response.send(b"{}")
+        self.reactor.advance(120)
+        self.assertEqual(len(self.waiting_lines()), 3)  # the ticker stopped with the answer
+        self.assertIn(b" 201 ", transport.value())
+
+    def test_kernel_start_is_cut_at_its_own_limit(self) -> None:
+        transport = self.request(b"POST /api/kernels/abc/restart HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 0\r\n\r\n")
+        self.reactor.advance(599)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertIn(b"within 600 s (--kernel-start-timeout)", transport.value())
+
+    def test_no_token_403_names_the_real_port(self) -> None:
+        from jds.auth import Credentials
+
+        policy = HubTLSPolicy(self.reactor, TARGET.host, TARGET.port, TARGET.verify_name, None)
+        resource = HubProxyResource(TARGET, policy, self.reactor, agent=self.agent, credentials=Credentials("hub", "local"))
+        site = LocalSite(resource, reactor=self.reactor)
+        channel = site.buildProtocol(None)
+        from twisted.internet.address import IPv4Address
+
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8765))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/contents HTTP/1.1\r\nHost: 127.0.0.1:8765\r\n\r\n")
+        self.assertIn(b" 403 ", transport.value())
+        self.assertIn(b"http://127.0.0.1:8765/?token=...", transport.value())
+        self.assertNotIn(b"PORT", transport.value())
