@@ -16,7 +16,7 @@ from io import BytesIO
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
@@ -202,6 +202,15 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
+class _NoAnswer(Exception):
+    """The hub did not answer within the request's limit (not a connect timeout: that is a 502)."""
+
+
+def _no_answer(result: object, timeout: float) -> Failure:
+    # Agent reports its own cancellation as ResponseNeverReceived, not as a timeout: name it here.
+    return Failure(_NoAnswer(timeout))
+
+
 class _Exchange:
     """One client request and its upstream counterpart, tied together until both are over."""
 
@@ -245,7 +254,7 @@ class _Exchange:
         # a kernel start, though, may rightly take many minutes.
         kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
         self.limit, self.limit_option = self.resource.timeouts.limit(kernel_start)
-        self._pending.addTimeout(self.limit, self.resource.reactor)
+        self._pending.addTimeout(self.limit, self.resource.reactor, onTimeoutCancel=_no_answer)
         if kernel_start:
             self._pending.addBoth(self._report_waiting())
         self._pending.addCallbacks(self._got_response, self._failed)
@@ -466,7 +475,7 @@ class _Exchange:
         self._pending = None
         if self._client_gone or failure.check(CancelledError) or self._retry_later(failure):
             return
-        if failure.check(TimeoutError):
+        if failure.check(_NoAnswer):
             write_refusal(self.request, Refusal(
                 504,
                 f"The hub did not answer this request within {self.limit:g} s ({self.limit_option}).",
