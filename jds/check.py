@@ -3,8 +3,8 @@
 fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
 
 address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
-server state → kernelspecs through the proxy's own mapping, served in-process on a loopback port →
-the --root folder, listed through that same mapping.
+server state → kernelspecs through the proxy's own mapping, served in-process over an in-memory
+connection → the --root folder, listed through that same mapping.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.loopback import loopbackAsync
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from jds.auth import Credentials
 from jds.commands import login_command, parse_subcommand
@@ -35,6 +39,49 @@ __all__ = ["CheckOptions", "Step", "run_checks", "main"]
 
 # The scope a token needs to reach the server; those that start it differ by release (jds.hubversions).
 _ACCESS = "access:servers"
+
+
+@implementer(IStreamClientEndpoint)
+class _InProcess:
+    """
+    The proxy's own site, reached through an in-memory connection instead of a loopback port: in
+    the daemon's start-up log, a second listener (its start, its close, an access line) read as if
+    the daemon listened twice.
+    """
+
+    def __init__(self, site: Any) -> None:
+        self.site = site
+
+    def endpointForURI(self, uri: Any) -> _InProcess:  # noqa: N802 - IAgentEndpointFactory
+        return self
+
+    def connect(self, protocolFactory: Any):  # noqa: N803 - IStreamClientEndpoint
+        address = IPv4Address("TCP", "127.0.0.1", 0)
+        client = protocolFactory.buildProtocol(address)
+        loopbackAsync(self.site.buildProtocol(address), _Pausable(client))
+        return succeed(client)
+
+
+class _Pausable(Protocol):
+    """
+    Gives the HTTP client the producer methods a socket has (it pauses its transport while a
+    response body is handed over); the in-memory pump needs no flow control for one small answer.
+    """
+
+    def __init__(self, inner: Protocol) -> None:
+        self.inner = inner
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        transport.pauseProducing = transport.resumeProducing = lambda: None
+        transport.stopProducing = transport.loseConnection
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.inner.connectionLost(reason)
 
 
 @dataclass
@@ -210,21 +257,17 @@ class _Chain:
         reactor = self.reactor
         credentials = Credentials(self.options["hub-token"], self.options["local-token"] or "check")
         site = build_site(self.target, self.policy, reactor, credentials, ServerStarter(self.api, reactor, allowed=False))
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        agent = Agent(reactor, pool=quiet_pool(reactor, persistent=False))
+        site.access_log = False
+        agent = Agent.usingEndpointFactory(reactor, _InProcess(site), pool=quiet_pool(reactor, persistent=False))
         headers = Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
 
         def get(path: str):
-            url = f"http://127.0.0.1:{port.getHost().port}{path}".encode()
-            return agent.request(b"GET", url, headers).addCallback(
+            return agent.request(b"GET", f"http://127.0.0.1{path}".encode(), headers).addCallback(
                 lambda response: readBody(response).addCallback(lambda body: (response.code, body))
             )
 
-        try:
-            code, body = yield get("/api/kernelspecs")
-            root_answer = (yield get("/api/contents?content=0")) if self.target.root else None
-        finally:
-            yield port.stopListening()
+        code, body = yield get("/api/kernelspecs")
+        root_answer = (yield get("/api/contents?content=0")) if self.target.root else None
         try:
             names = sorted(json.loads(body)["kernelspecs"])
         except (ValueError, KeyError, TypeError):

@@ -205,6 +205,20 @@ def run_check(hub: JupyterHubProcess, *args: str, token: str | None, state: Path
     return result.returncode, steps
 
 
+def test_start_up_self_check_reads_as_one_listener(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
+    """The self-check reaches the proxy in memory: one 'starting on', no port closing, no access line."""
+    from hub import poll
+
+    log = poll(lambda: managed.log_text() if "check kernelspecs:" in managed.log_text() else None,
+               60, "the start-up check", 0.2, managed.log_text)  # fmt: skip
+    assert "check kernelspecs: kernels an IDE will offer: python3" in log
+    assert len(re.findall(r"starting on \d+", log)) == 1, log
+    assert not re.search(r"\(TCP Port \d+ Closed\)", log), log
+    assert not re.search(r"GET /api/kernelspecs \d{3} ", log), log
+    # ... and the token's expiry is in the check's token line (a token made without one never expires)
+    assert "check token: owner alice, never expires" in log
+
+
 def test_check_passes_on_a_good_setup(hub: JupyterHubProcess, tmp_path: Path) -> None:
     hub.start_server("alice")
     code, steps = run_check(
