@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -29,14 +30,14 @@ from typing import Any
 
 from twisted.python import usage
 
-from jds.commands import parse_subcommand
+from jds.commands import parse_subcommand, program
 from jds.tokens import load_local_token
 
 __all__ = ["DemoOptions", "main"]
 
 DEFAULT_PORT = 8000
 # The Python packages the demo's hub and servers run on (the ``demo`` extra).
-_NEEDED = ("jupyterhub", "jupyter_server", "ipykernel", "trustme", "requests", "psutil")
+_NEEDED = ("jupyterhub", "jupyter_server", "ipykernel", "notebook", "trustme", "requests", "psutil")
 
 
 class DemoOptions(usage.Options):
@@ -143,7 +144,7 @@ class Demo:
         hub.start_server(self.user, timeout=180)
         token_file = self.directory / "hub-token"
         _write_private(token_file, hub.new_token(self.user, note="jupyter-dev-server demo"))
-        local_token_file = self.directory / "local-token"
+        self.local_token_file = local_token_file = self.directory / "local-token"
         self.local_token = load_local_token(local_token_file)
 
         port = self.wanted_port
@@ -211,11 +212,11 @@ Paste this URL into VS Code ("Select Kernel" > "Existing Jupyter Server") or PyC
 
   IDE URL: {base}/?token={self.local_token}
 
-Or try it from a shell:
+Or try it from a shell (any shell: the commands need no PATH and read the tokens from their files):
 
   curl -s '{base}/api/kernelspecs?token={self.local_token}'
-  jupyter-dev-server status --url {base} --token {self.local_token}
-  jupyter-dev-server check {" ".join(self.proxy_args)}
+  {shlex.join([program(), "status", "--url", base, "--local-token-file", str(self.local_token_file)])}
+  {shlex.join([program(), "check", *self.proxy_args])}
 
 Temporary files: {self.directory}
 Press Ctrl-C to stop the proxy and the hub and remove the temporary files.

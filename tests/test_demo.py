@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -83,19 +82,21 @@ def test_demo_runs_a_kernel_and_cleans_up(tmp_path: Path) -> None:
         # A kernel runs through the IDE URL, WebSocket and all.
         assert run_in_kernel(base, token, "print(6*7)") == "42\n"
 
-        # The other commands it printed work as printed.
+        # The other commands it printed run as printed in a new shell (no virtual environment on
+        # PATH), and no token is on their command lines, where `ps` would show it.
+        fresh = clean_environ({"PATH": "/usr/local/bin:/usr/bin:/bin", "XDG_STATE_HOME": str(tmp_path / "state")})
+        fresh.pop("VIRTUAL_ENV", None)
         for name in ("status", "check"):
-            line = re.search(rf"^\s*(jupyter-dev-server {name} .*)$", text, re.MULTILINE).group(1)
-            args = shlex.split(line)
-            done = subprocess.run(
-                [venv_script(args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
-                env=clean_environ(),
-            )
+            line = re.search(rf"^  (\S*jupyter-dev-server {name} .*)$", text, re.MULTILINE).group(1)
+            assert token not in line and "--token " not in line, line
+            done = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=120, env=fresh)
             assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-        assert "is running" in subprocess.run(
-            [venv_script("jupyter-dev-server"), "status", "--url", base, "--token", token],
-            capture_output=True, text=True, timeout=60, env=clean_environ(),
-        ).stdout
+            if name == "status":
+                assert "is running" in done.stdout, done.stdout
+
+        # IDEs probe /tree: Notebook 7 answers it.
+        tree = requests.get(f"{base}/tree?token={token}", timeout=30)
+        assert tree.status_code == 200 and "<html" in tree.text.lower(), tree.status_code
 
         # The hub token stays with the proxy: it is in no line the demo or the proxy printed.
         hub_token = (directory / "hub-token").read_text().strip()
