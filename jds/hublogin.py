@@ -232,7 +232,7 @@ def main(argv: list[str]) -> int:
     token, expires_at = result["token"]
     path: Path = options["token-file"]
     try:
-        write_private(path, token)
+        write_private(path, token + "\n")
     except (OSError, TokenFileError) as exc:
         print(f"jupyter-dev-server login: cannot write {path}: {exc}; choose another with --token-file.", file=sys.stderr)
         return 1

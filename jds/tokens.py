@@ -36,21 +36,20 @@ def default_hub_token_path(environ: Mapping[str, str]) -> Path:
     return Path(config) / "jupyter-dev-server" / "hub-token"
 
 
-def write_private(path: str | os.PathLike[str], token: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """
-    Write ``token`` to ``path`` readable by its owner only (parent made 0700), replacing any old
-    one in a single rename, so a daemon starting meanwhile reads the old token or the new, never half.
+    Replace ``path`` by a file only its owner can read (0600, parent 0700), atomically: a reader
+    sees the old content or the new, and a running daemon sees a new file (inode) when it changes.
     """
-    token_path = Path(path).expanduser()
-    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = token_path.with_name(f".{token_path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-        os.replace(temporary, token_path)
+            handle.write(text)
+        os.replace(partial, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
 
 

@@ -118,8 +118,8 @@ def test_login_options_share_the_daemons_environment_defaults(tmp_path: Path) ->
 
 def test_write_private_replaces_the_token_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "new" / "hub-token"
-    write_private(path, "one")
-    write_private(path, "two")
+    write_private(path, "one\n")
+    write_private(path, "two\n")
     assert path.read_text() == "two\n"
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
