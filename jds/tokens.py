@@ -88,9 +88,6 @@ def load_local_token(path: str | os.PathLike[str]) -> str:
         token = token_path.read_text(encoding="utf-8").strip()
         if token:
             return token
-    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_hex(24)
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
+    write_private(token_path, token + "\n")
     return token
