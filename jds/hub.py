@@ -145,12 +145,27 @@ class _EventStream(Protocol):
 
 
 class HubAPI:
-    """The few hub REST calls the proxy makes, all with the user's token over the pinned agent."""
+    """
+    The few hub REST calls the proxy makes, all with a token of the user's over the pinned agent:
+    the one the proxy holds (managed mode), or the one an IDE's request carried (pass-through,
+    :meth:`with_token`). ``holder`` names it in error messages.
+    """
 
-    def __init__(self, agent: Agent, target: HubTarget, hub_token: str) -> None:
+    def __init__(
+        self, agent: Agent, target: HubTarget, hub_token: str | None, holder: str = "this proxy holds"
+    ) -> None:
         self.agent = agent
         self.target = target
         self._token = hub_token
+        self.holder = holder
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
+
+    def with_token(self, token: str) -> HubAPI:
+        """The same calls with the token an IDE's request carried."""
+        return HubAPI(self.agent, self.target, token, holder="the IDE sent")
 
     def _url(self, path: str) -> bytes:
         return f"https://{self.target.netloc}{self.target.base}hub/api/{path}".encode("ascii")
@@ -164,7 +179,7 @@ class HubAPI:
     def request(self, method: bytes, path: str) -> Deferred:
         headers = Headers(
             {
-                b"Authorization": [b"token " + self._token.encode()],
+                b"Authorization": [b"token " + (self._token or "").encode()],
                 b"Accept": [b"application/json"],
                 b"Host": [self.target.netloc.encode("ascii")],
             }
@@ -207,7 +222,7 @@ class HubAPI:
     def _refused(self, code: int, body: object, what: str):
         """Raise the error for a refused API call; a 401/403 is either a dead token or a missing scope."""
         token_dead = code in (401, 403) and not (yield self.token_accepted())
-        raise _api_refusal(401 if token_dead else code, body, self.target, what)
+        raise _api_refusal(401 if token_dead else code, body, self.target, what, self.holder)
 
     def follow_progress(self, on_event: Callable[[dict[str, Any]], None]) -> Deferred:
         """Fires when the hub closes the progress stream; events arrive through ``on_event``."""
@@ -228,12 +243,12 @@ def _drain_code(response: IResponse) -> Deferred:
     return readBody(response).addBoth(lambda _: response.code)
 
 
-def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> Refusal:
+def _api_refusal(code: int, body: object, target: HubTarget, what: str, holder: str) -> Refusal:
     hub_message = body.get("message", "") if isinstance(body, dict) else ""
     if code == 403:
         return Refusal(
             503,
-            f"Your server at {target.server_url} is not running, and the token this proxy holds "
+            f"Your server at {target.server_url} is not running, and the token {holder} "
             f"may not {what} (missing scope; hub says: {hub_message or 'forbidden'}). Start it at "
             f"{target.url}hub/home or use a token with the 'servers' scope.",
             "missing-scope",
@@ -241,7 +256,7 @@ def _api_refusal(code: int, body: object, target: HubTarget, what: str) -> Refus
     if code == 401:
         return Refusal(
             401,
-            f"The hub refused the token this proxy holds ({hub_message or 'unauthorized'}): it may "
+            f"The hub refused the token {holder} ({hub_message or 'unauthorized'}): it may "
             f"have expired or been revoked. Create a new one at {target.url}hub/token.",
             "hub-token-refused",
         )
@@ -256,6 +271,12 @@ class ServerStarter:
     """
     Starts the user's server at most once at a time; everyone who needs it running waits on the
     same spawn. ``on_progress`` sees each progress event (for the terminal's progress bar).
+
+    In managed mode it starts the server with the token the proxy holds. In pass-through mode
+    (``api`` without a token) it uses the token of the request that met the stopped server: a token
+    from the hub's token page has the user's scopes, so the IDE's own token can start its server.
+    Requests that arrive during that spawn wait for it, whatever token they carry, and are then
+    sent again with their own: waiting grants nothing a token does not.
     """
 
     def __init__(
@@ -274,10 +295,35 @@ class ServerStarter:
         self.progress = Progress()
         self._waiters: list[Deferred] = []
         self._timer = None
+        self._spawning_api = api
 
-    def recover(self, code: int, location: bytes | None, on_stopped: Callable[[], object] | None = None) -> Deferred:
+    def api_for(self, authorization: bytes | str | None) -> HubAPI | None:
+        """
+        The API to start the server with for a request whose upstream ``Authorization`` header is
+        ``authorization``: the proxy's own in managed mode, else one with the request's token, or
+        ``None`` when the request carries none (it came with a cookie, or nothing).
+        """
+        if self.api.has_token:
+            return self.api
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        scheme, _, credential = (authorization or b"").strip().partition(b" ")
+        token = credential.strip().decode("latin-1")
+        if scheme.lower() not in (b"token", b"bearer") or not token:
+            return None
+        return self.api.with_token(token)
+
+    def recover(
+        self,
+        code: int,
+        location: bytes | None,
+        on_stopped: Callable[[], object] | None = None,
+        authorization: bytes | str | None = None,
+    ) -> Deferred:
         """
         The hub answered ``code`` (and ``location``): if that means the server is stopped, start it.
+        ``authorization`` is the request's upstream ``Authorization`` header (see :meth:`api_for`);
+        without a token to start it with, a certainly stopped server is a :class:`Refusal`.
 
         Fires ``True`` once the server runs and the request should be sent again, ``False`` when
         the answer is not a stopped server (the caller passes it on as it is), or fails with a
@@ -289,7 +335,10 @@ class ServerStarter:
         stopped = looks_stopped(code, location, self.api.target)
         if stopped is False:
             return succeed(False)
-        known = succeed(True) if stopped else self.confirm_stopped()
+        api = self.api_for(authorization)
+        if api is None:
+            return _failed(server_not_running(self.api.target)) if stopped else succeed(False)
+        known = succeed(True) if stopped else self.confirm_stopped(api)
 
         def unknown(failure: Failure) -> Failure | bool:
             return failure if failure.check(Refusal, CancelledError) else False
@@ -299,21 +348,25 @@ class ServerStarter:
                 return False
             if on_stopped is not None:
                 on_stopped()
-            return self.ensure_running().addCallback(lambda _: True)
+            return self.ensure_running(api).addCallback(lambda _: True)
 
         return known.addErrback(unknown).addCallback(start)
 
-    def confirm_stopped(self) -> Deferred:
+    def confirm_stopped(self, api: HubAPI | None = None) -> Deferred:
         """Fires with ``True`` when the hub's API says the server is not ready."""
-        return self.api.server_state().addCallback(lambda state: not state.ready)
+        return (api or self.api).server_state().addCallback(lambda state: not state.ready)
 
-    def ensure_running(self) -> Deferred:
-        """Fires (with ``None``) when the server is ready; fails with :class:`Refusal`."""
+    def ensure_running(self, api: HubAPI | None = None) -> Deferred:
+        """
+        Fires (with ``None``) when the server is ready; fails with :class:`Refusal`. A spawn that
+        is not yet under way starts with ``api`` (default: the proxy's own).
+        """
         if not self.allowed:
             return _failed(server_not_running(self.api.target, no_spawn=True))
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
         if len(self._waiters) == 1:
+            self._spawning_api = api or self.api
             self._timer = self.reactor.callLater(self.timeout, self._timed_out)
             self._spawn().addBoth(self._finish)
         return waiter
@@ -321,27 +374,28 @@ class ServerStarter:
     @inlineCallbacks
     def _spawn(self):
         self.progress = Progress()
-        state = yield self.api.server_state()
+        api = self._spawning_api
+        state = yield api.server_state()
         while state.pending == "stop" and self._waiters:
             # the hub refuses to start a server it is still stopping; the spawn timeout bounds this
             yield deferLater(self.reactor, 0.5, lambda: None)
-            state = yield self.api.server_state()
+            state = yield api.server_state()
         if state.ready:
             return None
-        log.info("Starting your server {url} on the hub.", url=self.api.target.server_url)
+        log.info("Starting your server {url} on the hub.", url=api.target.server_url)
         if state.pending != "spawn":
-            code = yield self.api.start()
+            code = yield api.start()
             if code == 201:
                 return None
         while self._waiters:
-            yield self.api.follow_progress(self._event)
+            yield api.follow_progress(self._event)
             if self.progress.failed:
                 raise Refusal(
                     503,
                     f"The hub failed to start your server: {self.progress.message or 'no reason given'}.",
                     "spawn-failed",
                 )
-            state = yield self.api.server_state()
+            state = yield api.server_state()
             if state.ready:
                 return None
             if not state.pending:
@@ -396,6 +450,7 @@ class ServerStarter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._spawning_api = self.api  # an IDE's token is held no longer than its spawn
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if isinstance(result, Failure):

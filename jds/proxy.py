@@ -230,6 +230,7 @@ class _Exchange:
         self._retry: RetryPlan | None = None
         self.set_auth_cookie = False
         self.limit, self.limit_option = 0.0, ""
+        self.authorization: bytes | None = None  # the upstream Authorization: whose token starts a server
         request.notifyFinish().addErrback(self._client_went_away)
 
     def start(self) -> None:
@@ -246,6 +247,7 @@ class _Exchange:
         if self.body_kind is not None or credentials.managed:
             # Bodies that are rewritten or scrubbed must arrive uncompressed.
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
+        self.authorization = next((v for n, v in headers if n.lower() == b"authorization"), None)
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
         self._pending = self.resource.agent.request(
             request.method, uri, Headers(_group(headers)), self._body_producer()
@@ -316,17 +318,20 @@ class _Exchange:
             return
         starter = self.resource.starter
         location = (response.headers.getRawHeaders(b"location") or [None])[0]
-        if starter is None and self._is_api() and looks_stopped(response.code, location, self.resource.target):
+        can_start = starter is not None and starter.api_for(self.authorization) is not None
+        if not can_start and self._is_api() and looks_stopped(response.code, location, self.resource.target):
             # Without a hub token the proxy cannot start the server; an IDE cannot follow the hub's
             # redirect either (another name, another CA), so say what is wrong instead.
             response.deliverBody(_Discard())
             write_refusal(self.request, server_not_running(self.resource.target))
             return
-        if starter is not None and not self._replayed:
+        if can_start and not self._replayed:
             # Once per request: the replay's answer stands, whatever it is.
             self._replayed = True
             self._held = response
-            self._pending = starter.recover(response.code, location, on_stopped=self._let_go)
+            self._pending = starter.recover(
+                response.code, location, on_stopped=self._let_go, authorization=self.authorization
+            )
             self._pending.addCallbacks(
                 lambda stopped: self.start() if stopped else self._check_token(self._take_held()),
                 self._not_recovered,
@@ -356,7 +361,8 @@ class _Exchange:
         """In managed mode a 401/403 or a login redirect may mean the hub no longer takes our token: find out."""
         starter = self.resource.starter
         location = (response.headers.getRawHeaders(b"location") or [None])[0]
-        if starter is None or not may_be_dead_token(response.code, location, self.resource.target):
+        managed = starter is not None and self.resource.credentials.managed
+        if not managed or not may_be_dead_token(response.code, location, self.resource.target):
             self._relay(response)
             return
         self._pending = starter.api.token_accepted()

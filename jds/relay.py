@@ -429,7 +429,9 @@ class _Link:
         # then open the hub side again while the IDE's handshake waits.
         self._recovered = self._waiting_for_server = True
         location = (getattr(hub, "http_headers", {}) or {}).get("location")
-        recovering = starter.recover(status, location.encode("latin-1") if location else None)
+        # pass-through mode starts the server with the IDE's token, the one this socket carries
+        token = next((v for k, v in self._upstream.headers.items() if k.lower() == "authorization"), None)
+        recovering = starter.recover(status, location.encode("latin-1") if location else None, authorization=token)
         recovering.addCallbacks(lambda stopped: self._recovery_over(stopped, hub, why, status), self._not_recovered)
 
     def _recovery_over(self, stopped: bool, hub: _HubSide, why: str, status: int) -> None:

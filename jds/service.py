@@ -97,14 +97,15 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     target: HubTarget = options["target"]
     policy = options.hub_policy(reactor, spares=SPARE_CONNECTIONS, spare_seconds=IDLE_UPSTREAM_SECONDS)
     credentials = Credentials(options["hub-token"], options["local-token"])
-    starter = None
+    # Both modes start a stopped server: managed mode with the token it holds, pass-through mode
+    # (no hub token here) with the token the IDE's request carries.
+    api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
+    starter = ServerStarter(
+        api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
+        on_progress=ProgressBar(sys.stderr).update,
+    )
     token_watch = None
     if credentials.managed:
-        api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
-        starter = ServerStarter(
-            api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
-            on_progress=ProgressBar(sys.stderr).update,
-        )
         renew = login_command(target, options["ca-cert"], options["token-file"])
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
@@ -207,7 +208,8 @@ class _GracefulStop(service.Service):
 class _LaunchChecks(service.Service):
     """
     Once at start-up: the ``check`` steps go to the log (a failure is reported, not fatal: the hub
-    may come back), and in managed mode a stopped server is started so the IDE's first request is fast.
+    may come back), and in managed mode a stopped server is started so the IDE's first request is fast
+    (in pass-through mode there is no token yet to start it with: the IDE's first request will).
     """
 
     def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any) -> None:
@@ -228,7 +230,7 @@ class _LaunchChecks(service.Service):
             else:
                 log.info("check {name}: {detail}", name=step.name, detail=step.detail)
         stopped = any(step.name == "server" and step.ok is False for step in steps)
-        if not stopped or self.starter is None or not self.starter.allowed:
+        if not stopped or self.starter is None or not self.starter.allowed or not self.starter.api.has_token:
             return None
         return self.starter.ensure_running().addErrback(
             lambda failure: log.warn("{message}", message=getattr(failure.value, "message", failure.getErrorMessage()))

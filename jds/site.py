@@ -199,7 +199,8 @@ def build_site(
     )
     login = LoginPage(credentials) if credentials.managed else None
     status = StatusResource(
-        stats, target, credentials, api=starter.api if starter is not None else None, reactor=reactor,
+        stats, target, credentials, api=starter.api if starter is not None and starter.api.has_token else None,
+        reactor=reactor,
         token_watch=token_watch,
     )
     return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor)

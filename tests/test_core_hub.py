@@ -221,10 +221,11 @@ def test_twistd_lists_the_plugin_after_install(tmp_path: Path, editable: bool) -
     assert where.startswith(str(REPO_ROOT if editable else venv)), where
 
 
-def test_stopped_server_in_pass_through_mode_is_explained(hub: JupyterHubProcess, alice) -> None:
+def test_stopped_server_in_pass_through_mode_without_a_token_is_explained(hub: JupyterHubProcess, alice) -> None:
+    """With a token the IDE's request starts the server (test_passthrough_spawn_hub); without one, a 503."""
     hub.stop_server("alice")
     try:
-        answer = requests.get(f"{alice.url}/api/status", headers=auth(hub.alice_token))
+        answer = requests.get(f"{alice.url}/api/status")
         assert answer.status_code == 503, dump(answer)
         error = answer.json()
         assert error["reason"] == "server-not-running"

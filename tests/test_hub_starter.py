@@ -1,0 +1,81 @@
+"""
+ServerStarter in memory: which token starts the server (the proxy's, or in pass-through mode the
+request's), and that one spawn serves every waiter whatever token each carries.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from jds.hub import HubAPI, ServerStarter, ServerState
+from jds.paths import HubTarget
+from jds.refusal import Refusal
+
+TARGET = HubTarget(host="hub", port=443, user="alice")
+
+
+class RecordingAPI(HubAPI):
+    """The hub's answers without a hub: the server starts when asked (201)."""
+
+    started: list[str | None]
+
+    def __init__(self, token: str | None, holder: str = "this proxy holds", log: list | None = None) -> None:
+        super().__init__(agent=None, target=TARGET, hub_token=token, holder=holder)  # type: ignore[arg-type]
+        self.started = log if log is not None else []
+        self.running = False
+        self.gate: Deferred | None = None
+
+    def with_token(self, token: str) -> RecordingAPI:
+        other = RecordingAPI(token, "the IDE sent", self.started)
+        other.gate = self.gate
+        return other
+
+    def server_state(self):
+        return succeed(ServerState(ready=bool(self.started), pending=None))
+
+    def start(self):
+        self.started.append(self._token)
+        return self.gate.addCallback(lambda _: 201) if self.gate is not None else succeed(201)
+
+
+def test_managed_mode_uses_its_own_token() -> None:
+    api = RecordingAPI("hub-token")
+    starter = ServerStarter(api, Clock())
+    assert starter.api_for(b"token ide-token") is api
+    assert starter.api_for(None) is api
+
+
+def test_pass_through_takes_the_requests_token() -> None:
+    starter = ServerStarter(RecordingAPI(None), Clock())
+    assert starter.api_for(None) is None
+    assert starter.api_for(b"Basic abc") is None
+    assert starter.api_for(b"token ") is None
+    assert starter.api_for(b"token ide-token")._token == "ide-token"
+    assert starter.api_for("Bearer ide-token").holder == "the IDE sent"
+
+
+def test_one_spawn_with_the_first_requests_token_for_every_waiter() -> None:
+    api = RecordingAPI(None)
+    api.gate = Deferred()
+    starter = ServerStarter(api, Clock())
+    results: list[object] = []
+    for token in ("first", "second", "third", "fourth", "fifth"):
+        starter.recover(302, b"/hub/user/alice/api/status", authorization=f"token {token}".encode()).addBoth(
+            results.append
+        )
+    assert api.started == ["first"] and results == []
+    api.gate.callback(None)
+    assert results == [True] * 5
+    assert starter._spawning_api is api, "the IDE's token is let go once the spawn is over"
+
+
+def test_pass_through_without_a_token_refuses_a_stopped_server() -> None:
+    starter = ServerStarter(RecordingAPI(None), Clock())
+    failures: list[object] = []
+    starter.recover(302, b"/hub/user/alice/api/status", authorization=None).addErrback(failures.append)
+    assert failures and failures[0].check(Refusal)
+    assert failures[0].value.reason == "server-not-running"
+    maybe: list[object] = []
+    starter.recover(503, None, authorization=None).addBoth(maybe.append)
+    assert maybe == [False], "an answer that only might mean 'stopped' stands"
