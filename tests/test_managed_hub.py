@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, venv_script
+from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, poll, venv_script
 
 
 def local(token: str) -> dict[str, str]:
@@ -207,8 +207,6 @@ def run_check(hub: JupyterHubProcess, *args: str, token: str | None, state: Path
 
 def test_start_up_self_check_reads_as_one_listener(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
     """The self-check reaches the proxy in memory: one 'starting on', no port closing, no access line."""
-    from hub import poll
-
     log = poll(lambda: managed.log_text() if "check kernelspecs:" in managed.log_text() else None,
                60, "the start-up check", 0.2, managed.log_text)  # fmt: skip
     assert "check kernelspecs: kernels an IDE will offer: python3" in log
