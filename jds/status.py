@@ -181,8 +181,10 @@ def describe(report: dict[str, Any], url: str) -> str:
         )
     else:
         lines.append("  last error: none")
-    if report.get("hub_token_expires"):
-        lines.append(f"  hub token:  expires {report['hub_token_expires']}")
+    expires = report.get("hub_token_expires")
+    if expires:
+        said = {"never": "never expires", "unknown": "expiry unknown (the hub would not say)"}
+        lines.append(f"  hub token:  {said.get(expires, f'expires {expires}')}")
     if report.get("hub_token_warning"):
         lines.append(f"  warning:    {report['hub_token_warning']}")
     if report["server_state"] == "unknown" and report["mode"] == "pass-through":

@@ -124,3 +124,30 @@ def test_write_private_replaces_the_token_owner_only(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in path.parent.iterdir()) == ["hub-token"]
+
+
+def test_status_document_and_text_carry_the_expiry_warning() -> None:
+    import json as _json
+
+    from jds.auth import Credentials
+    from jds.stats import Stats
+    from jds.status import StatusResource, describe
+
+    clock = Clock()
+    clock.advance(NOW.timestamp())
+    api = FakeAPI({
+        "user": (200, {"name": "alice", "token_id": "a12"}),
+        "users/alice/tokens/a12": (200, {"expires_at": "2026-12-03T12:00:00Z"}),
+    })  # fmt: skip
+    watch = TokenExpiryWatch(api, "jupyter-dev-server login --hub x", clock)
+    watch.startService()
+    resource = StatusResource(Stats(), TARGET, Credentials("hub", "local"), token_watch=watch)
+    report = _json.loads(resource.document("running"))
+    assert report["hub_token_expires"] == "2026-12-03T12:00:00+00:00"
+    text = describe(report, "http://127.0.0.1:8000")
+    assert "  hub token:  expires 2026-12-03T12:00:00+00:00" in text
+    assert "  warning:    The hub token this proxy holds expires 2026-12-03 12:00 UTC (in 2 days): renew it with " \
+           "`jupyter-dev-server login --hub x`, then restart jupyter-dev-server." in text
+    watch.stopService()
+    never = describe({**report, "hub_token_expires": "never", "hub_token_warning": None}, "http://127.0.0.1:8000")
+    assert "  hub token:  never expires" in never and "warning" not in never
