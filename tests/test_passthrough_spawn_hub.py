@@ -137,3 +137,16 @@ def test_a_token_that_may_not_start_servers_gets_the_missing_scope_503(
         poll(lambda: "missing scope" in passing.log_text() or None, 10, "the refusal in the log")
     finally:
         hub.start_server("alice")
+
+
+def test_the_close_log_line_reads_as_a_sentence(hub: JupyterHubProcess, passing: ProxyProcess) -> None:
+    """A close frame without a status code is logged as such, not as 'closed it with None '."""
+    for frame, said in ((b"", "the IDE closed it without a close code."), (b"\x03\xe8bye", "the IDE closed it with 1000 (bye).")):
+        ws = websocket.create_connection(f"ws{passing.url[4:]}/api/events/subscribe",
+                                         header=[f"Authorization: token {hub.alice_token}"], timeout=60,
+                                         suppress_origin=True)  # fmt: skip
+        ws.send(frame, opcode=websocket.ABNF.OPCODE_CLOSE)
+        poll(lambda said=said: said in passing.log_text() or None, 30, f"{said!r} in the log", 0.1,
+             passing.log_text)  # fmt: skip
+        ws.shutdown()
+    assert "with None" not in passing.log_text()
