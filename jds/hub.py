@@ -330,7 +330,8 @@ class ServerStarter:
         :class:`Refusal` saying why the server is not running. ``on_stopped`` is called once the
         server is known to be stopped, before the wait (to let go of the hub's answer).
         When the hub's API cannot say whether the server runs, the answer stands (``False``)
-        unless the API gave a reason (a :class:`Refusal`: a dead token, a missing scope).
+        unless the API gave a reason about the proxy's own token (a :class:`Refusal`: a dead token,
+        a missing scope).
         """
         stopped = looks_stopped(code, location, self.api.target)
         if stopped is False:
@@ -341,7 +342,10 @@ class ServerStarter:
         known = succeed(True) if stopped else self.confirm_stopped(api)
 
         def unknown(failure: Failure) -> Failure | bool:
-            return failure if failure.check(Refusal, CancelledError) else False
+            # The proxy's own token failing is news for the user; an IDE's token failing is not:
+            # the hub's answer to the IDE's request says it already.
+            reasons = (Refusal, CancelledError) if api is self.api else (CancelledError,)
+            return failure if failure.check(*reasons) else False
 
         def start(is_stopped: bool) -> Deferred | bool:
             if not is_stopped:

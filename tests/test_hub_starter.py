@@ -79,3 +79,24 @@ def test_pass_through_without_a_token_refuses_a_stopped_server() -> None:
     maybe: list[object] = []
     starter.recover(503, None, authorization=None).addBoth(maybe.append)
     assert maybe == [False], "an answer that only might mean 'stopped' stands"
+
+
+class UnreadableAPI(RecordingAPI):
+    """A hub that will not tell the server's state (a wrong token, or no hub API at all)."""
+
+    def with_token(self, token: str) -> UnreadableAPI:
+        return UnreadableAPI(token, "the IDE sent", self.started)
+
+    def server_state(self):
+        from twisted.internet.defer import fail
+
+        return fail(Refusal(401, "The hub refused the token ...", "hub-token-refused"))
+
+
+def test_an_unconfirmed_answer_stands_in_pass_through_but_not_in_managed_mode() -> None:
+    passing: list[object] = []
+    ServerStarter(UnreadableAPI(None), Clock()).recover(403, None, authorization=b"token wrong").addBoth(passing.append)
+    assert passing == [False], "the hub's own 403 goes to the IDE"
+    managed: list[object] = []
+    ServerStarter(UnreadableAPI("held"), Clock()).recover(403, None).addBoth(managed.append)
+    assert managed[0].check(Refusal) and managed[0].value.reason == "hub-token-refused"
