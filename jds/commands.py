@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from jds.paths import HubTarget
+from jds.paths import HubTarget, authority
 
 __all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "program"]
 
@@ -41,9 +41,8 @@ def program() -> str:
 
 def hub_arguments(target: HubTarget, ca_cert: str | None) -> list[str]:
     """``--hub``, ``--user`` and the TLS options that reach ``target`` as the daemon reaches it."""
-    host = f"[{target.host}]" if ":" in target.host else target.host
     base = "" if target.base == "/" else target.base
-    args = ["--hub", f"https://{host}:{target.port}{base}", "--user", target.user]
+    args = ["--hub", f"https://{authority(target.host, target.port)}{base}", "--user", target.user]
     if ca_cert:
         args += ["--ca-cert", str(Path(ca_cert).absolute())]
     if target.verify_name != target.host.lower():

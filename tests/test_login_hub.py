@@ -206,3 +206,16 @@ def test_sso_hub_reads_a_pasted_token_and_checks_it(sso_hub: JupyterHubProcess, 
     assert "never expires" in done.stdout  # minted without an expiry
     assert re.search(r"^  \S*jupyter-dev-server --hub .* --token-file ", done.stdout, re.MULTILINE)
     assert os.path.isabs(shlex.split(re.search(r"^  (\S+)", done.stdout, re.MULTILINE).group(1))[0])
+
+
+def test_a_hub_certificate_the_ca_does_not_sign_is_named_before_any_password(
+    password_hub: JupyterHubProcess, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [venv_script("jupyter-dev-server"), "login", "--hub", password_hub.url, "--user", USER,
+         "--ca-cert", str(password_hub.wrong_ca_path), "--tls-name", password_hub.tls_name, "--password-stdin"],
+        input=PASSWORD + "\n", capture_output=True, text=True, timeout=120, env=_fresh_shell_env(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("jupyter-dev-server login: The hub's certificate") and "--ca-cert" in line, line
