@@ -16,9 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import hub
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyFactory, TestCA
+from hub import JupyterHubProcess, ProxyFactory
 
 QUEUED = 8.0
 
@@ -103,7 +104,7 @@ def _plugins(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def slow_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA) -> Iterator[JupyterHubProcess]:
+def slow_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: hub.TestCA) -> Iterator[JupyterHubProcess]:
     directory = tmp_path_factory.mktemp("slow-hub")
     environment = _plugins(directory / "plugins")
     hub = JupyterHubProcess(directory / "hub", test_ca, extra_config=textwrap.dedent(f"""

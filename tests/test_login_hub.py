@@ -17,9 +17,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import hub
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyProcess, TestCA, clean_environ, poll, stop_pid, tail, venv_script
+from hub import JupyterHubProcess, ProxyProcess, clean_environ, poll, stop_pid, tail, venv_script
 
 PASSWORD = "correct horse battery staple"
 USER = "carol"
@@ -44,7 +45,7 @@ c.ExampleSSO.allow_all = True
 """
 
 
-def _hub(directory: Path, ca: TestCA, config: str) -> Iterator[JupyterHubProcess]:
+def _hub(directory: Path, ca: hub.TestCA, config: str) -> Iterator[JupyterHubProcess]:
     hub = JupyterHubProcess(directory, ca, extra_config=config)
     try:
         hub.start()
@@ -55,12 +56,12 @@ def _hub(directory: Path, ca: TestCA, config: str) -> Iterator[JupyterHubProcess
 
 
 @pytest.fixture(scope="module")
-def password_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA) -> Iterator[JupyterHubProcess]:
+def password_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: hub.TestCA) -> Iterator[JupyterHubProcess]:
     yield from _hub(tmp_path_factory.mktemp("password-hub"), test_ca, PASSWORD_CONFIG)
 
 
 @pytest.fixture(scope="module")
-def sso_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA) -> Iterator[JupyterHubProcess]:
+def sso_hub(tmp_path_factory: pytest.TempPathFactory, test_ca: hub.TestCA) -> Iterator[JupyterHubProcess]:
     yield from _hub(tmp_path_factory.mktemp("sso-hub"), test_ca, SSO_CONFIG)
 
 
