@@ -16,7 +16,7 @@ from io import BytesIO
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
@@ -202,7 +202,7 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-class _NoAnswer(Exception):
+class _NoAnswer(TimeoutError):
     """The hub did not answer within the request's limit (not a connect timeout: that is a 502)."""
 
 
@@ -481,7 +481,7 @@ class _Exchange:
         self._pending = None
         if self._client_gone or failure.check(CancelledError) or self._retry_later(failure):
             return
-        if failure.check(_NoAnswer):
+        if failure.check(TimeoutError):  # ours (_NoAnswer), or one an agent reports as such
             write_refusal(self.request, Refusal(
                 504,
                 f"The hub did not answer this request within {self.limit:g} s ({self.limit_option}).",
