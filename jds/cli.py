@@ -1,8 +1,9 @@
 """
 ``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
-without leaving a ``twistd.pid`` behind in the current directory; and its three helpers:
-``check`` (is the chain to the hub sound?), ``status`` (what is a running daemon doing?) and
-``demo`` (a throwaway hub on loopback with the daemon in front, to try an IDE against).
+without leaving a ``twistd.pid`` behind in the current directory; and its helpers: ``check`` (is the
+chain to the hub sound?), ``status`` (what is a running daemon doing?), ``rotate-token`` (a new local
+token, ending every login) and ``demo`` (a throwaway hub on loopback with the daemon in front, to try
+an IDE against).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         from jds.status import main as status
 
         return status(args[1:])
+    if args[:1] == ["rotate-token"]:
+        # lazy load: only for this command
+        from jds.tokens import rotate_main
+
+        return rotate_main(args[1:])
     if args[:1] == ["demo"]:
         # lazy load: only for this command
         from jds.demo import main as demo

@@ -9,6 +9,7 @@ can fail runs here, before anything listens, and fails with one sentence naming 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -70,6 +71,32 @@ def listen_interface(description: str) -> str:
     return "0.0.0.0" if interface is None else interface
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(value: str, name: str) -> int:
+    """Bytes from ``123``, ``64K``, ``256M``, ``1G`` (also ``MiB``, ``MB``: all powers of 1024)."""
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS and text[-1:] else (text, "")
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        size = -1
+    if size < 0:
+        raise usage.UsageError(f"--{name} must be a size in bytes (like 1048576, 64K, 256M), not {value!r}.")
+    return size
+
+
+def _count(value: str, name: str) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise usage.UsageError(f"--{name} must be a whole number (0: no limit), not {value!r}.")
+    return count
+
+
 def _seconds(value: str, name: str) -> float:
     try:
         seconds = float(value)
@@ -87,7 +114,8 @@ class Options(usage.Options):
         "IDE with the 'existing Jupyter server' URL printed at start-up. Each option falls back to "
         "the environment variable of the original jupyter-dev-server script named in its help. "
         "Helpers: 'jupyter-dev-server check' (test the chain to your server), 'jupyter-dev-server "
-        "status' (ask a running daemon), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
+        "status' (ask a running daemon), 'jupyter-dev-server rotate-token' (a new local token, ending "
+        "every login), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
         "each takes --help."
     )
     optParameters = [
@@ -120,6 +148,21 @@ class Options(usage.Options):
         ["spawn-timeout", None, "600", "Seconds to wait for your server to start (batch queues are slow)."],
         ["ping-interval", None, "30", "Seconds between WebSocket pings that keep idle kernels connected."],
         ["header-timeout", None, "30", "Seconds a client has to send a request's headers (against slowloris)."],
+        ["body-timeout", None, "60",
+         "Seconds a request body may pause before the request is dropped with 408 (against slowloris)."],
+        ["max-body-size", None, "0",
+         "Largest request body accepted, in bytes (K, M, G suffixes: 1024s); larger ones get 413. "
+         "0: no limit (bodies are only accepted with the local token, or any in pass-through mode)."],
+        ["held-body-size", None, "1M",
+         "Largest request body kept while your server starts, to send it once the server is up; "
+         "a larger one gets 503 'retry' instead."],
+        ["max-connections-per-client", None, "256",
+         "Open connections (WebSockets included) one client address may hold; more get 503."],
+        ["max-message-size", None, "256M",
+         "Largest WebSocket message relayed (each is held whole); a larger one closes the socket with 1009."],
+        ["cookie-max-age", None, str(7 * 24 * 3600),
+         "Managed mode: seconds a login (the jds-auth cookie) lasts. 'jupyter-dev-server rotate-token' "
+         "ends every login at once."],
         ["log-format", None, "text",
          "How log events are written: 'text' (one line each: time, [namespace#level], message) or "
          "'json' (one object per line: time, level, namespace, message, fields)."],
@@ -166,8 +209,14 @@ class Options(usage.Options):
         except TLSConfigError as exc:
             raise usage.UsageError(str(exc)) from None
 
-        for name in ("connect-timeout", "spawn-timeout", "ping-interval", "header-timeout"):
+        for name in ("connect-timeout", "spawn-timeout", "ping-interval", "header-timeout", "body-timeout",
+                     "cookie-max-age"):
             self[name] = _seconds(self[name], name)
+        for name in ("max-body-size", "held-body-size", "max-message-size"):
+            self[name] = parse_size(self[name], name)
+        self["max-connections-per-client"] = _count(self["max-connections-per-client"], "max-connections-per-client")
+        if self["max-message-size"] == 0:
+            raise usage.UsageError("--max-message-size must be above 0: every WebSocket message is held whole.")
         self.setdefault("allow-origin", [])
         self.setdefault("allow-host", [])
         if self["log-format"] not in ("text", "json"):
@@ -215,8 +264,10 @@ class Options(usage.Options):
             hub_token = self._env("JUPYTERHUB_API_TOKEN")
         self["hub-token"] = hub_token
         self["local-token"] = None
+        self["local-token-path"] = None
         if hub_token:
-            path = self["local-token-file"] or default_local_token_path(self.environ)
+            path = Path(self["local-token-file"] or default_local_token_path(self.environ)).expanduser()
+            self["local-token-path"] = path
             try:
                 self["local-token"] = load_local_token(path)
             except (OSError, TokenFileError) as exc:

@@ -74,8 +74,10 @@ log = Logger(namespace="jds.relay")
 
 # A hub that has to wake a sleeping server or a busy proxy can take a while to answer.
 HANDSHAKE_TIMEOUT = 60.0
-# autobahn holds a whole message in memory; notebooks move outputs of tens of MB.
-MAX_MESSAGE_BYTES = 1 << 30
+# autobahn holds a whole message in memory; notebooks move outputs of tens of MB. A larger message
+# closes the socket with 1009 (--max-message-size). The same bound holds messages queued for a side
+# that is not open yet; beyond it the sender is not read until that side opens (backpressure).
+MAX_MESSAGE_BYTES = 256 << 20
 # How long a shutting-down proxy waits for close handshakes before the reactor stops.
 SHUTDOWN_GRACE = 3.0
 
@@ -102,15 +104,15 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-def _options(ping_interval: float, handshake_timeout: float) -> dict[str, Any]:
+def _options(ping_interval: float, handshake_timeout: float, max_message: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """autobahn options shared by both sides."""
     return {
         "openHandshakeTimeout": handshake_timeout,
         "closeHandshakeTimeout": 5,
         "autoPingInterval": ping_interval,
         "autoPingTimeout": ping_interval,
-        "maxFramePayloadSize": MAX_MESSAGE_BYTES,
-        "maxMessagePayloadSize": MAX_MESSAGE_BYTES,
+        "maxFramePayloadSize": max_message,
+        "maxMessagePayloadSize": max_message,
         "echoCloseCodeReason": True,
         # a peer that breaks the protocol hears why (1002, 1007, 1009) instead of a bare TCP drop
         "failByDrop": False,
@@ -306,6 +308,8 @@ class _Link:
         self._connecting: Deferred | None = None
         self._to_ide = _Direction()
         self._to_hub = _Direction()
+        self._queued_bytes = 0
+        self._paused: _Side | None = None  # a sender not read until its peer opens
         self.counted = False
         self._recovered = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
@@ -425,6 +429,10 @@ class _Link:
         queued, direction.queued = direction.queued or [], None
         for payload, is_binary in queued:
             side.sendMessage(payload, is_binary)  # type: ignore[attr-defined]
+        self._queued_bytes = 0
+        if self._paused is not None and self._paused is not side:
+            paused, self._paused = self._paused, None
+            paused.transport.resumeProducing()  # type: ignore[attr-defined]
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
             self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)
             self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)
@@ -453,6 +461,10 @@ class _Link:
             peer.sendMessage(payload, is_binary)  # type: ignore[union-attr]
         elif toward.queued is not None and not toward.gone:
             toward.queued.append((payload, is_binary))
+            self._queued_bytes += len(payload)
+            if self._queued_bytes > self.relay.max_message and self._paused is None:
+                self._paused = side
+                side.transport.pauseProducing()  # type: ignore[attr-defined]
 
     # Closing
 
@@ -589,8 +601,10 @@ class WebSocketRelay:
         credentials: Credentials | None = None,
         starter: ServerStarter | None = None,
         stats: Stats | None = None,
+        max_message: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.stats = stats
+        self.max_message = max_message
         self.target = target
         self.credentials = credentials or Credentials()
         self.starter = starter
@@ -600,14 +614,14 @@ class WebSocketRelay:
         self.shutting_down = False
         self.links: set[_Link] = set()
         self._drained: Deferred | None = None
-        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT)
+        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT, max_message)
         # The IDE waits for the hub's connection and handshake, and must hear the verdict.
         ide_timeout = HANDSHAKE_TIMEOUT + getattr(policy, "connect_timeout", 10.0) + 5
         if starter is not None:  # and it may wait for the server to start first
             ide_timeout += starter.timeout
         self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}", reactor=reactor)
         self.factory.protocol = _IdeSide
-        self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout))
+        self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout, max_message))
         self.factory.startFactory()
         reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["TokenFileError", "default_local_token_path", "load_local_token", "read_hub_token"]
+__all__ = [
+    "TokenFileError", "default_local_token_path", "load_local_token", "make_private_file", "read_hub_token",
+    "rotate_local_token", "rotate_main", "url_file_path", "write_private",
+]
 
 
 class TokenFileError(ValueError):
@@ -58,9 +62,89 @@ def load_local_token(path: str | os.PathLike[str]) -> str:
         token = token_path.read_text(encoding="utf-8").strip()
         if token:
             return token
-    token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_hex(24)
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
+    write_private(token_path, token + "\n")
     return token
+
+
+def write_private(path: Path, text: str) -> None:
+    """
+    Replace ``path`` by a file only its owner can read (0600, parent 0700), atomically: a reader
+    sees the old content or the new, and a running daemon sees a new file (inode) when it changes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def make_private_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` (a log file) readable only by its owner, or make an existing one so."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def url_file_path(token_path: str | os.PathLike[str]) -> Path:
+    """Where the daemon writes its URL with the local token (0600), next to the token itself."""
+    path = Path(token_path).expanduser()
+    return path.with_name(path.name + ".url")
+
+
+def rotate_local_token(path: str | os.PathLike[str]) -> str:
+    """
+    A new local token at ``path``: a running daemon notices the new file on its next request and
+    from then on refuses the old token and ends every cookie session. The URL file is updated too.
+    """
+    token_path = Path(path).expanduser()
+    old = token_path.read_text(encoding="utf-8").strip() if token_path.exists() else ""
+    token = secrets.token_hex(24)
+    write_private(token_path, token + "\n")
+    url_path = url_file_path(token_path)
+    if old and url_path.exists():
+        write_private(url_path, url_path.read_text(encoding="utf-8").replace(old, token))
+    return token
+
+
+def rotate_main(argv: list[str]) -> int:
+    """``jupyter-dev-server rotate-token``: a new local token; the old one and every login end."""
+    from twisted.python import usage  # lazy load: only for this command
+
+    class RotateOptions(usage.Options):
+        synopsis = "[--local-token-file PATH]"
+        longdesc = (
+            "Replace managed mode's local token by a new one. A running jupyter-dev-server takes it at "
+            "its next request: the old token stops working and every browser or IDE login (the "
+            "jds-auth cookie) ends. Paste the new URL (in the .url file next to the token) into your IDE."
+        )
+        optParameters = [
+            ["local-token-file", None, None,
+             "The daemon's --local-token-file. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
+        ]
+
+    from jds.commands import parse_subcommand  # lazy load: only for this command
+
+    options = RotateOptions()
+    failed = parse_subcommand(options, argv, "rotate-token")
+    if failed is not None:
+        return failed
+    path = Path(options["local-token-file"] or default_local_token_path(os.environ)).expanduser()
+    try:
+        if path.exists():
+            _private(path, "The local token file")
+        rotate_local_token(path)
+    except (OSError, TokenFileError) as exc:
+        print(f"jupyter-dev-server rotate-token: cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    url = url_file_path(path)
+    where = f"the URL with it is in {url}" if url.exists() else f"the token is in {path}"
+    print(f"New local token written; {where}. Every previous login has ended.")
+    return 0
