@@ -1,0 +1,441 @@
+"""
+The local port as an attacker on the same machine, or a web page in the user's browser, sees it:
+raw sockets against a proxy in front of the real hub, one test per finding of the security audit
+(issue #12). Memory is read from ``/proc`` of the proxy process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+import requests
+from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, venv_script
+
+from jds.testing import poll
+
+MiB = 1 << 20
+
+
+# Helpers
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def spool_files(pid: int) -> list[str]:
+    """Regular files the process has open that twisted.web could spool a body to."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/") and ("(deleted)" in target or "/tmp" in target) and ".log" not in target:
+            found.append(target)
+    return found
+
+
+def connect(proxy: ProxyProcess, timeout: float = 15) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response (status, lower-cased headers, body by Content-Length) off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response; got {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def at_eof(sock: socket.socket) -> bool:
+    """Whether the proxy ended the connection (EOF or reset) instead of waiting for more."""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def send_all_you_can(sock: socket.socket, size: int, piece: bytes = b"a=" + b"b" * (MiB - 2)) -> int:
+    """Send up to ``size`` bytes; stop quietly when the proxy has closed the connection."""
+    sent = 0
+    try:
+        while sent < size:
+            sock.sendall(piece)
+            sent += len(piece)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass
+    return sent
+
+
+def local(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
+
+
+def token_file(proxy: ProxyProcess) -> Path:
+    return proxy.directory / "state" / "jupyter-dev-server" / "local-token"
+
+
+@pytest.fixture
+def managed(hub: JupyterHubProcess, proxy: ProxyFactory) -> ProxyProcess:
+    hub.start_server("alice")
+    return proxy.for_hub(hub, token=hub.alice_token)
+
+
+# 1. A refused request costs nothing of its body
+
+
+@pytest.mark.parametrize("case", ["foreign-origin-form", "no-token-chunked"])
+def test_a_refused_body_is_never_read(hub: JupyterHubProcess, managed: ProxyProcess, case: str) -> None:
+    marker = uuid.uuid4().hex
+    size = 96 * MiB
+    if case == "foreign-origin-form":
+        head = (
+            f"POST /api/contents/{marker} HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
+            f"Origin: http://evil.example\r\nAuthorization: token {managed.token}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {size}\r\n\r\n"
+        )
+        reason = "origin-refused"
+    else:
+        head = (
+            f"POST /api/contents/{marker} HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        reason = "no-token"
+    pid = managed.proc.pid
+    peak_before = memory_kib(pid, "VmHWM")
+    with connect(managed, timeout=10) as sock:
+        sock.sendall(head.encode())
+        # answered from the headers alone: nothing of the body has been sent yet
+        status, _, body = read_response(sock)
+        assert status == 403, body
+        assert json.loads(body)["reason"] == reason
+        if case == "no-token-chunked":
+            chunk = b"%x\r\n" % MiB + b"b" * MiB + b"\r\n"
+            send_all_you_can(sock, size, chunk)
+        else:
+            send_all_you_can(sock, size)
+        assert spool_files(pid) == [], "the refused body went to disk"
+        assert at_eof(sock), "the proxy kept the refused connection open"
+    grown = memory_kib(pid, "VmHWM") - peak_before
+    assert grown <= 16 * 1024, f"a refused 96 MiB body grew the proxy's peak memory by {grown} KiB"
+    assert marker not in hub.log_text()
+    # and the daemon keeps serving
+    assert requests.get(f"{managed.url}/api/status", headers=local(managed.token)).status_code == 200
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    limited = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-body-size", "1M"])
+    with connect(limited, timeout=10) as sock:
+        sock.sendall(
+            f"PUT /api/contents/big.txt HTTP/1.1\r\nHost: 127.0.0.1:{limited.port}\r\n"
+            f"Authorization: token {limited.token}\r\nContent-Length: {2 * MiB}\r\n\r\n".encode()
+        )
+        status, _, body = read_response(sock)
+    assert status == 413, body
+    assert "--max-body-size" in json.loads(body)["message"]
+    # a body within the limit still goes through
+    small = {"type": "file", "format": "text", "content": "small enough\n"}
+    put = requests.put(f"{limited.url}/api/contents/small.txt", json=small, headers=local(limited.token))
+    assert put.status_code in (200, 201), dump(put)
+
+
+# 2. The local token stays out of files other users can read
+
+
+class LoggingProxy(ProxyProcess):
+    """The proxy as the README's daemon recipe runs it: logging to a file with ``--logfile``."""
+
+    @property
+    def command(self) -> list[str]:
+        log = str(self.directory / "jds.log")
+        return [venv_script("twistd"), "-n", "--pidfile=", f"--logfile={log}", self.plugin, *self.args]
+
+
+def test_log_file_holds_no_token(hub: JupyterHubProcess, tmp_path: Path) -> None:
+    proxy = LoggingProxy.for_hub(hub, "alice", hub.alice_token, directory=tmp_path / "daemon")
+    log = proxy.directory / "jds.log"
+    url_file = token_file(proxy).with_name("local-token.url")
+    proxy.spawn()
+    try:
+        url = poll(
+            lambda: url_file.exists() and url_file.read_text().strip() or None, 30, "the URL file",
+            describe=lambda: log.read_text(errors="replace") if log.exists() else "(no log)",
+        )
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=\w+", url), url
+        token = url.partition("token=")[2]
+        text = poll(lambda: str(url_file) in log.read_text() and log.read_text() or None, 10, "the log line")
+        assert token not in text
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+        assert requests.get(url.replace("/?", "/api/status?")).status_code == 200
+    finally:
+        proxy.stop()
+
+
+# 3. Cookie sessions
+
+
+def login(proxy: ProxyProcess, token: str, next_path: str = "/") -> requests.Response:
+    """vscode-jupyter's password flow: GET /login for an _xsrf, POST it with the token."""
+    xsrf = requests.get(f"{proxy.url}/login?", allow_redirects=False).cookies["_xsrf"]
+    return requests.post(
+        f"{proxy.url}/login", params={"next": next_path}, data={"_xsrf": xsrf, "password": token},
+        headers={"Cookie": f"_xsrf={xsrf}"}, allow_redirects=False,
+    )
+
+
+def session_of(response: requests.Response) -> tuple[str, str]:
+    assert response.status_code == 302, dump(response)
+    return response.cookies["jds-auth"], response.cookies["_xsrf"]
+
+
+def test_cookie_sessions_are_random_bound_and_expire(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--cookie-max-age", "6"])
+    first, xsrf = session_of(login(managed, managed.token))
+    second, _ = session_of(login(managed, managed.token))
+    assert first != second, "a login must start a new random session, not reuse a fixed value"
+    cookie = {"Cookie": f"jds-auth={first}; _xsrf={xsrf}"}
+    assert requests.get(f"{managed.url}/api/status", headers=cookie).status_code == 200
+    # the _xsrf is the session's: choosing another (cookie and header alike) does not pass
+    chosen = {"Cookie": f"jds-auth={first}; _xsrf=chosen", "X-XSRFToken": "chosen"}
+    forged = requests.post(f"{managed.url}/api/contents", json={"type": "file"}, headers=chosen)
+    assert forged.status_code == 403 and forged.json()["reason"] == "xsrf", dump(forged)
+    good = requests.post(f"{managed.url}/api/contents", json={"type": "file"}, headers={**cookie, "X-XSRFToken": xsrf})
+    assert good.status_code == 201, dump(good)
+    requests.delete(f"{managed.url}/api/contents/{good.json()['path']}", headers=local(managed.token))
+    started = time.monotonic()
+
+    def rotated() -> str | None:
+        answer = requests.get(f"{managed.url}/api/status", headers=cookie)
+        assert answer.status_code == 200, dump(answer)
+        return answer.cookies.get("jds-auth")
+
+    fresh = poll(rotated, 10, "a rotated session cookie", 0.5)
+    assert fresh not in (first, second)
+    assert time.monotonic() - started < 6
+
+    def expired() -> bool | None:
+        return requests.get(f"{managed.url}/api/status", headers=cookie).status_code == 403 or None
+
+    poll(expired, 15, "the session to expire", 0.5)
+    assert time.monotonic() - started >= 2
+    assert requests.get(f"{managed.url}/api/status", headers={"Cookie": f"jds-auth={fresh}"}).status_code == 200
+
+
+def test_rotate_token_ends_every_login(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
+    cookie, _ = session_of(login(managed, managed.token))
+    assert requests.get(f"{managed.url}/api/status", headers={"Cookie": f"jds-auth={cookie}"}).status_code == 200
+    path = token_file(managed)
+    done = subprocess.run(
+        [venv_script("jupyter-dev-server"), "rotate-token", "--local-token-file", str(path)],
+        env=clean_environ(), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    new = path.read_text().strip()
+    assert new != managed.token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert f"token={new}" in path.with_name("local-token.url").read_text()
+    assert requests.get(f"{managed.url}/api/status", headers={"Cookie": f"jds-auth={cookie}"}).status_code == 403
+    assert requests.get(f"{managed.url}/api/status", headers=local(managed.token)).status_code == 403
+    assert requests.get(f"{managed.url}/api/status", headers=local(new)).status_code == 200
+
+
+# 4. No open redirect after login
+
+
+@pytest.mark.parametrize(
+    "next_path", ["/\t/evil.example/", "/\\evil.example/", "\t//evil.example", "/\r\n/evil.example", "https://evil.example/"]
+)
+def test_login_redirects_only_within_the_proxy(managed: ProxyProcess, next_path: str) -> None:
+    answer = login(managed, managed.token, next_path)
+    assert answer.status_code == 302, dump(answer)
+    location = answer.headers["Location"]
+    # what a browser does with the Location: drop tabs/newlines, read "\" as "/", resolve
+    browser = re.sub(r"[\t\r\n]", "", location).replace("\\", "/")
+    assert urlsplit(urljoin(managed.url + "/", browser)).netloc == f"127.0.0.1:{managed.port}", location
+    assert login(managed, managed.token, "/tree/notes").headers["Location"] == "/tree/notes"
+
+
+# 5. Slow bodies and connection counts are bounded
+
+
+def test_a_stalled_body_is_dropped_with_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--body-timeout", "1"])
+    with connect(managed, timeout=15) as sock:
+        sock.sendall(
+            f"PUT /api/contents/slow.txt HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
+            f"Authorization: token {managed.token}\r\nContent-Length: 100\r\n\r\nx".encode()
+        )
+        status, _, body = read_response(sock)
+        assert status == 408, body
+        assert json.loads(body)["reason"] == "body-timeout"
+        assert at_eof(sock)
+
+
+def test_connections_per_client_are_bounded(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-connections-per-client", "4"])
+    held = [connect(managed) for _ in range(4)]
+    try:
+        with connect(managed) as extra:
+            extra.sendall(f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n\r\n".encode())
+            status, _, body = read_response(extra)
+        assert status == 503, body
+        assert "--max-connections-per-client" in json.loads(body)["message"]
+    finally:
+        for sock in held:
+            sock.close()
+
+    def served() -> bool | None:
+        answer = requests.get(f"{managed.url}/api/status", headers=local(managed.token))
+        return answer.status_code == 200 or None
+
+    poll(served, 10, "a connection once the others closed")
+
+
+# 6. WebSocket messages are bounded, and the relay says why a socket ended
+
+
+def open_kernel_socket(proxy: ProxyProcess):
+    import websocket
+
+    auth = local(proxy.token)
+    kernel = requests.post(f"{proxy.url}/api/kernels", json={"name": "python3"}, headers=auth, timeout=60)
+    assert kernel.status_code == 201, dump(kernel)
+    kernel_id = kernel.json()["id"]
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{proxy.port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}",
+        header=[f"Authorization: token {proxy.token}"], timeout=120, suppress_origin=True,
+    )
+    return ws, kernel_id
+
+
+def send_and_get_close(ws, payload: bytes) -> tuple[int | None, str]:
+    """Send ``payload`` as one binary message (in a thread: the proxy may close mid-way) and
+    return the close code and reason the proxy answers with."""
+    import websocket
+
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            ws.send_binary(payload)
+        except (OSError, websocket.WebSocketException) as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        while True:
+            frame = ws.recv_frame()
+            if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+                data = frame.data
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                return code, data[2:].decode("utf-8", "replace")
+    except (OSError, websocket.WebSocketException) as exc:
+        return None, f"no close frame: {exc!r}"
+    finally:
+        sender.join(120)
+
+
+def settled_rss(pid: int, ceiling_kib: int) -> int:
+    def low() -> int | None:
+        now = memory_kib(pid, "VmRSS")
+        return now if now <= ceiling_kib else None
+
+    return poll(low, 60, f"the proxy's memory back under {ceiling_kib} KiB", 0.5)
+
+
+def test_a_message_over_the_limit_is_refused_with_1009(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-message-size", "8M"])
+    ws, kernel = open_kernel_socket(managed)
+    pid = managed.proc.pid
+    start = memory_kib(pid, "VmRSS")
+    try:
+        code, reason = send_and_get_close(ws, os.urandom(MiB) * 200)
+    finally:
+        ws.close()
+        requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
+    assert code == 1009, reason
+    assert memory_kib(pid, "VmHWM") - start <= 64 * 1024, "the refused message was buffered"
+    settled_rss(pid, start + 32 * 1024)
+
+
+def test_a_message_the_hub_refuses_is_reported_not_misread(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
+    """
+    200 MiB is under the proxy's 256 MiB limit but over the 10 MiB a Jupyter server takes: the server
+    drops the socket, and configurable-http-proxy writes an HTTP status line into the upgraded
+    stream ("HTTP/1.1 503...": its "H" reads as a frame with RSV = 4). The IDE must hear why.
+    """
+    ws, kernel = open_kernel_socket(managed)
+    pid = managed.proc.pid
+    start = memory_kib(pid, "VmRSS")
+    try:
+        code, reason = send_and_get_close(ws, os.urandom(MiB) * 200)
+    finally:
+        ws.close()
+        requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
+    assert code == 1009, reason
+    assert "10 MiB" in reason or "too big" in reason, reason
+    assert "RSV" not in managed.log_text()
+    settled_rss(pid, start + 64 * 1024)
+
+
+# 7. Hop-by-hop names and Host ports
+
+
+def test_connection_header_cannot_drop_the_hub_token(managed: ProxyProcess) -> None:
+    with connect(managed) as sock:
+        sock.sendall(
+            f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
+            f"Authorization: token {managed.token}\r\nConnection: keep-alive, authorization\r\n\r\n".encode()
+        )
+        status, _, body = read_response(sock)
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("host", ["localhost:abc", "127.0.0.1:1@evil.example", "127.0.0.1:{port}x"])
+def test_host_port_must_be_a_number(managed: ProxyProcess, host: str) -> None:
+    with connect(managed) as sock:
+        sock.sendall(
+            f"GET /api/status HTTP/1.1\r\nHost: {host.format(port=managed.port)}\r\n"
+            f"Authorization: token {managed.token}\r\n\r\n".encode()
+        )
+        status, _, body = read_response(sock)
+    assert status == 403, body
+    assert json.loads(body)["reason"] == "host-refused"
