@@ -35,6 +35,8 @@ so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dr
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -78,6 +80,10 @@ HANDSHAKE_TIMEOUT = 60.0
 # closes the socket with 1009 (--max-message-size). The same bound holds messages queued for a side
 # that is not open yet; beyond it the sender is not read until that side opens (backpressure).
 MAX_MESSAGE_BYTES = 256 << 20
+# jupyter_server's (tornado's) default websocket_max_message_size: a larger message makes it drop the socket.
+SERVER_MESSAGE_LIMIT = 10 << 20
+# After a socket that carried a message this large, memory is handed back at once (gc.collect).
+LARGE_MESSAGE = 16 << 20
 # How long a shutting-down proxy waits for close handshakes before the reactor stops.
 SHUTDOWN_GRACE = 3.0
 
@@ -118,6 +124,19 @@ def _options(ping_interval: float, handshake_timeout: float, max_message: int = 
         "failByDrop": False,
         "tcpNoDelay": True,
     }
+
+
+def _give_back_memory() -> None:
+    """
+    Collect the cycles, then return freed heap to the system: the message's pieces (64 KiB reads,
+    16 KiB TLS records) are below glibc's mmap threshold, so they were taken from the heap, which
+    glibc does not shrink on its own while anything above them is still in use.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @implementer(IPushProducer)
@@ -263,6 +282,21 @@ class _HubSide(_Side, WebSocketClientProtocol):
         self.link.hub_refused(self, reason)
         super().failHandshake(reason)
 
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        """
+        configurable-http-proxy, when the server behind it drops an upgraded socket, writes an HTTP
+        status line into it (``HTTP/1.1 503``): read as a frame, its ``H`` (0x48) has RSV = 4 and a
+        fragmented close opcode, and autobahn's complaint about that would hide what happened.
+        """
+        buffered = getattr(self, "data", b"") or b""
+        if self.state == _OPEN and buffered.startswith(b"HTTP/"):  # type: ignore[attr-defined]
+            status = buffered.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+            self.link.hub_proxy_error(self, status)
+            self.failedByMe = True
+            self.dropConnection(abort=True)  # type: ignore[attr-defined]
+            return
+        super()._fail_connection(code, reason)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # onClose only gets a string; policy.explain() needs the failure.
         self.lost_reason = reason
@@ -310,6 +344,8 @@ class _Link:
         self._to_hub = _Direction()
         self._queued_bytes = 0
         self._paused: _Side | None = None  # a sender not read until its peer opens
+        self.last_to_hub = 0  # size of the last message sent to the hub, to explain a drop
+        self.largest = 0  # of the messages relayed either way
         self.counted = False
         self._recovered = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
@@ -457,7 +493,10 @@ class _Link:
     def forward(self, side: _Side, payload: bytes, is_binary: bool) -> None:
         peer = self._peer(side)
         toward = self._to_hub if side is self.ide else self._to_ide
+        self.largest = max(self.largest, len(payload))
         if getattr(peer, "state", None) == _OPEN:
+            if peer is self.hub:
+                self.last_to_hub = len(payload)
             peer.sendMessage(payload, is_binary)  # type: ignore[union-attr]
         elif toward.queued is not None and not toward.gone:
             toward.queued.append((payload, is_binary))
@@ -492,6 +531,25 @@ class _Link:
             peer=peer_role,
         )
         self._close(peer, 1011, f"The {side.role} broke the WebSocket protocol.")
+
+    def hub_proxy_error(self, hub: _HubSide, status: str) -> None:
+        """The hub's proxy reported an error inside the socket (see :meth:`_HubSide._fail_connection`)."""
+        size = self.last_to_hub
+        if size > SERVER_MESSAGE_LIMIT:
+            # the close reason has room for 123 bytes; the log line says the rest
+            code, reason = 1009, (
+                f"The server on the hub refused a {size / (1 << 20):.0f} MiB message: Jupyter servers "
+                "take up to 10 MiB (websocket_max_message_size)."
+            )
+        else:
+            code, reason = 1011, "The server on the hub dropped the socket."
+        log.warn(
+            "WebSocket {uri}: the hub's proxy wrote {status!r} into the socket: the server behind it "
+            "dropped the connection (last message to it: {size} bytes; a Jupyter server drops one over "
+            "its websocket_max_message_size, 10 MiB unless configured otherwise); the IDE gets {code}.",
+            uri=self.uri, status=status, size=size, code=code,
+        )
+        self._close(self.ide, code, reason)
 
     def lost(self, side: _Side) -> None:
         if side is not self.ide and (self._waiting_for_server or side is not self.hub):
@@ -684,6 +742,10 @@ class WebSocketRelay:
         if link in self.links and link.counted:
             self.stats.websocket_closed()
         self.links.discard(link)
+        if link.largest >= LARGE_MESSAGE:
+            # The sockets' buffers hang on reference cycles (protocol <-> transport) that an idle
+            # daemon's garbage collector might not visit for hours: hundreds of MiB after one message.
+            self.reactor.callLater(0, _give_back_memory)
         if not self.links and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
 
