@@ -120,7 +120,7 @@ class LocalSite(Site):
         """
         A :class:`Refusal` when a request must be refused on its headers alone: Host and Origin
         (every path, the login page and status included), and for a request with a body also the
-        path, the body's declared size and the local token. A bodiless request costs nothing to
+        path, the local token and the body's declared size. A bodiless request costs nothing to
         serve, so the resources answer it as before (a page without the token is redirected to the
         login, for instance).
         """
@@ -135,10 +135,6 @@ class LocalSite(Site):
                 map_request_path(raw_path, self.target)
             except Refusal as refused:
                 return refused
-        if length is not None:
-            too_large = self.limits.body_refusal(length)
-            if too_large is not None:
-                return too_large
         if raw_path == b"/login" and self.credentials.managed:
             if length is None or length > MAX_FORM_BYTES:
                 return Refusal(413, f"A login form is at most {MAX_FORM_BYTES} bytes.", "body-too-large")
@@ -148,11 +144,11 @@ class LocalSite(Site):
             {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
             effects=False,
         )
-        if verdict.allowed:
-            return None
-        if verdict.reason == "xsrf":
-            return missing_xsrf()
-        return needs_local_token("The request, with a body, carried no valid local token.")
+        if not verdict.allowed:
+            if verdict.reason == "xsrf":
+                return missing_xsrf()
+            return needs_local_token("The request, with a body, carried no valid local token.")
+        return self.limits.body_refusal(length) if length is not None else None
 
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):

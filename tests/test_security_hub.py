@@ -20,9 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, venv_script
-
-from jds.testing import poll
+from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, poll, venv_script
 
 MiB = 1 << 20
 
