@@ -238,7 +238,18 @@ class _IdeSide(_Side, WebSocketServerProtocol):
     deny_reason = "bad-websocket-handshake"
 
     def onConnect(self, request: Any) -> Deferred:
-        return self.link.start(request.protocols)
+        """
+        Until the hub has answered, the IDE is not read: a client may not send frames before its
+        handshake is answered, and autobahn would buffer whatever it sent anyway, without bound.
+        """
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+        def resume(result: Any) -> Any:
+            if self.transport is not None:  # type: ignore[attr-defined]
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            return result
+
+        return self.link.start(request.protocols).addBoth(resume)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer with a Jupyter-style JSON error, as the HTTP proxy does, not a bare status line."""
