@@ -74,37 +74,34 @@ def listen_interface(description: str) -> str:
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def parse_size(value: str, name: str) -> int:
-    """Bytes from ``123``, ``64K``, ``256M``, ``1G`` (also ``MiB``, ``MB``: all powers of 1024)."""
+def _checked(value: str, name: str, convert, valid, what: str):
+    """``convert(value)`` if ``valid`` says it is, else the one sentence that names the option."""
+    try:
+        number = convert(value)
+    except (TypeError, ValueError, KeyError, IndexError):
+        number = None
+    if number is None or not valid(number):
+        raise usage.UsageError(f"--{name} must be {what}, not {value!r}.")
+    return number
+
+
+def _bytes(value: str) -> int:
     text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
     number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS and text[-1:] else (text, "")
-    try:
-        size = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
-        size = -1
-    if size < 0:
-        raise usage.UsageError(f"--{name} must be a size in bytes (like 1048576, 64K, 256M), not {value!r}.")
-    return size
+    return int(float(number) * _UNITS[unit])
+
+
+def parse_size(value: str, name: str) -> int:
+    """Bytes from ``123``, ``64K``, ``256M``, ``1G`` (also ``MiB``, ``MB``: all powers of 1024)."""
+    return _checked(value, name, _bytes, lambda size: size >= 0, "a size in bytes (like 1048576, 64K, 256M)")
 
 
 def _count(value: str, name: str) -> int:
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = -1
-    if count < 0:
-        raise usage.UsageError(f"--{name} must be a whole number (0: no limit), not {value!r}.")
-    return count
+    return _checked(value, name, int, lambda count: count >= 0, "a whole number (0: no limit)")
 
 
 def _seconds(value: str, name: str) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if seconds <= 0:
-        raise usage.UsageError(f"--{name} must be a number of seconds above 0, not {value!r}.")
-    return seconds
+    return _checked(value, name, float, lambda seconds: seconds > 0, "a number of seconds above 0")
 
 
 class Options(usage.Options):

@@ -76,6 +76,18 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+def head(proxy: ProxyProcess, line: str, *headers: str) -> bytes:
+    """A request's line and headers, with the proxy's Host and its local token."""
+    lines = [line, f"Host: 127.0.0.1:{proxy.port}", f"Authorization: token {proxy.token}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ask(proxy: ProxyProcess, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with connect(proxy) as sock:
+        sock.sendall(request)
+        return read_response(sock)
+
+
 def at_eof(sock: socket.socket) -> bool:
     """Whether the proxy ended the connection (EOF or reset) instead of waiting for more."""
     try:
@@ -159,12 +171,7 @@ def test_a_refused_body_is_never_read(hub: JupyterHubProcess, managed: ProxyProc
 
 def test_an_oversized_body_is_refused_before_it_is_read(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
     limited = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-body-size", "1M"])
-    with connect(limited, timeout=10) as sock:
-        sock.sendall(
-            f"PUT /api/contents/big.txt HTTP/1.1\r\nHost: 127.0.0.1:{limited.port}\r\n"
-            f"Authorization: token {limited.token}\r\nContent-Length: {2 * MiB}\r\n\r\n".encode()
-        )
-        status, _, body = read_response(sock)
+    status, _, body = ask(limited, head(limited, "PUT /api/contents/big.txt HTTP/1.1", f"Content-Length: {2 * MiB}"))
     assert status == 413, body
     assert "--max-body-size" in json.loads(body)["message"]
     # a body within the limit still goes through
@@ -296,10 +303,7 @@ def test_login_redirects_only_within_the_proxy(managed: ProxyProcess, next_path:
 def test_a_stalled_body_is_dropped_with_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
     managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--body-timeout", "1"])
     with connect(managed, timeout=15) as sock:
-        sock.sendall(
-            f"PUT /api/contents/slow.txt HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
-            f"Authorization: token {managed.token}\r\nContent-Length: 100\r\n\r\nx".encode()
-        )
+        sock.sendall(head(managed, "PUT /api/contents/slow.txt HTTP/1.1", "Content-Length: 100") + b"x")
         status, _, body = read_response(sock)
         assert status == 408, body
         assert json.loads(body)["reason"] == "body-timeout"
@@ -379,19 +383,23 @@ def settled_rss(pid: int, ceiling_kib: int) -> int:
     return poll(low, 60, f"the proxy's memory back under {ceiling_kib} KiB", 0.5)
 
 
-def test_a_message_over_the_limit_is_refused_with_1009(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
-    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-message-size", "8M"])
-    ws, kernel = open_kernel_socket(managed)
-    pid = managed.proc.pid
-    start = memory_kib(pid, "VmRSS")
+def send_200_mib(proxy: ProxyProcess) -> tuple[int | None, str]:
+    """One 200 MiB binary message on a kernel's socket; the close code and reason that answer it."""
+    ws, kernel = open_kernel_socket(proxy)
     try:
-        code, reason = send_and_get_close(ws, os.urandom(MiB) * 200)
+        return send_and_get_close(ws, os.urandom(MiB) * 200)
     finally:
         ws.close()
-        requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
+        requests.delete(f"{proxy.url}/api/kernels/{kernel}", headers=local(proxy.token))
+
+
+def test_a_message_over_the_limit_is_refused_with_1009(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-message-size", "8M"])
+    start = memory_kib(managed.proc.pid, "VmRSS")
+    code, reason = send_200_mib(managed)
     assert code == 1009, reason
-    assert memory_kib(pid, "VmHWM") - start <= 64 * 1024, "the refused message was buffered"
-    settled_rss(pid, start + 32 * 1024)
+    assert memory_kib(managed.proc.pid, "VmHWM") - start <= 64 * 1024, "the refused message was buffered"
+    settled_rss(managed.proc.pid, start + 32 * 1024)
 
 
 def test_a_message_the_hub_refuses_is_reported_not_misread(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
@@ -400,40 +408,27 @@ def test_a_message_the_hub_refuses_is_reported_not_misread(hub: JupyterHubProces
     drops the socket, and configurable-http-proxy writes an HTTP status line into the upgraded
     stream ("HTTP/1.1 503...": its "H" reads as a frame with RSV = 4). The IDE must hear why.
     """
-    ws, kernel = open_kernel_socket(managed)
-    pid = managed.proc.pid
-    start = memory_kib(pid, "VmRSS")
-    try:
-        code, reason = send_and_get_close(ws, os.urandom(MiB) * 200)
-    finally:
-        ws.close()
-        requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
+    start = memory_kib(managed.proc.pid, "VmRSS")
+    code, reason = send_200_mib(managed)
     assert code == 1009, reason
     assert "10 MiB" in reason or "too big" in reason, reason
     assert "RSV" not in managed.log_text()
-    settled_rss(pid, start + 64 * 1024)
+    settled_rss(managed.proc.pid, start + 64 * 1024)
 
 
 # 7. Hop-by-hop names and Host ports
 
 
 def test_connection_header_cannot_drop_the_hub_token(managed: ProxyProcess) -> None:
-    with connect(managed) as sock:
-        sock.sendall(
-            f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n"
-            f"Authorization: token {managed.token}\r\nConnection: keep-alive, authorization\r\n\r\n".encode()
-        )
-        status, _, body = read_response(sock)
+    status, _, body = ask(managed, head(managed, "GET /api/status HTTP/1.1", "Connection: keep-alive, authorization"))
     assert status == 200, body
 
 
 @pytest.mark.parametrize("host", ["localhost:abc", "127.0.0.1:1@evil.example", "127.0.0.1:{port}x"])
 def test_host_port_must_be_a_number(managed: ProxyProcess, host: str) -> None:
-    with connect(managed) as sock:
-        sock.sendall(
-            f"GET /api/status HTTP/1.1\r\nHost: {host.format(port=managed.port)}\r\n"
-            f"Authorization: token {managed.token}\r\n\r\n".encode()
-        )
-        status, _, body = read_response(sock)
+    request = head(managed, "GET /api/status HTTP/1.1").replace(
+        f"Host: 127.0.0.1:{managed.port}".encode(), f"Host: {host.format(port=managed.port)}".encode()
+    )
+    status, _, body = ask(managed, request)
     assert status == 403, body
     assert json.loads(body)["reason"] == "host-refused"
