@@ -103,6 +103,14 @@ class _ProxyListener(StreamServerEndpointService):
         return port
 
 
+def _logs_kept(options: Options) -> bool:
+    """
+    Whether the log is kept where others may read it: a ``--logfile``, or systemd's journal (it sets
+    ``JOURNAL_STREAM`` for a unit's output; the admin groups read the journal).
+    """
+    return _log_file(options) is not None or bool(os.environ.get("JOURNAL_STREAM"))
+
+
 def _log_file(options: Options) -> str | None:
     """The file twistd logs to (``--logfile``), made private before twistd opens it; else ``None``."""
     parent = getattr(options, "parent", None)
@@ -152,7 +160,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     token_path = options.get("local-token-path")
     _ProxyListener(
         endpoint, factory, options["listen"], options["local-token"],
-        url_file=url_file_path(token_path) if token_path else None, to_log_file=_log_file(options) is not None,
+        url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
     ).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)

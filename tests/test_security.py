@@ -6,6 +6,9 @@ connection bounds, cookie sessions, the login's ``next``, Host ports and hop-by-
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -186,7 +189,9 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(self.credentials.check(b"GET", b"", self.cookie(new_value)).allowed)
 
     def test_a_new_token_file_ends_every_session(self) -> None:
-        path = self.mktemp()
+        folder = tempfile.mkdtemp(prefix="jds-test-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "local-token")
         with open(path, "w") as handle:
             handle.write(TOKEN + "\n")
         credentials = Credentials("hub-token", TOKEN, token_file=path, sessions=self.sessions)
