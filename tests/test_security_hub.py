@@ -6,6 +6,7 @@ raw sockets against a proxy in front of the real hub, one test per finding of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,15 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, clean_environ, dump, poll, venv_script
+from hub import (
+    JupyterHubProcess,
+    ProxyFactory,
+    ProxyProcess,
+    clean_environ,
+    dump,
+    poll,
+    venv_script,
+)
 
 MiB = 1 << 20
 
@@ -178,6 +187,26 @@ def test_an_oversized_body_is_refused_before_it_is_read(hub: JupyterHubProcess, 
     small = {"type": "file", "format": "text", "content": "small enough\n"}
     put = requests.put(f"{limited.url}/api/contents/small.txt", json=small, headers=local(limited.token))
     assert put.status_code in (200, 201), dump(put)
+
+
+def test_a_body_over_the_held_size_is_not_kept_while_the_server_starts(
+    hub: JupyterHubProcess, proxy: ProxyFactory
+) -> None:
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--held-body-size", "64K"])
+    hub.stop_server("alice")
+    big = {"type": "file", "format": "text", "content": "z" * 100_000}
+    refused = requests.put(f"{managed.url}/api/contents/held.txt", json=big, headers=local(managed.token), timeout=60)
+    assert refused.status_code == 503, dump(refused)
+    assert refused.json()["reason"] == "server-starting"
+    assert "retry" in refused.json()["message"]
+
+    def sent_again() -> requests.Response | None:
+        answer = requests.put(f"{managed.url}/api/contents/held.txt", json=big, headers=local(managed.token), timeout=120)
+        return answer if answer.status_code in (200, 201) else None
+
+    poll(sent_again, 120, "the request sent again once the server is up", 1.0)
+    got = requests.get(f"{managed.url}/api/contents/held.txt?content=1", headers=local(managed.token))
+    assert got.json()["content"] == big["content"]
 
 
 # 2. The local token stays out of files other users can read
@@ -391,6 +420,43 @@ def send_200_mib(proxy: ProxyProcess) -> tuple[int | None, str]:
     finally:
         ws.close()
         requests.delete(f"{proxy.url}/api/kernels/{kernel}", headers=local(proxy.token))
+
+
+def test_large_messages_are_relayed_intact_both_ways(managed: ProxyProcess) -> None:
+    """
+    9 MiB to the kernel (a Jupyter server takes up to 10 MiB) and 64 MiB back, in the shell
+    channel's reply (iopub output is rate-limited by jupyter_server, replies are not).
+    """
+    data = os.urandom(9 * MiB // 2).hex()
+    ws, kernel = open_kernel_socket(managed)
+    session, msg_id = uuid.uuid4().hex, uuid.uuid4().hex
+    try:
+        ws.send(json.dumps({
+            "channel": "shell",
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": session, "username": "jds",
+                       "version": "5.3", "date": "2026-01-01T00:00:00Z"},
+            "parent_header": {}, "metadata": {}, "buffers": [],
+            "content": {
+                "code": f"import hashlib\ndigest = hashlib.sha256({data!r}.encode()).hexdigest()",
+                "silent": False, "store_history": False, "allow_stdin": False, "stop_on_error": True,
+                "user_expressions": {"digest": "digest", "big": "'y' * (64 << 20)"},
+            },
+        }))  # fmt: skip
+
+        def reply() -> dict | None:
+            message = json.loads(ws.recv())
+            if message["msg_type"] == "execute_reply" and message["parent_header"].get("msg_id") == msg_id:
+                return message["content"]
+            return None
+
+        content = poll(reply, 300, "the execute_reply", 0)
+    finally:
+        ws.close()
+        requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
+    assert content["status"] == "ok", content
+    expressions = content["user_expressions"]
+    assert expressions["digest"]["data"]["text/plain"] == repr(hashlib.sha256(data.encode()).hexdigest())
+    assert expressions["big"]["data"]["text/plain"] == repr("y" * (64 << 20))
 
 
 def test_a_message_over_the_limit_is_refused_with_1009(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
