@@ -95,7 +95,7 @@ class Credentials:
     local_token: str | None = None
     token_file: Path | None = None
     sessions: Sessions = field(default_factory=Sessions)
-    _seen: tuple[int, int, int] | None = field(default=None, repr=False)
+    _seen: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._seen = self._file_state()
