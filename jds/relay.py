@@ -300,7 +300,8 @@ class _HubSide(_Side, WebSocketClientProtocol):
         fragmented close opcode, and autobahn's complaint about that would hide what happened.
         """
         buffered = getattr(self, "data", b"") or b""
-        if self.state == _OPEN and buffered.startswith(b"HTTP/"):  # type: ignore[attr-defined]
+        # also after the server's own close frame (1009) got through first: the socket is closing then
+        if self.state in (_OPEN, WebSocketProtocol.STATE_CLOSING) and buffered.startswith(b"HTTP/"):  # type: ignore[attr-defined]
             status = buffered.split(b"\r\n", 1)[0].decode("latin-1", "replace")
             self.link.hub_proxy_error(self, status)
             self.failedByMe = True
