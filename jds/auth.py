@@ -10,17 +10,23 @@ that comes back, so it never reaches the IDE or a browser.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 from jds.paths import split_token
 from jds.refusal import Refusal
+from jds.sessions import AUTH_COOKIE, Session, Sessions
 
-__all__ = ["AUTH_COOKIE", "Credentials", "StreamScrubber", "Verdict", "cookies", "needs_local_token", "xsrf_matches"]
+__all__ = [
+    "AUTH_COOKIE", "Credentials", "StreamScrubber", "Verdict", "cookies", "missing_xsrf", "needs_local_token",
+    "xsrf_matches",
+]
 
-AUTH_COOKIE = "jds-auth"
 _SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Verdict:
     allowed: bool
     by_cookie: bool = False
     reason: str = ""
+    # ``Set-Cookie`` values the response should carry: a new session, or a rotated one.
+    set_cookies: tuple[bytes, ...] = ()
 
 
 def cookies(header_values: list[bytes]) -> dict[str, str]:
@@ -73,22 +81,51 @@ def _authorization_token(values: list[bytes]) -> bytes | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Credentials:
-    """``hub_token`` set means managed mode; ``local_token`` is then what the IDE must present."""
+    """
+    ``hub_token`` set means managed mode; ``local_token`` is then what the IDE must present.
+
+    With ``token_file`` the local token is re-read when that file changes (``jupyter-dev-server
+    rotate-token`` writes a new one), and every cookie session ends with the old token: checking a
+    file's status per request is cheaper than any signal or control channel, and needs no pid.
+    """
 
     hub_token: str | None = None
     local_token: str | None = None
+    token_file: Path | None = None
+    sessions: Sessions = field(default_factory=Sessions)
+    _seen: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._seen = self._file_state()
 
     @property
     def managed(self) -> bool:
         return self.hub_token is not None
 
-    @property
-    def cookie_value(self) -> str:
-        """The auth cookie carries a MAC of the local token, not the token itself."""
-        assert self.local_token is not None
-        return hmac.new(self.local_token.encode(), b"jds-auth-cookie", hashlib.sha256).hexdigest()
+    def _file_state(self) -> tuple[int, int, int] | None:
+        if self.token_file is None:
+            return None
+        try:
+            st = os.stat(self.token_file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self) -> None:
+        """Take a rotated local token from ``token_file``; the old token and its cookies stop working."""
+        state = self._file_state()
+        if state is None or state == self._seen:
+            return
+        self._seen = state
+        try:
+            token = Path(self.token_file).read_text(encoding="utf-8").strip()  # type: ignore[arg-type]
+        except OSError:
+            return
+        if token and token != self.local_token:
+            self.local_token = token
+            self.sessions.revoke_all()
 
     def is_local_token(self, candidate: bytes | str | None) -> bool:
         if candidate is None or self.local_token is None:
@@ -97,30 +134,53 @@ class Credentials:
             candidate = candidate.encode("utf-8", "replace")
         return hmac.compare_digest(candidate, self.local_token.encode())
 
+    def start_session(self, xsrf: str | None = None) -> tuple[bytes, ...]:
+        """A new cookie session (a login, a browser opening the ``?token=`` URL): its cookies."""
+        return tuple(self.sessions.cookie_headers(self.sessions.start(xsrf)))
+
     def check(
-        self, method: bytes, query: bytes, headers: dict[bytes, list[bytes]], form_xsrf: str | None = None
+        self, method: bytes, query: bytes, headers: dict[bytes, list[bytes]], page: bool = False,
+        effects: bool = True,
     ) -> Verdict:
         """
         Whether a request may pass. A cookie alone authenticates only safe methods unless an
-        ``X-XSRFToken`` (or ``_xsrf``) matching the ``_xsrf`` cookie comes with it: a cookie is sent
-        by any web page the user visits, a header is not.
+        ``X-XSRFToken`` header (or ``_xsrf`` query argument) with the session's ``_xsrf`` comes with
+        it: a cookie is sent by any web page the user visits, a header is not. Bodies are never read
+        for an ``_xsrf``: the proxy does not interpret what it forwards. A ``page`` (a browser
+        navigating with ``?token=``) starts a cookie session; ``effects=False`` (the channel's look at
+        the headers, before the request is served) starts or rotates none.
         """
         if not self.managed:
             return Verdict(True)
-        _, query_token = split_token(query)
+        self.refresh()
+        query_rest, query_token = split_token(query)
         if self.is_local_token(query_token):
+            jar = cookies(headers.get(b"cookie", []))
+            if effects and page and method == b"GET" and self.sessions.find(jar.get(AUTH_COOKIE)) is None:
+                return Verdict(True, set_cookies=self.start_session())
             return Verdict(True)
         if self.is_local_token(_authorization_token(headers.get(b"authorization", []))):
             return Verdict(True)
         jar = cookies(headers.get(b"cookie", []))
-        if not hmac.compare_digest(jar.get(AUTH_COOKIE, "").encode(), self.cookie_value.encode()):
+        session = self.sessions.find(jar.get(AUTH_COOKIE))
+        if session is None:
             return Verdict(False, reason="no-token")
-        if method in _SAFE_METHODS:
-            return Verdict(True, by_cookie=True)
-        presented = (headers.get(b"x-xsrftoken") or [b""])[0].decode("latin-1") or form_xsrf
-        if xsrf_matches(jar.get("_xsrf"), presented):
-            return Verdict(True, by_cookie=True)
-        return Verdict(False, by_cookie=True, reason="xsrf")
+        if method not in _SAFE_METHODS and not self._xsrf_ok(session, headers, query_rest):
+            return Verdict(False, by_cookie=True, reason="xsrf")
+        rotated: tuple[bytes, ...] = ()
+        if effects and self.sessions.due_for_rotation(session):
+            rotated = tuple(self.sessions.cookie_headers(self.sessions.rotate(session)))
+        return Verdict(True, by_cookie=True, set_cookies=rotated)
+
+    @staticmethod
+    def _xsrf_ok(session: Session, headers: dict[bytes, list[bytes]], query: bytes) -> bool:
+        presented = (headers.get(b"x-xsrftoken") or [b""])[0].decode("latin-1")
+        if not presented:
+            for part in query.split(b"&"):
+                name, _, value = part.partition(b"=")
+                if name == b"_xsrf":
+                    presented = unquote_to_bytes(value).decode("latin-1")
+        return xsrf_matches(session.xsrf, presented)
 
     def upstream(
         self, headers: list[tuple[bytes, bytes]], query_token: bytes | None
@@ -203,4 +263,14 @@ def needs_local_token(hint: str, local: object = None) -> Refusal:
         f"({where}/?token=...) or send 'Authorization: token <local token>'.",
         "no-token",
         hint=hint,
+    )
+
+
+def missing_xsrf() -> Refusal:
+    """The 403 for a cookie-authenticated request without its session's ``_xsrf``."""
+    return Refusal(
+        403,
+        "'_xsrf' argument missing from POST: cookie-authenticated requests must send the '_xsrf' "
+        "cookie's value as an X-XSRFToken header.",
+        "xsrf",
     )

@@ -1,9 +1,9 @@
 """
 ``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
-without leaving a ``twistd.pid`` behind in the current directory; and its four helpers:
-``check`` (is the chain to the hub sound?), ``status`` (what is a running daemon doing?),
-``login`` (a hub token from the cluster password, for managed mode) and ``demo`` (a throwaway hub
-on loopback with the daemon in front, to try an IDE against).
+without leaving a ``twistd.pid`` behind in the current directory; and its helpers: ``check`` (is the
+chain to the hub sound?), ``status`` (what is a running daemon doing?), ``login`` (a hub token from the
+cluster password, for managed mode), ``rotate-token`` (a new local token, ending every login) and
+``demo`` (a throwaway hub on loopback with the daemon in front, to try an IDE against).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         from jds.hublogin import main as login
 
         return login(args[1:])
+    if args[:1] == ["rotate-token"]:
+        # lazy load: only for this command
+        from jds.tokens import rotate_main
+
+        return rotate_main(args[1:])
     if args[:1] == ["demo"]:
         # lazy load: only for this command
         from jds.demo import main as demo

@@ -9,27 +9,63 @@ requests to ``127.0.0.1:8000``. Two checks stop a page from using it:
 - ``Origin``, when a browser sends one, must be the proxy's own or one the user allowed with
   ``--allow-origin``. IDE clients running on Node send none.
 
-And the channel itself does not wait forever for a client that trickles its headers (slowloris), and
-says in the log when it refuses a malformed request, which twisted.web does silently.
+The channel decides as soon as a request's headers are complete, before reading its body: a refused
+request (Host, Origin, local token, path, size) is answered and its connection closed, so a web page's
+96 MiB form post costs nothing but the bytes the kernel already buffered. It also bounds what a
+client can hold: headers and bodies that trickle (slowloris), bodies over ``--max-body-size``, and
+connections per client address; and it says in the log when it refuses a malformed request, which
+twisted.web does silently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
-from jds.paths import split_authority
+from jds.errors import error_body
+from jds.paths import redact_query, split_authority
 from jds.refusal import Refusal
 
-__all__ = ["LOOPBACK_NAMES", "GuardedChannel", "LocalGuard", "is_loopback", "origin_refusal"]
+__all__ = [
+    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "is_loopback",
+    "origin_refusal",
+]
 
 log = Logger(namespace="jds")
 
 # A request's line and headers must all arrive within this long once its first byte has.
 HEADER_TIMEOUT = 30.0
+# After a refusal, what the client still sends is read and dropped for this long (and this much)
+# so that it can read the answer; a reset right away could destroy the answer in its kernel.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the proxy; each is an option (0 means no limit)."""
+
+    max_body: int = 0  # --max-body-size: request bodies stream to the hub, so unlimited by default
+    held_body: int = 1 << 20  # --held-body-size: a body kept to be sent again once the server is up
+    body_timeout: float = 60.0  # --body-timeout: longest pause within a request body
+    connections_per_client: int = 256  # --max-connections-per-client
+    max_message: int = 256 << 20  # --max-message-size: one WebSocket message (then 1009)
+
+    def body_refusal(self, length: int) -> Refusal | None:
+        if self.max_body and length > self.max_body:
+            return Refusal(
+                413,
+                f"The request body is larger than this proxy accepts ({self.max_body} bytes); "
+                "start jupyter-dev-server with a larger --max-body-size.",
+                "body-too-large",
+            )
+        return None
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -110,12 +146,19 @@ class LocalGuard:
 class GuardedChannel(HTTPChannel):
     """
     ``HTTPChannel``'s idle timeout restarts with every byte, so a client sending one header byte a
-    minute holds a connection for ever; here the headers as a whole have a deadline.
+    minute holds a connection for ever; here the headers as a whole have a deadline, and a body may
+    pause at most ``limits.body_timeout``. Once the headers are complete the site judges the request
+    (:meth:`LocalSite.refusal_before_body`); a refusal is answered at once and the body never read.
     """
 
     header_timeout = HEADER_TIMEOUT
+    limits = Limits()
     _awaiting_headers = True
     _header_deadline = None
+    _body_deadline = None
+    _body_seen = 0
+    _refused = False
+    _dropped = 0
 
     def connectionMade(self) -> None:
         """The clock starts at once: a client that connects and says nothing is a slowloris too."""
@@ -123,6 +166,11 @@ class GuardedChannel(HTTPChannel):
         self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            self._dropped += len(data)
+            if self._dropped > _LINGER_BYTES and self.transport is not None:
+                self.transport.abortConnection()
+            return
         if self._awaiting_headers and self._header_deadline is None:
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
@@ -130,7 +178,35 @@ class GuardedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._awaiting_headers = False
         self._cancel_deadline()
+        judge = getattr(getattr(self, "site", None), "refusal_before_body", None)
+        refusal = judge(self._command, self._path, self.requests[-1], self.length) if judge else None
+        if refusal is not None:
+            self.refuse(refusal)
+            return
         super().allHeadersReceived()
+        if self.length != 0 and self.limits.body_timeout:
+            self._body_seen = 0
+            self._body_deadline = self.callLater(self.limits.body_timeout, self._body_too_slow)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._body_deadline is not None:
+            self._body_deadline.reset(self.limits.body_timeout)
+        super().rawDataReceived(data)
+
+    def body_received(self, size: int) -> None:
+        """Called by the request for each piece of its body: a chunked body has no length up front."""
+        self._body_seen += size
+        refusal = self.limits.body_refusal(self._body_seen)
+        if refusal is not None and not self._refused:
+            self.refuse(refusal)
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_body_deadline()
+        super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
         self._awaiting_headers = True
@@ -138,7 +214,60 @@ class GuardedChannel(HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._cancel_deadline()
+        self._cancel_body_deadline()
         super().connectionLost(reason)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """
+        Answer the request whose headers just arrived (or whose body is being read) and end the
+        connection without reading the rest: the body is never buffered, parsed or spooled.
+        """
+        status, message, reason, hint = refusal.status, refusal.message, refusal.reason, refusal.hint
+        self._refused = True
+        self._cancel_deadline()
+        self._cancel_body_deadline()
+        method = getattr(self, "_command", b"?")
+        uri = getattr(self, "_path", b"?")
+        stats = getattr(getattr(self, "site", None), "stats", None)
+        if stats is not None:
+            stats.error(status, message, reason)
+        log.warn(
+            "{method} {uri} -> {status}: {message}{hint} (refused before its body; connection closed)",
+            method=method.decode("latin-1"),
+            uri=redact_query(uri).decode("latin-1"),
+            status=status,
+            message=message,
+            hint=f" {hint}" if hint else "",
+        )
+        body = error_body(message, reason)
+        head = b"HTTP/1.1 %d %s\r\n" % (status, RESPONSES.get(status, b"Error"))
+        head += b"Content-Type: application/json; charset=UTF-8\r\nContent-Length: %d\r\n" % len(body)
+        head += b"Connection: close\r\n\r\n"
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(head + body)
+        # Half-close: the client reads the answer, then EOF; what it still sends is dropped.
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is None:
+            transport.loseConnection()
+            return
+        lose_write()
+        self.callLater(_LINGER_SECONDS, transport.loseConnection)
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        self.refuse(Refusal(
+            408,
+            f"The request body stalled: nothing arrived for {self.limits.body_timeout:g} s.",
+            "body-timeout",
+            "A client that pauses longer in mid-body needs a larger --body-timeout.",
+        ))
 
     def _cancel_deadline(self) -> None:
         if self._header_deadline is not None and self._header_deadline.active():
@@ -172,3 +301,63 @@ class GuardedChannel(HTTPChannel):
             count=self.maxHeaders,
         )
         super()._respondToBadRequestAndDisconnect()
+
+
+class _TooMany(Protocol):
+    """Answers a connection over the per-client limit with a 503 and closes it, reading nothing."""
+
+    def __init__(self, host: str, limit: int) -> None:
+        self.host = host
+        self.limit = limit
+
+    def connectionMade(self) -> None:
+        message = (
+            f"Too many open connections from {self.host} (the limit is {self.limit}); "
+            "close some, or start jupyter-dev-server with a larger --max-connections-per-client."
+        )
+        log.warn("Refused a connection: {message}", message=message)
+        body = error_body(message, "too-many-connections")
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=UTF-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
+class ConnectionLimit(WrappingFactory):
+    """
+    Wraps the site to count open connections per client address, WebSockets included (the relay
+    takes a connection over from the HTTP channel, but it stays this wrapper's connection).
+    """
+
+    protocol = ProtocolWrapper
+    noisy = False
+
+    def __init__(self, site: Any, per_client: int) -> None:
+        super().__init__(site)
+        self.per_client = per_client
+        self.open: dict[str, int] = {}
+        self.guard = getattr(site, "guard", None)  # the listener tells it the port
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", None)
+        if host is not None and self.per_client and self.open.get(host, 0) >= self.per_client:
+            return _TooMany(host, self.per_client)
+        return super().buildProtocol(addr)
+
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        super().registerProtocol(p)
+        host = getattr(p.transport.getPeer(), "host", None) if p.transport is not None else None
+        p._jds_host = host  # type: ignore[attr-defined]
+        if host is not None:
+            self.open[host] = self.open.get(host, 0) + 1
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        host = getattr(p, "_jds_host", None)
+        if host is not None:
+            left = self.open.get(host, 1) - 1
+            if left > 0:
+                self.open[host] = left
+            else:
+                self.open.pop(host, None)

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import html
 import secrets
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from jds.auth import AUTH_COOKIE, Credentials, cookies, xsrf_matches
+from jds.auth import Credentials, cookies, xsrf_matches
 
-__all__ = ["LoginPage", "auth_cookie_header", "safe_next"]
+__all__ = ["MAX_FORM_BYTES", "LoginPage", "safe_next"]
+
+# The form has two short fields; the channel refuses a longer body before reading it (413).
+MAX_FORM_BYTES = 16 * 1024
 
 _FORM = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>jupyter-dev-server login</title></head>
@@ -35,15 +38,36 @@ _FORM = """<!DOCTYPE html>
 """
 
 
+_URL_SPACE = bytes(range(0x00, 0x21))  # what the URL standard strips from either end
+
+
 def safe_next(value: bytes | None) -> bytes:
-    """Only local absolute paths: a login must not become an open redirect."""
-    if not value or not value.startswith(b"/") or value.startswith((b"//", b"/\\")):
+    """
+    Only a path of this proxy: a login must not become an open redirect. The value is first read
+    the way a browser reads a ``Location`` (the WHATWG URL parser drops tabs and newlines anywhere,
+    strips controls and spaces at the ends, and takes ``\\`` for ``/``), so ``/\\t/evil.example`` or
+    ``/\\\\evil.example``, which browsers resolve to another host, are refused, not redirected to.
+    """
+    if not value:
         return b"/"
-    return value
+    path = value.strip(_URL_SPACE).translate(None, b"\t\r\n").replace(b"\\", b"/")
+    if not path.startswith(b"/") or path.startswith(b"//"):
+        return b"/"
+    return path
 
 
-def auth_cookie_header(credentials: Credentials) -> bytes:
-    return f"{AUTH_COOKIE}={credentials.cookie_value}; HttpOnly; SameSite=Strict; Path=/".encode()
+def _form_fields(request: Request) -> dict[bytes, bytes]:
+    """
+    The login form, parsed here and only here: the site never parses bodies (a proxy forwards them),
+    and this one is small by construction (``MAX_FORM_BYTES``).
+    """
+    content = request.content
+    if content is None:
+        return {}
+    content.seek(0)
+    body = content.read(MAX_FORM_BYTES)
+    content.seek(0)
+    return {name: values[0] for name, values in parse_qs(body, keep_blank_values=True).items()}
 
 
 class LoginPage(Resource):
@@ -76,14 +100,18 @@ class LoginPage(Resource):
 
     def render_POST(self, request: Request) -> bytes:
         jar = cookies(request.requestHeaders.getRawHeaders(b"cookie", []))
-        presented = (request.args.get(b"_xsrf") or [b""])[0].decode("latin-1")
-        password = (request.args.get(b"password") or [b""])[0]
+        form = _form_fields(request)
+        presented = form.get(b"_xsrf", b"").decode("latin-1")
+        password = form.get(b"password", b"")
+        self.credentials.refresh()
         if not xsrf_matches(jar.get("_xsrf"), presented):
             request.setResponseCode(403)
             return self._form(request, "The form expired ('_xsrf' missing or wrong); try again. ")
         if not self.credentials.is_local_token(password.strip()):
             request.setResponseCode(403)
             return self._form(request, "That is not the local token. ")
-        request.responseHeaders.addRawHeader(b"set-cookie", auth_cookie_header(self.credentials))
+        # The session keeps the _xsrf this form proved: VS Code sends that one from now on.
+        for cookie in self.credentials.start_session(presented):
+            request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         request.redirect(safe_next((request.args.get(b"next") or [b"/"])[0]))
         return b""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,15 +73,41 @@ def listen_interface(description: str) -> str:
     return "0.0.0.0" if interface is None else interface
 
 
-def _seconds(value: str, name: str, unit: str = "seconds", allow_zero: bool = False) -> float:
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _checked(value: str, name: str, convert, valid, what: str):
+    """``convert(value)`` if ``valid`` says it is, else the one sentence that names the option."""
     try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds or seconds == float("inf"):
-        floor = "0 or more" if allow_zero else "above 0"
-        raise usage.UsageError(f"--{name} must be a number of {unit} {floor}, not {value!r}.")
-    return seconds
+        number = convert(value)
+    except (TypeError, ValueError, KeyError, IndexError):
+        number = None
+    if number is None or not valid(number):
+        raise usage.UsageError(f"--{name} must be {what}, not {value!r}.")
+    return number
+
+
+def _bytes(value: str) -> int:
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS and text[-1:] else (text, "")
+    return int(float(number) * _UNITS[unit])
+
+
+def parse_size(value: str, name: str) -> int:
+    """Bytes from ``123``, ``64K``, ``256M``, ``1G`` (also ``MiB``, ``MB``: all powers of 1024)."""
+    return _checked(value, name, _bytes, lambda size: size >= 0, "a size in bytes (like 1048576, 64K, 256M)")
+
+
+def _count(value: str, name: str) -> int:
+    return _checked(value, name, int, lambda count: count >= 0, "a whole number (0: no limit)")
+
+
+def _seconds(value: str, name: str, unit: str = "seconds", allow_zero: bool = False) -> float:
+    floor = "0 or more" if allow_zero else "above 0"
+    return _checked(
+        value, name, float, lambda seconds: (seconds >= 0 if allow_zero else seconds > 0) and seconds != float("inf"),
+        f"a number of {unit} {floor}",
+    )
 
 
 # The options that say where the hub is and how to trust it, shared by the daemon, ``check`` and
@@ -155,7 +182,8 @@ class Options(HubOptions):
         "the environment variable of the original jupyter-dev-server script named in its help. "
         "Helpers: 'jupyter-dev-server check' (test the chain to your server), 'jupyter-dev-server "
         "status' (ask a running daemon), 'jupyter-dev-server login' (get a hub token with your "
-        "password, for --token-file), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
+        "password, for --token-file), 'jupyter-dev-server rotate-token' (a new local token, ending every "
+        "login), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
         "each takes --help."
     )
     optParameters = [
@@ -193,6 +221,21 @@ class Options(HubOptions):
          "MiB of the IDE's messages held for the hub while the link is down; past that the IDE's "
          "WebSocket is closed (1011)."],
         ["header-timeout", None, "30", "Seconds a client has to send a request's headers (against slowloris)."],
+        ["body-timeout", None, "60",
+         "Seconds a request body may pause before the request is dropped with 408 (against slowloris)."],
+        ["max-body-size", None, "0",
+         "Largest request body accepted, in bytes (K, M, G suffixes: 1024s); larger ones get 413. "
+         "0: no limit (bodies are only accepted with the local token, or any in pass-through mode)."],
+        ["held-body-size", None, "1M",
+         "Largest request body kept while your server starts, to send it once the server is up; "
+         "a larger one gets 503 'retry' instead."],
+        ["max-connections-per-client", None, "256",
+         "Open connections (WebSockets included) one client address may hold; more get 503."],
+        ["max-message-size", None, "256M",
+         "Largest WebSocket message relayed (each is held whole); a larger one closes the socket with 1009."],
+        ["cookie-max-age", None, str(7 * 24 * 3600),
+         "Managed mode: seconds a login (the jds-auth cookie) lasts. 'jupyter-dev-server rotate-token' "
+         "ends every login at once."],
         ["log-format", None, "text",
          "How log events are written: 'text' (one line each: time, [namespace#level], message) or "
          "'json' (one object per line: time, level, namespace, message, fields)."],
@@ -220,10 +263,16 @@ class Options(HubOptions):
     def postOptions(self) -> None:
         target = hub_target(self, self.environ, self["server"] or "")
 
-        for name in ("spawn-timeout", "response-timeout", "kernel-start-timeout", "ping-interval", "header-timeout"):
+        for name in ("spawn-timeout", "response-timeout", "kernel-start-timeout", "ping-interval", "header-timeout",
+                     "body-timeout", "cookie-max-age"):
             self[name] = _seconds(self[name], name)
         self["reconnect-window"] = _seconds(self["reconnect-window"], "reconnect-window", allow_zero=True)
         self["reconnect-buffer"] = int(_seconds(self["reconnect-buffer"], "reconnect-buffer", "MiB") * (1 << 20))
+        for name in ("max-body-size", "held-body-size", "max-message-size"):
+            self[name] = parse_size(self[name], name)
+        self["max-connections-per-client"] = _count(self["max-connections-per-client"], "max-connections-per-client")
+        if self["max-message-size"] == 0:
+            raise usage.UsageError("--max-message-size must be above 0: every WebSocket message is held whole.")
         self.setdefault("allow-origin", [])
         self.setdefault("allow-host", [])
         if self["log-format"] not in ("text", "json"):
@@ -268,8 +317,10 @@ class Options(HubOptions):
             hub_token = self._env("JUPYTERHUB_API_TOKEN")
         self["hub-token"] = hub_token
         self["local-token"] = None
+        self["local-token-path"] = None
         if hub_token:
-            path = self["local-token-file"] or default_local_token_path(self.environ)
+            path = Path(self["local-token-file"] or default_local_token_path(self.environ)).expanduser()
+            self["local-token-path"] = path
             try:
                 self["local-token"] = load_local_token(path)
             except (OSError, TokenFileError) as exc:

@@ -455,13 +455,18 @@ def redact_query(uri: bytes) -> bytes:
     return path + b"?" + _TOKEN_PARAM.sub(rb"\1token=[redacted]", query)
 
 
+# A client may name any header in ``Connection``, but not these: in managed mode the proxy puts its
+# own ``Authorization`` (the hub token) into the list it then filters, and must not lose it.
+_NEVER_HOP_BY_HOP = frozenset({b"authorization", b"host"})
+
+
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 7.6.1)."""
     named = set()
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(v.strip().lower() for v in value.split(b","))
-    return named
+    return named - _NEVER_HOP_BY_HOP
 
 
 def upstream_request_headers(

@@ -37,10 +37,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from jds.auth import Credentials, StreamScrubber, needs_local_token
+from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_token
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
-from jds.login import auth_cookie_header
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -150,6 +149,16 @@ def is_websocket_upgrade(request: Request) -> bool:
     return any(value.strip().lower() == b"websocket" for value in upgrade)
 
 
+def _body_size(request: Request) -> int:
+    content = request.content
+    if content is None:
+        return 0
+    position = content.tell()
+    size = content.seek(0, 2)
+    content.seek(position)
+    return size
+
+
 class _KeptOpen:
     """
     The spooled request body, handed to ``FileBodyProducer`` without letting it close the file:
@@ -228,9 +237,10 @@ class _Exchange:
         self._replayed = False
         self._held: IResponse | None = None
         self._retry: RetryPlan | None = None
-        self.set_auth_cookie = False
         self.limit, self.limit_option = 0.0, ""
         self.authorization: bytes | None = None  # the upstream Authorization: whose token starts a server
+        self._answered = False  # by the proxy itself, while the server starts
+        self.set_cookies: tuple[bytes, ...] = ()
         request.notifyFinish().addErrback(self._client_went_away)
 
     def start(self) -> None:
@@ -302,8 +312,7 @@ class _Exchange:
         content = self.request.content
         if content is None:
             return None
-        content.seek(0, 2)
-        size = content.tell()
+        size = _body_size(self.request)
         content.seek(0)
         has_length = self.request.requestHeaders.hasHeader(b"content-length")
         if size == 0 and not has_length and self.request.method in _BODYLESS_METHODS:
@@ -330,12 +339,9 @@ class _Exchange:
             self._replayed = True
             self._held = response
             self._pending = starter.recover(
-                response.code, location, on_stopped=self._let_go, authorization=self.authorization
+                response.code, location, on_stopped=self._server_stopped, authorization=self.authorization
             )
-            self._pending.addCallbacks(
-                lambda stopped: self.start() if stopped else self._check_token(self._take_held()),
-                self._not_recovered,
-            )
+            self._pending.addCallbacks(self._recovered, self._not_recovered)
             return
         self._check_token(response)
 
@@ -349,11 +355,36 @@ class _Exchange:
         if response is not None:
             response.deliverBody(_Discard())
 
+    def _server_stopped(self) -> None:
+        """
+        The server is starting. A start can take minutes; a body over ``--held-body-size`` is not
+        held that long (memory or disk for a client that can simply send it again): 503, retry.
+        """
+        self._let_go()
+        size, limit = _body_size(self.request), self.resource.held_body
+        if limit and size > limit:
+            self._answered = True
+            write_refusal(self.request, Refusal(
+                503,
+                f"Your server is starting; this request's body ({size} bytes) is over the {limit} bytes "
+                "kept while it starts, so it was not kept: retry in a moment.",
+                "server-starting",
+                "A larger --held-body-size keeps larger bodies until the server is up.",
+            ))
+
+    def _recovered(self, stopped: bool) -> None:
+        if self._answered:
+            self._pending = None
+        elif stopped:
+            self.start()
+        else:
+            self._check_token(self._take_held())
+
     def _not_recovered(self, failure: Failure) -> None:
         """The server did not start (or the client left): the :class:`Refusal` says why."""
         self._pending = None
         self._let_go()
-        if self._client_gone or failure.check(CancelledError):
+        if self._client_gone or self._answered or failure.check(CancelledError):
             return
         write_refusal(self.request, failure.value)
 
@@ -382,8 +413,8 @@ class _Exchange:
         if credentials.managed:
             headers = [(name, credentials.scrub(value)) for name, value in headers]
         request.responseHeaders = Headers(_group(headers))
-        if self.set_auth_cookie:
-            request.responseHeaders.addRawHeader(b"set-cookie", auth_cookie_header(credentials))
+        for cookie in self.set_cookies:
+            request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if self._rewrites_body(response, content_type):
             readBody(response).addCallbacks(self._write_mapped_body, self._body_failed)
@@ -537,6 +568,7 @@ class HubProxyResource(ReverseProxyResource):
         credentials: Credentials | None = None,
         starter: ServerStarter | None = None,
         timeouts: ResponseTimeouts | None = None,
+        held_body: int = 1 << 20,
     ) -> None:
         super().__init__(target.host, target.port, target.user_prefix.encode("ascii"), reactor)
         self.timeouts = timeouts if timeouts is not None else ResponseTimeouts()
@@ -547,6 +579,7 @@ class HubProxyResource(ReverseProxyResource):
         self.credentials = credentials or Credentials()
         self.starter = starter
         self.link_log = HubLinkLog(reactor)
+        self.held_body = held_body
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:
         return self
@@ -562,7 +595,7 @@ class HubProxyResource(ReverseProxyResource):
             request.method,
             query,
             {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
-            form_xsrf=(request.args.get(b"_xsrf") or [b""])[0].decode("latin-1") or None,
+            page=not websocket and not raw_path.startswith(b"/api/"),
         )
         if not verdict.allowed:
             return self._refuse(request, raw_path, query, verdict, websocket)
@@ -578,7 +611,7 @@ class HubProxyResource(ReverseProxyResource):
             except Refusal as refused:
                 return render_refusal(request, refused)
         exchange = _Exchange(self, request, hub_path, query, ide_view)
-        exchange.set_auth_cookie = self.credentials.managed and not verdict.by_cookie and b"token=" in query
+        exchange.set_cookies = verdict.set_cookies
         exchange.start()
         return NOT_DONE_YET
 
@@ -603,12 +636,7 @@ class HubProxyResource(ReverseProxyResource):
         learn a password is needed), everything else gets a 403 that says what to do.
         """
         if verdict.reason == "xsrf":
-            return render_refusal(request, Refusal(
-                403,
-                "'_xsrf' argument missing from POST: cookie-authenticated requests "
-                "must send the '_xsrf' cookie's value as an X-XSRFToken header.",
-                "xsrf",
-            ))
+            return render_refusal(request, missing_xsrf())
         if request.method == b"GET" and not websocket and not raw_path.startswith(b"/api/"):
             target = raw_path + (b"?" + query if query else b"")
             request.redirect(b"/login?next=" + quote(target.decode("latin-1"), safe="").encode())

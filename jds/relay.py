@@ -54,6 +54,8 @@ so that the close frame stays readable for an IDE that was busy (:meth:`_Side.dr
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,8 +107,14 @@ log = Logger(namespace="jds.relay")
 
 # A hub that has to wake a sleeping server or a busy proxy can take a while to answer.
 HANDSHAKE_TIMEOUT = 60.0
-# autobahn holds a whole message in memory; notebooks move outputs of tens of MB.
-MAX_MESSAGE_BYTES = 1 << 30
+# autobahn holds a whole message in memory; notebooks move outputs of tens of MB. A larger message
+# closes the socket with 1009 (--max-message-size). The same bound holds messages queued for a side
+# that is not open yet; beyond it the sender is not read until that side opens (backpressure).
+MAX_MESSAGE_BYTES = 256 << 20
+# jupyter_server's (tornado's) default websocket_max_message_size: a larger message makes it drop the socket.
+SERVER_MESSAGE_LIMIT = 10 << 20
+# After a socket that carried a message this large, memory is handed back at once (gc.collect).
+LARGE_MESSAGE = 16 << 20
 # How long a shutting-down proxy waits for close handshakes before the reactor stops.
 SHUTDOWN_GRACE = 3.0
 # The hub side's pong deadline: with the default 30 s ping interval a silent link (no FIN, no RST)
@@ -141,20 +149,36 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-def _options(ping_interval: float, handshake_timeout: float, pong_timeout: float | None = None) -> dict[str, Any]:
+def _options(
+    ping_interval: float, handshake_timeout: float, max_message: int = MAX_MESSAGE_BYTES,
+    pong_timeout: float | None = None,
+) -> dict[str, Any]:
     """autobahn options shared by both sides."""
     return {
         "openHandshakeTimeout": handshake_timeout,
         "closeHandshakeTimeout": 5,
         "autoPingInterval": ping_interval,
         "autoPingTimeout": ping_interval if pong_timeout is None else pong_timeout,
-        "maxFramePayloadSize": MAX_MESSAGE_BYTES,
-        "maxMessagePayloadSize": MAX_MESSAGE_BYTES,
+        "maxFramePayloadSize": max_message,
+        "maxMessagePayloadSize": max_message,
         "echoCloseCodeReason": True,
         # a peer that breaks the protocol hears why (1002, 1007, 1009) instead of a bare TCP drop
         "failByDrop": False,
         "tcpNoDelay": True,
     }
+
+
+def _give_back_memory() -> None:
+    """
+    Collect the cycles, then return freed heap to the system: the message's pieces (64 KiB reads,
+    16 KiB TLS records) are below glibc's mmap threshold, so they were taken from the heap, which
+    glibc does not shrink on its own while anything above them is still in use.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @implementer(IPushProducer)
@@ -256,7 +280,18 @@ class _IdeSide(_Side, WebSocketServerProtocol):
     deny_reason = "bad-websocket-handshake"
 
     def onConnect(self, request: Any) -> Deferred:
-        return self.link.start(request.protocols)
+        """
+        Until the hub has answered, the IDE is not read: a client may not send frames before its
+        handshake is answered, and autobahn would buffer whatever it sent anyway, without bound.
+        """
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+        def resume(result: Any) -> Any:
+            if self.transport is not None:  # type: ignore[attr-defined]
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            return result
+
+        return self.link.start(request.protocols).addBoth(resume)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer with a Jupyter-style JSON error, as the HTTP proxy does, not a bare status line."""
@@ -299,6 +334,22 @@ class _HubSide(_Side, WebSocketClientProtocol):
     def failHandshake(self, reason: str) -> None:
         self.link.hub_refused(self, reason)
         super().failHandshake(reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        """
+        configurable-http-proxy, when the server behind it drops an upgraded socket, writes an HTTP
+        status line into it (``HTTP/1.1 503``): read as a frame, its ``H`` (0x48) has RSV = 4 and a
+        fragmented close opcode, and autobahn's complaint about that would hide what happened.
+        """
+        buffered = getattr(self, "data", b"") or b""
+        # also after the server's own close frame (1009) got through first: the socket is closing then
+        if self.state in (_OPEN, WebSocketProtocol.STATE_CLOSING) and buffered.startswith(b"HTTP/"):  # type: ignore[attr-defined]
+            status = buffered.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+            self.link.hub_proxy_error(self, status)
+            self.failedByMe = True
+            self.dropConnection(abort=True)  # type: ignore[attr-defined]
+            return
+        super()._fail_connection(code, reason)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # onClose only gets a string; policy.explain() needs the failure.
@@ -366,6 +417,10 @@ class _Link:
         self._connecting: Deferred | None = None
         self._to_ide = _Direction()
         self._to_hub = _Direction()
+        self._queued_bytes = 0
+        self._paused: _Side | None = None  # a sender not read until its peer opens
+        self.last_to_hub = 0  # size of the last message sent to the hub, to explain a drop
+        self.largest = 0  # of the messages relayed either way
         self.counted = False
         self._recovered = False  # one server start per socket, then the hub's answer stands
         self._waiting_for_server = False
@@ -512,6 +567,10 @@ class _Link:
         queued, direction.queued = direction.queued or [], None
         for payload, is_binary in queued:
             side.sendMessage(payload, is_binary)  # type: ignore[attr-defined]
+        self._queued_bytes = 0
+        if self._paused is not None and self._paused is not side:
+            paused, self._paused = self._paused, None
+            paused.transport.resumeProducing()  # type: ignore[attr-defined]
         if side is self.ide and self.hub is not None and self.hub.state == _OPEN:
             self._couple()
             self.established = True
@@ -546,10 +605,17 @@ class _Link:
             self._note_from_hub(payload, is_binary)
         peer = self._peer(side)
         toward = self._to_hub if side is self.ide else self._to_ide
+        self.largest = max(self.largest, len(payload))
         if getattr(peer, "state", None) == _OPEN:
+            if peer is self.hub:
+                self.last_to_hub = len(payload)
             peer.sendMessage(payload, is_binary)  # type: ignore[union-attr]
         elif toward.queued is not None and not toward.gone:
             toward.queued.append((payload, is_binary))
+            self._queued_bytes += len(payload)
+            if self._queued_bytes > self.relay.max_message and self._paused is None:
+                self._paused = side
+                side.transport.pauseProducing()  # type: ignore[attr-defined]
 
     # Closing
 
@@ -576,6 +642,25 @@ class _Link:
             peer=peer_role,
         )
         self._close(peer, 1011, f"The {side.role} broke the WebSocket protocol.")
+
+    def hub_proxy_error(self, hub: _HubSide, status: str) -> None:
+        """The hub's proxy reported an error inside the socket (see :meth:`_HubSide._fail_connection`)."""
+        size = self.last_to_hub
+        if size > SERVER_MESSAGE_LIMIT:
+            # the close reason has room for 123 bytes; the log line says the rest
+            code, reason = 1009, (
+                f"The server on the hub refused a {size / (1 << 20):.0f} MiB message: Jupyter servers "
+                "take up to 10 MiB (websocket_max_message_size)."
+            )
+        else:
+            code, reason = 1011, "The server on the hub dropped the socket."
+        log.warn(
+            "WebSocket {uri}: the hub's proxy wrote {status!r} into the socket: the server behind it "
+            "dropped the connection (last message to it: {size} bytes; a Jupyter server drops one over "
+            "its websocket_max_message_size, 10 MiB unless configured otherwise); the IDE gets {code}.",
+            uri=self.uri, status=status, size=size, code=code,
+        )
+        self._close(self.ide, code, reason)
 
     def lost(self, side: _Side) -> None:
         if side is not self.ide and (self._waiting_for_server or side is not self.hub):
@@ -910,8 +995,10 @@ class WebSocketRelay:
         stats: Stats | None = None,
         reconnect: ReconnectPolicy | None = None,
         monotonic: Any = None,
+        max_message: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.stats = stats
+        self.max_message = max_message
         self.reconnect = reconnect or ReconnectPolicy()
         # awake seconds (see jds.reconnect); the reactor's own clock in tests
         self.monotonic = monotonic or time.monotonic
@@ -927,14 +1014,14 @@ class WebSocketRelay:
         self.shutting_down = False
         self.links: set[_Link] = set()
         self._drained: Deferred | None = None
-        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT, min(ping_interval, HUB_PONG_TIMEOUT))
+        self.hub_options = _options(ping_interval, HANDSHAKE_TIMEOUT, max_message, min(ping_interval, HUB_PONG_TIMEOUT))
         # The IDE waits for the hub's connection and handshake, and must hear the verdict.
         ide_timeout = HANDSHAKE_TIMEOUT + getattr(policy, "connect_timeout", 10.0) + 5
         if starter is not None:  # and it may wait for the server to start first
             ide_timeout += starter.timeout
         self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}", reactor=reactor)
         self.factory.protocol = _IdeSide
-        self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout))
+        self.factory.setProtocolOptions(webStatus=False, **_options(ping_interval, ide_timeout, max_message))
         self.factory.startFactory()
         reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
 
@@ -1027,6 +1114,10 @@ class WebSocketRelay:
         if link in self.links and link.counted:
             self.stats.websocket_closed()
         self.links.discard(link)
+        if link.largest >= LARGE_MESSAGE:
+            # The sockets' buffers hang on reference cycles (protocol <-> transport) that an idle
+            # daemon's garbage collector might not visit for hours: hundreds of MiB after one message.
+            self.reactor.callLater(0, _give_back_memory)
         if not self.links and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
 

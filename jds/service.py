@@ -9,10 +9,12 @@ the site (assembled in :mod:`jds.site`) listening and announcing its URL, the st
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -27,7 +29,7 @@ from jds import __version__
 from jds.auth import Credentials
 from jds.check import run_checks
 from jds.commands import login_command
-from jds.guard import LocalGuard, is_loopback
+from jds.guard import ConnectionLimit, Limits, LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
@@ -35,8 +37,10 @@ from jds.paths import HubTarget, authority
 from jds.progress import ProgressBar
 from jds.proxy import IDLE_UPSTREAM_SECONDS, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
+from jds.sessions import Sessions
 from jds.site import LocalSite, build_site
 from jds.token_expiry import TokenExpiryWatch
+from jds.tokens import make_private_file, url_file_path, write_private
 
 log = Logger(namespace="jds")
 
@@ -56,10 +60,15 @@ class _ProxyListener(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint, factory, description: str, token: str | None) -> None:
+    def __init__(
+        self, endpoint, factory, description: str, token: str | None, url_file: Path | None = None,
+        to_log_file: bool = False,
+    ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.token = token
+        self.url_file = url_file
+        self.to_log_file = to_log_file
 
     def privilegedStartService(self) -> None:
         try:
@@ -80,15 +89,41 @@ class _ProxyListener(StreamServerEndpointService):
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         host = authority(host)
-        # The local token is printed on purpose (the user pastes it); hub tokens never are.
-        log.info(
-            "Paste this URL into your IDE as an existing Jupyter server: "
-            "http://{host}:{port}/?token={token}",
-            host=host,
-            port=address.port,
-            token=self.token or "<YOUR_HUB_API_TOKEN>",
-        )
+        url = f"http://{host}:{address.port}/?token={self.token or '<YOUR_HUB_API_TOKEN>'}"
+        if self.token and self.url_file is not None:
+            write_private(self.url_file, url + "\n")
+        if self.token and self.to_log_file and self.url_file is not None:
+            # A log file outlives the terminal and is read by tools and people; the token stays in
+            # files only the user can read.
+            log.info(
+                "The URL to paste into your IDE as an existing Jupyter server is in {path} "
+                "(readable only by you; it holds the local token).",
+                path=str(self.url_file),
+            )
+            return port
+        # In the foreground the local token is printed on purpose (the user pastes it); hub tokens never are.
+        log.info("Paste this URL into your IDE as an existing Jupyter server: {url}", url=url)
         return port
+
+
+def _logs_kept(options: Options) -> bool:
+    """
+    Whether the log is kept where others may read it: a ``--logfile``, or systemd's journal (it sets
+    ``JOURNAL_STREAM`` for a unit's output; the admin groups read the journal).
+    """
+    return _log_file(options) is not None or bool(os.environ.get("JOURNAL_STREAM"))
+
+
+def _log_file(options: Options) -> str | None:
+    """The file twistd logs to (``--logfile``), made private before twistd opens it; else ``None``."""
+    parent = getattr(options, "parent", None)
+    logfile = parent.get("logfile") if parent is not None and hasattr(parent, "get") else None
+    if not logfile or logfile == "-":
+        return None
+    make_private_file(logfile)
+    # twistd's rotation creates the next file later, with the process umask.
+    os.umask(0o077)
+    return logfile
 
 
 def make_service(options: Options, reactor: Any = None) -> service.IService:
@@ -96,7 +131,15 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor
     target: HubTarget = options["target"]
     policy = options.hub_policy(reactor, spares=SPARE_CONNECTIONS, spare_seconds=IDLE_UPSTREAM_SECONDS)
-    credentials = Credentials(options["hub-token"], options["local-token"])
+    credentials = Credentials(
+        options["hub-token"], options["local-token"], token_file=options.get("local-token-path"),
+        sessions=Sessions(options["cookie-max-age"]),
+    )
+    limits = Limits(
+        max_body=options["max-body-size"], held_body=options["held-body-size"],
+        body_timeout=options["body-timeout"], connections_per_client=options["max-connections-per-client"],
+        max_message=options["max-message-size"],
+    )
     # Both modes start a stopped server: managed mode with the token it holds, pass-through mode
     # (no hub token here) with the token the IDE's request carries.
     api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
@@ -113,7 +156,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     site = build_site(
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
-        guard=guard, header_timeout=options["header-timeout"], timeouts=timeouts,
+        guard=guard, header_timeout=options["header-timeout"], timeouts=timeouts, limits=limits,
         token_watch=token_watch,
         reconnect=ReconnectPolicy(options["reconnect-window"], options["reconnect-buffer"]),
     )
@@ -123,7 +166,12 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         top.log_observer = json_observer_for(getattr(options, "parent", None))
     else:
         top.log_observer = text_observer_for(getattr(options, "parent", None))
-    _ProxyListener(endpoint, site, options["listen"], options["local-token"]).setServiceParent(top)
+    factory = ConnectionLimit(site, limits.connections_per_client)
+    token_path = options.get("local-token-path")
+    _ProxyListener(
+        endpoint, factory, options["listen"], options["local-token"],
+        url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
+    ).setServiceParent(top)
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)
     if token_watch is not None:

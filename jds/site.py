@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from jds.auth import Credentials
-from jds.errors import Refusal, render_refusal
-from jds.guard import HEADER_TIMEOUT, GuardedChannel, LocalGuard
+from jds.auth import Credentials, missing_xsrf, needs_local_token
+from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard
 from jds.hub import ServerStarter
-from jds.login import LoginPage
-from jds.paths import HubTarget, redact_query
+from jds.login import MAX_FORM_BYTES, LoginPage
+from jds.paths import HubTarget, map_request_path, redact_query
 from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
+from jds.refusal import Refusal
 from jds.stats import Stats
 from jds.status import StatusResource
 from jds.tls import HubTLSPolicy
@@ -41,6 +42,27 @@ class _TimedRequest(Request):
 
     relayed = False
     received = 0
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        twisted.web's own parses form bodies (urlencoded, multipart) into ``args``, which cost 2 GiB
+        for a 96 MiB form. A proxy forwards bodies and never interprets them: only the query string
+        becomes ``args`` here (the login page reads its small form itself).
+        """
+        if self.content is not None:
+            self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, sep, query = path.partition(b"?")
+        self.args = parse_qs(query, 1) if sep else {}
+        self.process()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, GuardedChannel):
+            channel.body_received(len(data))
+            if channel._refused:
+                return
+        super().handleContentChunk(data)
 
     def process(self) -> None:
         self.started = time.monotonic()
@@ -77,23 +99,59 @@ class LocalSite(Site):
         guard: LocalGuard | None = None,
         header_timeout: float = HEADER_TIMEOUT,
         reactor: Any = None,
+        credentials: Credentials | None = None,
+        target: HubTarget | None = None,
+        limits: Limits | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.stats = stats if stats is not None else Stats()
         self.guard = guard if guard is not None else LocalGuard()
         self.header_timeout = header_timeout
+        self.credentials = credentials if credentials is not None else Credentials()
+        self.target = target
+        self.limits = limits if limits is not None else Limits()
 
     def protocol(self) -> GuardedChannel:  # type: ignore[override]
         channel = GuardedChannel()
         channel.header_timeout = self.header_timeout
+        channel.limits = self.limits
         return channel
 
-    def getResourceFor(self, request: Request) -> Resource:
-        """Host and Origin are judged before any resource, the login page and status included."""
+    def refusal_before_body(
+        self, method: bytes, uri: bytes, request: Request, length: int | None
+    ) -> Refusal | None:
+        """
+        A :class:`Refusal` when a request must be refused on its headers alone: Host and Origin
+        (every path, the login page and status included), and for a request with a body also the
+        path, the local token and the body's declared size. A bodiless request costs nothing to
+        serve, so the resources answer it as before (a page without the token is redirected to the
+        login, for instance).
+        """
         refusal = self.guard.refusal(request)
         if refusal is not None:
-            return _Refused(refusal)
-        return super().getResourceFor(request)
+            return refusal
+        if length == 0:
+            return None
+        raw_path, _, query = uri.partition(b"?")
+        if self.target is not None:
+            try:
+                map_request_path(raw_path, self.target)
+            except Refusal as refused:
+                return refused
+        if raw_path == b"/login" and self.credentials.managed:
+            if length is None or length > MAX_FORM_BYTES:
+                return Refusal(413, f"A login form is at most {MAX_FORM_BYTES} bytes.", "body-too-large")
+            return None
+        verdict = self.credentials.check(
+            method, query,
+            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
+            effects=False,
+        )
+        if not verdict.allowed:
+            if verdict.reason == "xsrf":
+                return missing_xsrf()
+            return needs_local_token("The request, with a body, carried no valid local token.")
+        return self.limits.body_refusal(length) if length is not None else None
 
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):
@@ -110,17 +168,6 @@ class LocalSite(Site):
             bytes=request.sentLength,
             ms=elapsed,
         )
-
-
-class _Refused(Resource):
-    isLeaf = True
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__()
-        self.refusal = refusal
-
-    def render(self, request: Request) -> bytes:
-        return render_refusal(request, self.refusal)
 
 
 class LocalRoot(Resource):
@@ -178,8 +225,10 @@ def build_site(
     reconnect: ReconnectPolicy | None = None,
     timeouts: ResponseTimeouts | None = None,
     token_watch: TokenExpiryWatch | None = None,
+    limits: Limits | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
+    limits = limits if limits is not None else Limits()
     stats = stats if stats is not None else Stats()
     agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
 
@@ -190,12 +239,13 @@ def build_site(
         return WebSocketRelay(
             target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
             credentials=credentials, starter=starter, stats=stats, reconnect=reconnect,
+            max_message=limits.max_message,
         )
 
     websockets = _OnFirstUse(relay)
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
-        starter=starter, timeouts=timeouts,
+        starter=starter, timeouts=timeouts, held_body=limits.held_body,
     )
     login = LoginPage(credentials) if credentials.managed else None
     status = StatusResource(
@@ -203,4 +253,6 @@ def build_site(
         reactor=reactor,
         token_watch=token_watch,
     )
-    return LocalSite(LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor)
+    return LocalSite(
+        LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor, credentials, target, limits
+    )

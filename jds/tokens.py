@@ -8,16 +8,13 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
-    "TokenFileError",
-    "default_hub_token_path",
-    "default_local_token_path",
-    "load_local_token",
-    "read_hub_token",
-    "write_private",
+    "TokenFileError", "default_hub_token_path", "default_local_token_path", "load_local_token",
+    "make_private_file", "read_hub_token", "rotate_local_token", "rotate_main", "url_file_path", "write_private",
 ]
 
 
@@ -91,3 +88,69 @@ def load_local_token(path: str | os.PathLike[str]) -> str:
     token = secrets.token_hex(24)
     write_private(token_path, token + "\n")
     return token
+
+
+def make_private_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` (a log file) readable only by its owner, or make an existing one so."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def url_file_path(token_path: str | os.PathLike[str]) -> Path:
+    """Where the daemon writes its URL with the local token (0600), next to the token itself."""
+    path = Path(token_path).expanduser()
+    return path.with_name(path.name + ".url")
+
+
+def rotate_local_token(path: str | os.PathLike[str]) -> str:
+    """
+    A new local token at ``path``: a running daemon notices the new file on its next request and
+    from then on refuses the old token and ends every cookie session. The URL file is updated too.
+    """
+    token_path = Path(path).expanduser()
+    old = token_path.read_text(encoding="utf-8").strip() if token_path.exists() else ""
+    token = secrets.token_hex(24)
+    write_private(token_path, token + "\n")
+    url_path = url_file_path(token_path)
+    if old and url_path.exists():
+        write_private(url_path, url_path.read_text(encoding="utf-8").replace(old, token))
+    return token
+
+
+def rotate_main(argv: list[str]) -> int:
+    """``jupyter-dev-server rotate-token``: a new local token; the old one and every login end."""
+    from twisted.python import usage  # lazy load: only for this command
+
+    class RotateOptions(usage.Options):
+        synopsis = "[--local-token-file PATH]"
+        longdesc = (
+            "Replace managed mode's local token by a new one. A running jupyter-dev-server takes it at "
+            "its next request: the old token stops working and every browser or IDE login (the "
+            "jds-auth cookie) ends. Paste the new URL (in the .url file next to the token) into your IDE."
+        )
+        optParameters = [
+            ["local-token-file", None, None,
+             "The daemon's --local-token-file. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
+        ]
+
+    from jds.commands import parse_subcommand  # lazy load: only for this command
+
+    options = RotateOptions()
+    failed = parse_subcommand(options, argv, "rotate-token")
+    if failed is not None:
+        return failed
+    path = Path(options["local-token-file"] or default_local_token_path(os.environ)).expanduser()
+    try:
+        if path.exists():
+            _private(path, "The local token file")
+        rotate_local_token(path)
+    except (OSError, TokenFileError) as exc:
+        print(f"jupyter-dev-server rotate-token: cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    url = url_file_path(path)
+    where = f"the URL with it is in {url}" if url.exists() else f"the token is in {path}"
+    print(f"New local token written; {where}. Every previous login has ended.")
+    return 0

@@ -17,7 +17,7 @@ import pytest
 from hub import REPO_ROOT, clean_environ, venv_script
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-SUBCOMMANDS = ("check", "status", "login", "demo")
+SUBCOMMANDS = ("check", "status", "login", "demo", "rotate-token")
 # usage.Options adds these to every command; the README need not list them.
 BUILT_IN = {"--help", "--version"}
 

@@ -286,9 +286,11 @@ class HandshakeTests(RelayTestCase):
         self.assertEqual(len(self.hub_factory.hubs), 1)
         self.assertFalse(ide.opened)
         self.assertNotIn(b"101", proxy_end.history)
+        self.assertEqual(proxy_end.producerState, "paused", "nothing is read from the IDE meanwhile")
         answer.callback(V1)
         self.network.pump()
         self.assertTrue(ide.opened)
+        self.assertEqual(proxy_end.producerState, "producing")
         self.assertEqual(ide.websocket_protocol_in_use, V1)
         self.assertLogsClean()
 
@@ -482,6 +484,20 @@ class TrafficTests(RelayTestCase):
         link.forward(link.hub, b"after", True)
         self.assertEqual(link.ide.sent, [(b"to ide", False), (b"after", True)])
 
+    def test_queued_messages_are_bounded(self) -> None:
+        """Beyond --max-message-size of queued messages the sender is not read until its peer opens."""
+        self.make_relay(max_message=10)
+        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link.ide = StubSide("IDE", WebSocketProtocol.STATE_OPEN)
+        link.forward(link.ide, b"123456", False)
+        self.assertEqual(link.ide.transport.producerState, "producing")
+        link.forward(link.ide, b"789012", False)
+        self.assertEqual(link.ide.transport.producerState, "paused")
+        link.hub = StubSide("hub", WebSocketProtocol.STATE_OPEN)
+        link.opened(link.hub)
+        self.assertEqual(link.hub.sent, [(b"123456", False), (b"789012", False)])
+        self.assertEqual(link.ide.transport.producerState, "producing")
+
     def test_backpressure_pauses_the_other_socket(self) -> None:
         ide, proxy_end = self.open_ide()
         hub_end = self.hub.transport.other  # the relay's end of the hub connection
@@ -548,6 +564,25 @@ class CloseTests(RelayTestCase):
         ide.sendClose()
         self.network.pump()
         self.assertEqual(self.hub.closed, (True, None, None))
+
+    def test_an_http_status_line_from_the_hubs_proxy_is_named_not_misread(self) -> None:
+        """
+        configurable-http-proxy writes ``HTTP/1.1 503`` into an upgraded socket when the server
+        behind it drops it; its ``H`` (0x48) would read as a frame with RSV = 4.
+        """
+        for last_message, code, words in ((1000, 1011, "dropped the socket"), (200 << 20, 1009, "200 MiB")):
+            self.events.clear()
+            ide, _ = self.open_ide()
+            [link] = self.relay.links
+            link.last_to_hub = last_message
+            self.hub.transport.write(b"HTTP/1.1 503\r\nContent-Length: 0\r\n\r\n")
+            self.network.pump()
+            self.assertEqual(ide.closed[1], code)
+            self.assertIn(words, ide.closed[2])
+            text = " ".join(formatEvent(event) or "" for event in self.events)
+            self.assertIn("'HTTP/1.1 503'", text)
+            self.assertNotIn("RSV", text)
+            self.hub_factory.hubs.clear()
 
     def test_client_dropping_without_close_gives_the_hub_1011(self) -> None:
         _, proxy_end = self.open_ide()
