@@ -36,7 +36,6 @@ from test_faults_hub import (
     start_kernel,
     status_document,
     through,
-    wait_started,
 )
 
 # The fixtures of the fault tests: a TcpCutter in front of the hub, kernels deleted afterwards.
@@ -399,7 +398,7 @@ def test_managed_events_socket_waits_for_a_stopped_server_to_be_started(
 ) -> None:
     """The link breaks and meanwhile the server stops: managed mode starts it and the socket reconnects."""
     hub.start_server("alice")
-    managed = wait_started(proxy.for_hub(hub, token=hub.alice_token, extra_args=["--hub", f"https://{cutter.address}"]))
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--hub", f"https://{cutter.address}"]).wait_checked()
     ws = websocket.create_connection(
         f"ws://127.0.0.1:{managed.port}/api/events/subscribe", header=[f"Authorization: token {managed.token}"],
         timeout=30, suppress_origin=True,
