@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0: one process); each takes whole test files, so a module's hub is shared
+PYTEST_WORKERS ?= 2
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 SOAK_ARGS ?=
@@ -27,7 +29,7 @@ demo: $(VENV_STAMP) $(NODE_STAMP)
 
 test: $(VENV_STAMP) $(NODE_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
-		$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+		$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The hub-facing tests (pytest marker `hub`) against each of COMPAT_HUBS: pytest and the proxy run from
 # .venv, the hub and its single-user servers from .compat/hub-<version>. Ends with one line per hub.

@@ -188,7 +188,7 @@ def test_user_name_with_at_and_dot(hub: JupyterHubProcess, proxy: ProxyFactory) 
     hub.create_user("a.b@c")
     hub.start_server("a.b@c")
     try:
-        odd = proxy.for_hub(hub, user="a.b@c", token=hub.new_token("a.b@c"))
+        odd = proxy.for_hub(hub, user="a.b@c", token=hub.new_token("a.b@c")).wait_checked()
         answer = requests.get(f"{odd.url}/api/contents", headers=local(odd.token))
         assert answer.status_code == 200, dump(answer)
     finally:
