@@ -98,7 +98,7 @@ from jds.reconnect import (
     reconnectable,
     with_session_id,
 )
-from jds.status import Stats
+from jds.stats import Stats
 from jds.tls import HubTLSPolicy
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_MESSAGE_BYTES", "WebSocketRelay"]

@@ -32,7 +32,7 @@ from jds.reconnect import (
 )
 from jds.refusal import Refusal
 from jds.relay import _PeerReading
-from jds.status import Stats
+from jds.stats import Stats
 
 TERMINAL_PATH = f"/terminals/websocket/1?token={TOKEN}"
 
