@@ -42,7 +42,7 @@ class QueuedProvisioner(LocalProvisioner):
 
 
 if __name__ == "__main__":  # the launcher: wait in the "queue", say the job runs, become the kernel
-    time.sleep(float(os.environ.get("JDS_QUEUED_SECONDS", "8")))
+    time.sleep(float(os.environ.get("JDS_QUEUED_SECONDS", "8")))  # the batch queue being simulated, not a wait for an event
     Path(sys.argv[-1] + ".running").touch()
     os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", sys.argv[-1]])
 '''
