@@ -15,7 +15,6 @@ which then stops them in order, proxy first, instead of everything dying at once
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 import shutil
 import signal
@@ -31,7 +30,7 @@ from typing import Any
 from twisted.python import usage
 
 from jds.commands import parse_subcommand, program
-from jds.tokens import load_local_token
+from jds.tokens import load_local_token, write_private
 
 __all__ = ["DemoOptions", "main"]
 
@@ -75,13 +74,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _write_private(path: Path, text: str) -> None:
-    """A credential file only its owner can read, as --token-file requires."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -143,7 +135,7 @@ class Demo:
         hub.create_user(self.user)
         hub.start_server(self.user, timeout=180)
         token_file = self.directory / "hub-token"
-        _write_private(token_file, hub.new_token(self.user, note="jupyter-dev-server demo"))
+        write_private(token_file, hub.new_token(self.user, note="jupyter-dev-server demo") + "\n")
         self.local_token_file = local_token_file = self.directory / "local-token"
         self.local_token = load_local_token(local_token_file)
 
