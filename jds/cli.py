@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(args[1:])
     if args[:1] == ["status"]:
         # lazy load: only for this command
-        from jds.status import main as status
+        from jds.status_command import main as status
 
         return status(args[1:])
     if args[:1] == ["login"]:

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("hub side", {"jds.tls", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
     ("web resources", {"jds.guard", "jds.login", "jds.proxy", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
-    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin"}),
+    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),
     ("command line", {"jds.cli", "jds.__main__"}),
 ]
@@ -196,7 +196,7 @@ def test_the_daemon_imports_only_what_it_runs(tmp_path: Path) -> None:
     )
     assert loaded["reactor"] is True
     assert {"jds.service", "jds.site", "jds.proxy"} <= set(loaded["jds"])
-    assert not {"jds.demo", "jds._demohub", "jds.hublogin", "jds.relay"} & set(loaded["jds"])
+    assert not {"jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.relay"} & set(loaded["jds"])
     plugins = [m for m in loaded["all"] if m.startswith("twisted.plugins.")]
     assert plugins == ["twisted.plugins.jds_plugin"]
     never = ("autobahn", "unittest", "twisted.trial", "twisted.conch", "twisted.words", "twisted.mail", "twisted.names")
