@@ -1,9 +1,10 @@
 """
 ``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
-without leaving a ``twistd.pid`` behind in the current directory; and its helpers: ``check`` (is the
-chain to the hub sound?), ``status`` (what is a running daemon doing?), ``login`` (a hub token from the
-cluster password, for managed mode), ``rotate-token`` (a new local token, ending every login) and
-``demo`` (a throwaway hub on loopback with the daemon in front, to try an IDE against).
+without leaving a ``twistd.pid`` behind in the current directory and without twistd's scan of every
+installed plugin; and its helpers: ``check`` (is the chain to the hub sound?), ``status`` (what is a
+running daemon doing?), ``login`` (a hub token from the cluster password, for managed mode),
+``rotate-token`` (a new local token, ending every login) and ``demo`` (a throwaway hub on loopback
+with the daemon in front, to try an IDE against).
 """
 
 from __future__ import annotations
