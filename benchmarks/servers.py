@@ -9,6 +9,7 @@ children, such as kernels, by theirs). Every wait polls with a deadline.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import json
 import os
@@ -182,12 +183,21 @@ class Fleet:
         hub_port: int | None = None,
     ) -> Route:
         """
-        jupyter-dev-server in pass-through mode, as ``twistd -n``; ``pythonpath`` runs another copy
-        of ``jds``, ``launcher`` replaces the ``twistd`` command (e.g. with a profiler around it),
+        jupyter-dev-server in pass-through mode, started as the README and the systemd unit start
+        it (the ``jupyter-dev-server`` command: ``twistd -n jupyter-dev-server`` without twistd's
+        plugin scan); ``pythonpath`` runs another copy of ``jds``, ``launcher`` runs twistd's
+        arguments under another command instead (e.g. with a profiler around twistd),
         ``hub_port`` puts something else (the WAN far end) in the server's place.
+
+        The package is byte-compiled first, as ``pip install`` leaves it: a process that compiles
+        its modules from source at every start keeps the compiler's garbage (~1 MiB of RSS), and
+        ``PYTHONDONTWRITEBYTECODE`` (set on some machines) would make that every start.
         """
+        package = Path(pythonpath) / "jds" if pythonpath else REPO / "jds"
+        compileall.compile_dir(str(package), quiet=1)
+        command = [*launcher, "-n", "--pidfile=", "jupyter-dev-server"] if launcher else [str(BIN / "jupyter-dev-server")]
         argv = [
-            *(launcher or (str(BIN / "twistd"),)), "-n", "--pidfile=", "jupyter-dev-server",
+            *command,
             "--hub", f"https://127.0.0.1:{hub_port or self.server_port}",
             "--user", self.user,
             "--ca-cert", str(self.ca_path),

@@ -1,9 +1,10 @@
 """
 ``jupyter-dev-server``: the daemon in the foreground, as ``twistd -n jupyter-dev-server`` would run it,
-without leaving a ``twistd.pid`` behind in the current directory; and its helpers: ``check`` (is the
-chain to the hub sound?), ``status`` (what is a running daemon doing?), ``login`` (a hub token from the
-cluster password, for managed mode), ``rotate-token`` (a new local token, ending every login) and
-``demo`` (a throwaway hub on loopback with the daemon in front, to try an IDE against).
+without leaving a ``twistd.pid`` behind in the current directory and without twistd's scan of every
+installed plugin; and its helpers: ``check`` (is the chain to the hub sound?), ``status`` (what is a
+running daemon doing?), ``login`` (a hub token from the cluster password, for managed mode),
+``rotate-token`` (a new local token, ending every login) and ``demo`` (a throwaway hub on loopback
+with the daemon in front, to try an IDE against).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from twisted.scripts import twistd
-
     # lazy loads, here and below: each command imports only what it runs
     from jds.service import ListenError
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(args[1:])
     if args[:1] == ["status"]:
         # lazy load: only for this command
-        from jds.status import main as status
+        from jds.status_command import main as status
 
         return status(args[1:])
     if args[:1] == ["login"]:
@@ -54,12 +53,37 @@ def main(argv: list[str] | None = None) -> int:
         if failed is not None:
             return failed
     sys.argv = ["jupyter-dev-server", "--nodaemon", "--pidfile=", "jupyter-dev-server", *args]
+    from twisted.application import app
+    from twisted.scripts import twistd
+
     try:
-        twistd.run()
+        app.run(twistd.runApp, _server_options())
     except ListenError as exc:
         print(f"jupyter-dev-server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _server_options() -> type:
+    """
+    twistd's own options (every twistd flag works as with ``twistd``) that know one sub-command,
+    this daemon. twistd's would import every installed ``IServiceMaker`` plugin to list them
+    (conch, mail, names, words, autobahn's, with trial's and cred's interfaces from the plugin
+    cache): about 1 MiB of modules the running daemon would keep and never use.
+    """
+    from twisted.application.service import IServiceMaker
+    from twisted.scripts import twistd
+
+    class ServerOptions(twistd.ServerOptions):
+        @staticmethod
+        def _getPlugins(interface: type) -> list:  # noqa: N802 - twistd's name
+            if interface is not IServiceMaker:
+                return list(twistd.ServerOptions._getPlugins(interface))
+            from twisted.plugins.jds_plugin import jupyterDevServer
+
+            return [jupyterDevServer]
+
+    return ServerOptions
 
 
 if __name__ == "__main__":

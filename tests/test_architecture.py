@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 
@@ -27,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("hub side", {"jds.tls", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
     ("web resources", {"jds.guard", "jds.login", "jds.proxy", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
-    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin"}),
+    ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),
     ("command line", {"jds.cli", "jds.__main__"}),
 ]
@@ -140,12 +141,16 @@ def test_an_import_inside_a_function_is_a_commented_lazy_load(module: str) -> No
     assert not unexplained, f"{module} imports inside a function without a '# lazy load: why' comment: {unexplained}"
 
 
-def _modules_after(code: str) -> dict[str, Any]:
-    """Run ``code`` in a fresh interpreter and report which jds modules and whether a reactor it loaded."""
+def _modules_after(code: str, everything: bool = False) -> dict[str, Any]:
+    """
+    Run ``code`` in a fresh interpreter and report which jds modules and whether a reactor it
+    loaded (``everything``: also every module it loaded, under ``all``).
+    """
     probe = (
         "import json, sys\n" + code + "\n"
         "print(json.dumps({'jds': sorted(m for m in sys.modules if m == 'jds' or m.startswith('jds.')),"
-        " 'reactor': 'twisted.internet.reactor' in sys.modules}))"
+        " 'reactor': 'twisted.internet.reactor' in sys.modules"
+        + (", 'all': sorted(sys.modules)" if everything else "") + "}))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -168,6 +173,34 @@ def test_the_plugins_options_for_help_import_the_options_but_not_the_daemon() ->
     assert "jds.options" in loaded["jds"]
     assert not {"jds.service", "jds.site", "jds.proxy", "jds.relay", "jds.check"} & set(loaded["jds"])
     assert loaded["reactor"] is False
+
+
+def test_the_daemon_imports_only_what_it_runs(tmp_path: Path) -> None:
+    """
+    ``jupyter-dev-server`` as the daemon (the command the README and the systemd unit run), up to
+    its service made: no other twistd plugin, nothing of the helper commands (demo, login), no
+    autobahn before the first WebSocket. Each of these is RSS the daemon would carry all day.
+    """
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    args = ["--nodaemon", "--pidfile=", "jupyter-dev-server", "--hub", "https://127.0.0.1:9", "--user", "alice",
+            "--ca-cert", str(ca), "--listen", "tcp:0:interface=127.0.0.1"]
+    loaded = _modules_after(
+        "from jds.cli import _server_options\n"
+        "config = _server_options()()\n"
+        f"config.parseOptions({args!r})\n"
+        "assert [c[0] for c in config.subCommands] == ['jupyter-dev-server'], list(config.subCommands)\n"
+        "from jds.tap import makeService\n"
+        "makeService(config.subOptions)",
+        everything=True,
+    )
+    assert loaded["reactor"] is True
+    assert {"jds.service", "jds.site", "jds.proxy"} <= set(loaded["jds"])
+    assert not {"jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.relay"} & set(loaded["jds"])
+    plugins = [m for m in loaded["all"] if m.startswith("twisted.plugins.")]
+    assert plugins == ["twisted.plugins.jds_plugin"]
+    never = ("autobahn", "unittest", "twisted.trial", "twisted.conch", "twisted.words", "twisted.mail", "twisted.names")
+    assert not [m for m in loaded["all"] if any(m == name or m.startswith(f"{name}.") for name in never)]
 
 
 def test_architecture_md_lists_the_same_layers() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from hub import REPO_ROOT, JupyterHubProcess, ProxyFactory, dump, poll
+from hub import REPO_ROOT, JupyterHubProcess, ProxyFactory, ProxyProcess, dump, poll, venv_script
 
 
 def auth(token: str) -> dict[str, str]:
@@ -42,6 +42,29 @@ def test_kernelspecs_and_logos(hub: JupyterHubProcess, alice) -> None:
     assert image.content.startswith(b"\x89PNG")
     single = requests.get(f"{alice.url}/api/kernelspecs/python3", headers=auth(hub.alice_token))
     assert single.json()["resources"]["logo-64x64"] == logo
+
+
+class CommandProxy(ProxyProcess):
+    """The proxy started as the README's first line and the systemd unit start it."""
+
+    @property
+    def command(self) -> list[str]:
+        return [venv_script("jupyter-dev-server"), *self.args]
+
+
+def test_the_jupyter_dev_server_command_serves_and_stops_cleanly(hub: JupyterHubProcess, tmp_path: Path) -> None:
+    """It runs twistd with its own options class (no plugin scan): the same daemon, flags and exit."""
+    hub.start_server("alice")
+    proxy = CommandProxy.for_hub(hub, "alice", directory=tmp_path / "proxy")
+    try:
+        proxy.start()
+        response = requests.get(f"{proxy.url}/api/kernelspecs", headers=auth(hub.alice_token))
+        assert response.status_code == 200, dump(response)
+        assert "python3" in response.json()["kernelspecs"]
+    finally:
+        code = proxy.stop()
+    assert code == 0, proxy.log_text()
+    assert not (tmp_path / "proxy" / "twistd.pid").exists()
 
 
 def test_query_token_is_carried_as_a_header(hub: JupyterHubProcess, alice) -> None:

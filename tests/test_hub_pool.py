@@ -184,7 +184,8 @@ class SpareConnectionTests(_FarEndTestCase):
         agent = self.agent(port, spare_seconds=0.5)
         response = yield agent.request(b"GET", f"https://{NAME}:{port}/api/b".encode())
         yield readBody(response)
-        self.assertEqual(site.opened, 3)
+        while site.opened < 3:  # on a busy machine the spares may reach the far end after the answer
+            yield _later(0.01)  # poll (trial's timeout is the deadline)
         yield site.closed[1]  # both spares end at their own timeout, not the pool's (4 s)
         yield site.closed[2]
         self.assertEqual(self.policy.spares.ready, 0)

@@ -131,7 +131,8 @@ def test_status_document_and_text_carry_the_expiry_warning() -> None:
 
     from jds.auth import Credentials
     from jds.stats import Stats
-    from jds.status import StatusResource, describe
+    from jds.status import StatusResource
+    from jds.status_command import describe
 
     clock = Clock()
     clock.advance(NOW.timestamp())

@@ -26,7 +26,8 @@ from jds.hub import ServerState
 from jds.paths import HubTarget
 from jds.relay import WebSocketRelay
 from jds.stats import Stats
-from jds.status import StatusResource, describe, endpoint_url
+from jds.status import StatusResource
+from jds.status_command import describe, endpoint_url
 
 TARGET = HubTarget(host="hub.example.org", port=8000, user="alice")
 MANAGED = Credentials("hub-token-abc", "local-token-xyz")
