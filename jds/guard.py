@@ -159,7 +159,6 @@ class GuardedChannel(HTTPChannel):
     _body_deadline = None
     _body_seen = 0
     _in_body = False
-    _body_paused = False
     _refused = False
     _dropped = 0
 
@@ -204,13 +203,11 @@ class GuardedChannel(HTTPChannel):
         The hub cannot take more of the body now: stop reading it. Its clock stops too, since the
         wait is not the client's.
         """
-        self._body_paused = True
         self._cancel_body_deadline()
         if self.transport is not None:
             self.transport.pauseProducing()
 
     def resume_body(self) -> None:
-        self._body_paused = False
         if self.transport is None or self._refused:
             return
         if self._in_body:

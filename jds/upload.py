@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-__all__ = ["HIGH_WATER", "BodyReader", "StreamedBody"]
+__all__ = ["HIGH_WATER", "BodyReader", "StreamedBody", "SupersededError"]
 
 # Bytes of a body waiting for the hub's connection (not open yet, or full) before the IDE is paused.
 HIGH_WATER = 256 << 10
