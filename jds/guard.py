@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
@@ -157,6 +158,7 @@ class GuardedChannel(HTTPChannel):
     _header_deadline = None
     _body_deadline = None
     _body_seen = 0
+    _in_body = False
     _refused = False
     _dropped = 0
 
@@ -184,9 +186,34 @@ class GuardedChannel(HTTPChannel):
             self.refuse(refusal)
             return
         super().allHeadersReceived()
-        if self.length != 0 and self.limits.body_timeout:
-            self._body_seen = 0
+        self._body_seen = 0
+        self._in_body = self.length != 0
+        if self._in_body:
+            self._start_body_deadline()
+        accepted = getattr(self.requests[-1], "headers_accepted", None)
+        if accepted is not None:
+            accepted(self._command, self._path, self._version)
+
+    def _start_body_deadline(self) -> None:
+        if self.limits.body_timeout and self._body_deadline is None:
             self._body_deadline = self.callLater(self.limits.body_timeout, self._body_too_slow)
+
+    def pause_body(self) -> None:
+        """
+        The hub cannot take more of the body now: stop reading it. Its clock stops too, since the
+        wait is not the client's.
+        """
+        self._cancel_body_deadline()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_body(self) -> None:
+        if self.transport is None or self._refused:
+            return
+        if self._in_body:
+            self._start_body_deadline()
+        if not self._handlingRequest:  # else the channel resumes reading once the request is done
+            self.transport.resumeProducing()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -205,6 +232,7 @@ class GuardedChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self._refused:
             return
+        self._in_body = False
         self._cancel_body_deadline()
         super().allContentReceived()
 
@@ -224,8 +252,14 @@ class GuardedChannel(HTTPChannel):
         """
         status, message, reason, hint = refusal.status, refusal.message, refusal.reason, refusal.hint
         self._refused = True
+        self._in_body = False
         self._cancel_deadline()
         self._cancel_body_deadline()
+        request = self.requests[-1] if self.requests else None
+        refused_body = getattr(request, "body_refused", None)
+        if refused_body is not None:
+            refused_body(Failure(refusal))  # a request rendered before its body: it answers nothing now
+        answered = request is not None and getattr(request, "startedWriting", False)
         method = getattr(self, "_command", b"?")
         uri = getattr(self, "_path", b"?")
         stats = getattr(getattr(self, "site", None), "stats", None)
@@ -239,13 +273,17 @@ class GuardedChannel(HTTPChannel):
             message=message,
             hint=f" {hint}" if hint else "",
         )
+        transport = self.transport
+        if transport is None:
+            return
+        if answered:
+            # The hub's answer to it has begun already: a second answer would corrupt it.
+            transport.loseConnection()
+            return
         body = error_body(message, reason)
         head = b"HTTP/1.1 %d %s\r\n" % (status, RESPONSES.get(status, b"Error"))
         head += b"Content-Type: application/json; charset=UTF-8\r\nContent-Length: %d\r\n" % len(body)
         head += b"Connection: close\r\n\r\n"
-        transport = self.transport
-        if transport is None:
-            return
         transport.write(head + body)
         # Half-close: the client reads the answer, then EOF; what it still sends is dropped.
         lose_write = getattr(transport, "loseWriteConnection", None)

@@ -5,7 +5,7 @@ It keeps :class:`twisted.web.proxy.ReverseProxyResource` as its base, so it is r
 reverse proxy, but replaces the transport: ``ProxyClient`` speaks HTTP/1.0, opens a TCP connection per
 request, cannot do TLS and has no backpressure. Here an :class:`~twisted.web.client.Agent` with a
 connection pool runs over :class:`~jds.tls.HubTLSPolicy`'s pinned endpoint, bodies stream both ways with
-producers, and an upstream that dies mid-body aborts the client's response instead of ending it as if
+producers (the IDE's to the hub while they arrive, :mod:`jds.upload`), and an upstream that dies mid-body aborts the client's response instead of ending it as if
 it were complete.
 """
 
@@ -33,7 +33,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -58,6 +58,7 @@ from jds.paths import (
 )
 from jds.retry import HubLinkLog, RetryPlan, may_retry
 from jds.tls import HubTLSPolicy
+from jds.upload import StreamedBody
 
 log = Logger(namespace="jds.proxy")
 
@@ -69,6 +70,7 @@ IDLE_UPSTREAM_SECONDS = 4.0
 # Status codes whose responses never have a body (RFC 9110 6.4.1).
 _NO_BODY = {204, 304}
 _BODYLESS_METHODS = (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
+_CANNOT_SEND_AGAIN = object()
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ def is_websocket_upgrade(request: Request) -> bool:
 
 
 def _body_size(request: Request) -> int:
+    body = getattr(request, "body", None)
+    if isinstance(body, StreamedBody):
+        return body.size
     content = request.content
     if content is None:
         return 0
@@ -259,9 +264,13 @@ class _Exchange:
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
         self.authorization = next((v for n, v in headers if n.lower() == b"authorization"), None)
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
-        self._pending = self.resource.agent.request(
-            request.method, uri, Headers(_group(headers)), self._body_producer()
-        )
+        body = self._body_producer()
+        if body is _CANNOT_SEND_AGAIN:  # a replay, but the streamed body is no longer whole here
+            self._answered = True
+            if not self._client_gone:
+                write_refusal(self.request, self._not_held())
+            return
+        self._pending = self.resource.agent.request(request.method, uri, Headers(_group(headers)), body)
         # A hub that accepts the connection but never answers must not hold the request for ever;
         # a kernel start, though, may rightly take many minutes.
         kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
@@ -308,7 +317,12 @@ class _Exchange:
         local = local_path(self.hub_path, self.resource.target)
         return None if local is None else response_body_kind(self.request.method, local, rooted)
 
-    def _body_producer(self) -> FileBodyProducer | None:
+    def _body_producer(self) -> IBodyProducer | None | object:
+        """The body for this attempt; ``_CANNOT_SEND_AGAIN`` for a streamed one that is no longer whole."""
+        streamed = getattr(self.request, "body", None)
+        if isinstance(streamed, StreamedBody):
+            producer = streamed.producer()
+            return _CANNOT_SEND_AGAIN if producer is None else producer
         content = self.request.content
         if content is None:
             return None
@@ -362,15 +376,21 @@ class _Exchange:
         """
         self._let_go()
         size, limit = _body_size(self.request), self.resource.held_body
-        if limit and size > limit:
+        streamed = getattr(self.request, "body", None)
+        lost = isinstance(streamed, StreamedBody) and not streamed.can_send_again()
+        if lost or (limit and size > limit):
             self._answered = True
-            write_refusal(self.request, Refusal(
-                503,
-                f"Your server is starting; this request's body ({size} bytes) is over the {limit} bytes "
-                "kept while it starts, so it was not kept: retry in a moment.",
-                "server-starting",
-                "A larger --held-body-size keeps larger bodies until the server is up.",
-            ))
+            write_refusal(self.request, self._not_held())
+
+    def _not_held(self) -> Refusal:
+        size, limit = _body_size(self.request), self.resource.held_body
+        return Refusal(
+            503,
+            f"Your server is starting; this request's body ({size} bytes) is over the {limit} bytes "
+            "kept while it starts, so it was not kept: retry in a moment.",
+            "server-starting",
+            "A larger --held-body-size keeps larger bodies until the server is up.",
+        )
 
     def _recovered(self, stopped: bool) -> None:
         if self._answered:
@@ -526,6 +546,9 @@ class _Exchange:
         """A request the hub cannot have acted on, or one that changes nothing, goes again after a wait."""
         if not may_retry(self.request.method, failure):
             return False
+        streamed = getattr(self.request, "body", None)
+        if isinstance(streamed, StreamedBody) and streamed.spent:
+            return False  # some of it went out: the hub may have acted on it
         if self._retry is None:
             self._retry = RetryPlan(self.resource.reactor)
             stats = getattr(getattr(self.request, "site", None), "stats", None)
@@ -614,6 +637,21 @@ class HubProxyResource(ReverseProxyResource):
         exchange.set_cookies = verdict.set_cookies
         exchange.start()
         return NOT_DONE_YET
+
+    def streams_body(self, method: bytes, raw_path: bytes, request: Request) -> bool:
+        """
+        Whether a request's body goes to the hub as it arrives (:mod:`jds.upload`): all but a
+        WebSocket upgrade's and, with ``--root``, the small JSON bodies whose paths are mapped whole.
+        """
+        if is_websocket_upgrade(request):
+            return False
+        if not self.target.root or not in_ide_view(raw_path, self.target):
+            return True
+        try:
+            hub_path = map_request_path(raw_path, self.target)
+        except Refusal:
+            return True  # refused when rendered, before any of the body is read
+        return request_body_kind(method, local_path(hub_path, self.target) or b"") is None
 
     def _map_request_body(self, request: Request, hub_path: bytes) -> None:
         """With --root, the paths in a session's, terminal's or rename's JSON body go under the folder."""

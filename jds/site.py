@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -28,6 +29,7 @@ from jds.stats import Stats
 from jds.status import StatusResource
 from jds.tls import HubTLSPolicy
 from jds.token_expiry import TokenExpiryWatch
+from jds.upload import StreamedBody
 
 log = Logger(namespace="jds")
 
@@ -38,10 +40,30 @@ class _TimedRequest(Request):
     """
     Records when it started so the access line can say how long the exchange took, and counts
     itself in the site's :class:`~jds.status.Stats` while it is relayed to the hub.
+
+    A request the proxy relays with a body is rendered as soon as its headers are accepted, and its
+    body goes to the hub as it arrives (:class:`~jds.upload.StreamedBody`, ``body``), never spooled.
     """
 
     relayed = False
     received = 0
+    body: StreamedBody | None = None
+    _rendered = False
+    _cleanup_postponed = False
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        site = getattr(channel, "site", None)
+        if length != 0 and isinstance(channel, GuardedChannel) and isinstance(site, LocalSite):
+            if site.streams_body(channel._command, channel._path, self):
+                self.body = StreamedBody(length, channel, site.limits.held_body)
+                return
+        super().gotLength(length)
+
+    def headers_accepted(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The channel accepted the headers: a streamed request is rendered now, before its body."""
+        if self.body is not None:
+            self.requestReceived(command, path, version)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -49,6 +71,14 @@ class _TimedRequest(Request):
         for a 96 MiB form. A proxy forwards bodies and never interprets them: only the query string
         becomes ``args`` here (the login page reads its small form itself).
         """
+        if self._rendered:
+            # The channel says the streamed body has arrived whole; the request was rendered already.
+            self.body.end()  # type: ignore[union-attr]
+            if self._cleanup_postponed:
+                self._cleanup_postponed = False
+                super()._cleanup()
+            return
+        self._rendered = self.body is not None
         if self.content is not None:
             self.content.seek(0, 0)
         self.method, self.uri, self.clientproto = command, path, version
@@ -62,7 +92,35 @@ class _TimedRequest(Request):
             channel.body_received(len(data))
             if channel._refused:
                 return
+        if self.body is not None:
+            self.received += len(data)
+            self.body.feed(data)
+            return
         super().handleContentChunk(data)
+
+    def _cleanup(self) -> None:
+        """
+        Answered before its body has arrived whole (a refusal, or an early answer from the hub): the
+        rest of the body is read and dropped before the channel reads the connection's next request.
+        """
+        if self.body is not None and not self.body.complete and not self._disconnected:
+            self._cleanup_postponed = True
+            self.body.discard()
+            return
+        super()._cleanup()
+
+    def body_refused(self, reason: Failure) -> None:
+        """The channel refused the rest of the body (too large, too slow) and answers for the request."""
+        if not self._rendered:
+            return
+        if not self._disconnected:
+            Request.connectionLost(self, reason)  # first: whoever relays it stops answering
+        self.body.abort(reason)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)  # first: whoever relays it stops answering
+        if self.body is not None:
+            self.body.abort(reason)
 
     def process(self) -> None:
         self.started = time.monotonic()
@@ -153,6 +211,11 @@ class LocalSite(Site):
             return needs_local_token("The request, with a body, carried no valid local token.")
         return self.limits.body_refusal(length) if length is not None else None
 
+    def streams_body(self, method: bytes, uri: bytes, request: Request) -> bool:
+        """Whether this request's body goes to the hub as it arrives (see :class:`_TimedRequest`)."""
+        judge = getattr(self.resource, "streams_body", None)
+        return bool(judge is not None and judge(method, uri, request))
+
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):
             self.stats.http_finished(getattr(request, "received", 0), request.sentLength)
@@ -193,6 +256,15 @@ class LocalRoot(Resource):
 
     def render(self, request: Request) -> bytes | int:
         return self.proxy.render(request)
+
+    def streams_body(self, method: bytes, uri: bytes, request: Request) -> bool:
+        """The pages the daemon answers itself read their (small) bodies whole."""
+        raw_path = uri.partition(b"?")[0]
+        if raw_path == b"/login" and self.login is not None:
+            return False
+        if (raw_path == b"/_jds" or raw_path.startswith(b"/_jds/")) and self.status is not None:
+            return False
+        return self.proxy.streams_body(method, raw_path, request)
 
 
 class _OnFirstUse:

@@ -7,6 +7,7 @@ raw sockets against a proxy in front of the real hub, one test per finding of th
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -207,6 +208,37 @@ def test_a_body_over_the_held_size_is_not_kept_while_the_server_starts(
     poll(sent_again, 120, "the request sent again once the server is up", 1.0)
     got = requests.get(f"{managed.url}/api/contents/held.txt?content=1", headers=local(managed.token))
     assert got.json()["content"] == big["content"]
+
+
+def test_an_accepted_body_streams_to_the_hub_and_never_touches_the_disk(
+    hub: JupyterHubProcess, managed: ProxyProcess
+) -> None:
+    """A large authenticated upload goes on while it arrives: no spool file, nothing held whole."""
+    pid = managed.proc.pid
+    content = hashlib.sha256(b"seed").hexdigest() * (1 << 18)  # 16 MiB of text
+    document = json.dumps({"type": "file", "format": "text", "content": content}).encode()
+    open_meanwhile: list[str] = []
+    peak_before = memory_kib(pid, "VmHWM")
+
+    class Body(io.BytesIO):
+        def read(self, size: int = -1) -> bytes:
+            if self.tell() >= 8 * MiB and not looked:  # half of it has been sent: a spool file would be open
+                looked.append(True)
+                open_meanwhile.extend(spool_files(pid))
+            return super().read(size)
+
+    looked: list[bool] = []
+    put = requests.put(
+        f"{managed.url}/api/contents/streamed.txt", data=Body(document), timeout=120,
+        headers={**local(managed.token), "Content-Type": "application/json"},
+    )
+    assert looked, "the body was read in pieces"
+    assert put.status_code in (200, 201), dump(put)
+    assert open_meanwhile == [], "the body was spooled to disk"
+    grown = memory_kib(pid, "VmHWM") - peak_before
+    assert grown <= 16 * 1024, f"a 16 MiB upload grew the proxy's peak memory by {grown} KiB"
+    got = requests.get(f"{managed.url}/api/contents/streamed.txt?content=1", headers=local(managed.token))
+    assert hashlib.sha256(got.json()["content"].encode()).digest() == hashlib.sha256(content.encode()).digest()
 
 
 # 2. The local token stays out of files other users can read

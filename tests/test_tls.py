@@ -160,6 +160,38 @@ class HubTLSFailureTests(TestCase):
         self.assertTrue(answer.endswith(b"hello"))
 
     @inlineCallbacks
+    def test_records_from_one_read_arrive_together_and_whole(self):
+        """A large answer reaches the protocol in pieces of several 16 KiB records, every byte, then the close."""
+        body = bytes(range(256)) * 4096  # 1 MiB: 64 records
+
+        class Big(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):  # noqa: N802 - twisted.web's name
+                return body
+
+        port = reactor.listenSSL(
+            0, Site(Big(), timeout=None), self.leaf_options(self.ca.issue_cert(NAME)), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        policy = HubTLSPolicy(reactor, "127.0.0.1", port.getHost().port, NAME, str(self.ca_path), connect_timeout=2)
+        pieces: list[bytes] = []
+        closed: Deferred = Deferred()
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted interface name
+                pieces.append(data)
+
+            def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted interface name
+                closed.callback(None)
+
+        client = yield policy.endpoint().connect(Factory.forProtocol(Client))
+        client.transport.write(b"GET / HTTP/1.0\r\nHost: hub\r\n\r\n")
+        yield closed
+        self.assertTrue(b"".join(pieces).endswith(b"\r\n\r\n" + body))
+        self.assertGreater(max(map(len, pieces)), 16384, "no piece held more than one TLS record")
+
+    @inlineCallbacks
     def test_after_handshake_hands_the_connection_over_with_tls_up(self):
         """The proxy's requests wait for the handshake: then a failed connect means nothing was sent."""
         port = self.serve_tls(self.leaf_options(self.ca.issue_cert(NAME)))
