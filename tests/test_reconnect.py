@@ -236,6 +236,61 @@ class ReconnectTests(OutageTestCase):
         self.advance(1)
         self.assertEqual(self.hub_factory.hubs[-1].messages, [])
 
+    def test_a_message_half_sent_when_the_link_drops_goes_whole_to_the_next_link(self) -> None:
+        """
+        Its first piece went into the dead connection, so the server never had the whole message
+        (a WebSocket server acts on whole messages only): the next link gets all of it, once.
+        """
+        ide, _ = self.open_ide()
+        first = self.hub
+        ide.beginMessage(isBinary=True)
+        ide.beginMessageFrame(3000)
+        ide.sendMessageFrameData(b"a" * 1000)
+        self.network.pump()
+        self.drop_hub()
+        ide.sendMessageFrameData(b"b" * 2000)
+        ide.endMessage()
+        ide.sendMessage(b"next", False)
+        self.network.pump()
+        self.advance(0.5)
+        second = self.hub_factory.hubs[-1]
+        self.assertIsNot(second, first)
+        self.assertEqual(first.messages, [])
+        self.assertEqual(second.messages, [(b"a" * 1000 + b"b" * 2000, True), (b"next", False)])
+        self.assertIsNone(ide.closed)
+        self.assertIn("the hub link was lost 3000 bytes into a message from the IDE", self.log())
+        self.advance(2.5)
+        self.assertRegex(self.log(), r"reconnected after 0\.5 s; .*2 held messages sent")
+
+    def test_a_half_sent_message_larger_than_the_reconnect_buffer_ends_the_socket(self) -> None:
+        self.make_relay(monotonic=self.clock.seconds, reconnect=ReconnectPolicy(max_held=1000))
+        ide, _ = self.open_ide()
+        self.policy.failure = Failure(Refused())
+        ide.beginMessage(isBinary=True)
+        ide.beginMessageFrame(3000)
+        ide.sendMessageFrameData(b"a" * 1500)
+        self.network.pump()
+        self.drop_hub()
+        ide.sendMessageFrameData(b"b" * 1500)
+        ide.endMessage()
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1011)
+        self.assertIn("--reconnect-buffer", ide.closed[2])
+        self.assertEqual(self.relay.links, set())
+
+    def test_a_message_half_relayed_to_the_ide_when_the_link_drops_ends_the_socket(self) -> None:
+        """The IDE has part of a message that can never be finished: it gets 1011, not the part."""
+        ide, _ = self.open_ide()
+        self.hub.beginMessage(isBinary=True)
+        self.hub.beginMessageFrame(3000)
+        self.hub.sendMessageFrameData(b"a" * 1000)
+        self.network.pump()
+        self.drop_hub()
+        self.assertEqual(ide.closed[1:], (1011, "The hub connection was lost in the middle of a message."))
+        self.assertEqual(ide.messages, [])
+        self.assertEqual(self.policy.attempts, 1)
+        self.assertEqual(self.relay.links, set())
+
     def test_window_over_closes_the_ide_with_1011_and_how_long(self) -> None:
         self.make_relay(stats=self.stats, monotonic=self.clock.seconds, reconnect=ReconnectPolicy(window=60))
         ide, proxy_end = self.open_ide()
