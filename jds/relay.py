@@ -119,6 +119,8 @@ HANDSHAKE_TIMEOUT = 60.0
 # (--max-message-size). The same bound holds messages queued for a side that is not open yet; beyond
 # it the sender is not read until that side opens (backpressure).
 MAX_MESSAGE_BYTES = 256 << 20
+# A frame larger than what one read brings goes on in complete frames of at least this size.
+FRAME_PIECE = 4 << 20
 # jupyter_server's (tornado's) default websocket_max_message_size: a larger message makes it drop the socket.
 SERVER_MESSAGE_LIMIT = 10 << 20
 # After a socket that carried a message this large, memory is handed back at once (gc.collect).
@@ -187,6 +189,17 @@ def _give_back_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _descriptor_under(transport: Any) -> Any:
+    """The socket's file descriptor under TLS and protocol wrappers; ``False`` when there is none."""
+    for _ in range(4):
+        if transport is None:
+            break
+        if hasattr(transport, "doWrite") and hasattr(transport, "disconnecting"):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 @implementer(IPushProducer)
@@ -260,13 +273,36 @@ class _Side:
     # read and every write before its logger drops it: 14 % of the relay's CPU per round trip.
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)  # type: ignore[attr-defined]
+        link = self.link
+        peer = link.hub if self is link.ide else link.ide
+        if peer is not None and peer._unsent:
+            peer.flush()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.state != _OPEN or self.logOctets:  # type: ignore[attr-defined]
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
             return
         self.transport.write(data)  # type: ignore[attr-defined]
+        self._unsent = True
         self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+
+    _unsent = False  # written since the last flush
+    _socket: Any = None
+
+    def flush(self) -> None:
+        """
+        Send what the relay wrote while handling one read of the peer now, in one ``send``, instead
+        of on the reactor's next turn: Twisted only buffers a write and waits for the socket to
+        report writable, one more poll and dispatch per relayed read (``doWrite`` is the public
+        ``IWriteDescriptor`` method the reactor would call). What the socket does not take stays
+        buffered and goes out as before; a connection that is closing is left to the reactor.
+        """
+        self._unsent = False
+        sock = self._socket
+        if sock is None:
+            sock = self._socket = _descriptor_under(self.transport)  # type: ignore[attr-defined]
+        if sock is not False and sock.connected and not sock.disconnecting:
+            sock.doWrite()
 
     # Frame-level relaying. A message whose peer is open goes on frame by frame as it arrives; one
     # that must wait (the peer not open yet, the hub link down) is collected whole, as autobahn does.
@@ -279,6 +315,10 @@ class _Side:
     _sent_size = 0
     _unkept = False  # ... except that it outgrew --reconnect-buffer
     _cut = False  # the rest of this message has nowhere to go
+    _left = 0  # bytes of the current frame still to come
+    _pieces: list[bytes] | None = None  # read of it, not sent on yet (up to FRAME_PIECE)
+    _pieces_size = 0
+    _fin = False  # whether it ends its message
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)  # type: ignore[misc]
@@ -286,20 +326,30 @@ class _Side:
         if through is not None:
             self._opcode = 2 if isBinary else 1
             self._first = b""
+            self._pieces, self._pieces_size = None, 0
             if self.link.keeps(self):
                 self._sent, self._sent_size, self._unkept = [], 0, False
 
     def onMessageFrameBegin(self, length: int) -> None:
         super().onMessageFrameBegin(length)  # type: ignore[misc]  # the size limits (1009)
-        if self._through is not None and self._through is self.link.hub:
-            self.link.last_to_hub = self.message_data_total_length  # type: ignore[attr-defined]
+        through = self._through
+        if through is not None:
+            self._left, self._fin = length, self.current_frame.fin  # type: ignore[attr-defined]
+            if through is self.link.hub:
+                self.link.last_to_hub = self.message_data_total_length  # type: ignore[attr-defined]
 
     def onMessageFrameData(self, payload: bytes) -> None:
         """
-        Each piece of a frame goes on as one complete frame, header and payload in one write (RFC 6455
-        lets an intermediary split frames): so a close frame or a ping can always follow, also when the
-        message cannot be finished. A frame read whole (a kernel message) goes on unchanged.
+        A frame read whole (every kernel message) goes on unchanged, header and payload in one write.
+        A larger one goes on in pieces of ``FRAME_PIECE``, each a complete frame (RFC 6455 lets an
+        intermediary split frames), so that a close frame or a ping can always follow, also when the
+        message cannot be finished; pieces this large keep the frame count low for clients that
+        join fragments by copying (websocket-client's ``+=``: quadratic in the number of frames).
         """
+        if self.autoPingTimeoutCall is not None:  # type: ignore[attr-defined]
+            # Data arriving answers the ping as well as a pong: autobahn only counts a finished
+            # frame, and a 100 MiB output takes longer than the pong timeout on a slow link.
+            self._cancelAutoPingTimeoutCall()  # type: ignore[attr-defined]
         through = self._through
         if through is None:
             if not self._cut:
@@ -308,12 +358,22 @@ class _Side:
         if self.failedByMe or through.state != _OPEN:  # type: ignore[attr-defined]
             self._detour(payload)
             return
-        frame = self.current_frame  # type: ignore[attr-defined]
-        fin = frame.fin and self.current_frame_masker.pointer() == frame.length  # type: ignore[attr-defined]
-        through.sendFrame(self._opcode, payload, fin)  # type: ignore[attr-defined]
-        self._opcode = 0
+        left = self._left = self._left - len(payload)
         if not self._first:
             self._first = payload
+        pieces = self._pieces
+        if left and self._pieces_size + len(payload) < FRAME_PIECE:
+            if pieces is None:
+                pieces = self._pieces = []
+            pieces.append(payload)
+            self._pieces_size += len(payload)
+            return
+        if pieces:
+            pieces.append(payload)
+            payload = b"".join(pieces)
+            self._pieces, self._pieces_size = None, 0
+        through.sendFrame(self._opcode, payload, self._fin and not left)  # type: ignore[attr-defined]
+        self._opcode = 0
         sent = self._sent
         if sent is not None:
             self._sent_size += len(payload)
@@ -325,10 +385,11 @@ class _Side:
     def _detour(self, payload: bytes) -> None:
         """The peer went in the middle of this message: collect it whole if it may go to the next hub link."""
         sent, self._through, self._sent = self._sent, None, None
+        pieces, self._pieces, self._pieces_size = self._pieces or [], None, 0
         holding = not self.failedByMe and self.link.holding(self)  # type: ignore[attr-defined]
         if holding and sent is not None:
-            self.message_data = [*sent, payload]  # type: ignore[attr-defined]
-            self.link.message_rerouted(self, self._sent_size + len(payload))
+            self.message_data = [*sent, *pieces, payload]  # type: ignore[attr-defined]
+            self.link.message_rerouted(self, sum(map(len, self.message_data)))  # type: ignore[attr-defined]
             return
         self._cut = True
         self.message_data = None  # type: ignore[attr-defined]
@@ -815,7 +876,8 @@ class _Link:
             if side is not self._verdict:
                 self._retry_later(self._loss_reason(side))
             return
-        mid_message = side._through is not None and side._through is self._peer(side)
+        # the peer has frames of a message from this side, but not its end
+        mid_message = side._through is not None and side._through is self._peer(side) and side._opcode == 0
         if side is self.hub and self._may_reconnect() and not mid_message:
             self._hub_dropped(self._loss_reason(side))
             return

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from jds import relay as relay_module
 from jds.auth import Credentials
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
@@ -573,6 +574,7 @@ class FrameTests(RelayTestCase):
 
     def test_a_frame_goes_on_piece_by_piece_each_a_complete_frame(self) -> None:
         """The hub has the first piece before the IDE sent the second; the message ends where it did."""
+        self.patch(relay_module, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
@@ -591,6 +593,23 @@ class FrameTests(RelayTestCase):
         self.assertEqual(self.hub.messages, [(b"a" * 1000 + b"b" * 2000, True)])
         [link] = self.relay.links
         self.assertEqual(link.largest, 3000)
+
+    def test_pieces_of_a_large_frame_are_gathered_to_frame_piece(self) -> None:
+        """Few frames for a large message: a client joining fragments by copying stays linear enough."""
+        self.patch(relay_module, "FRAME_PIECE", 2500)
+        ide, _ = self.open_ide()
+        hub_end = self.hub.transport.other
+        mark = len(hub_end.writes)
+        ide.beginMessage(isBinary=True)
+        ide.beginMessageFrame(6000)
+        for n in range(6):
+            ide.sendMessageFrameData(bytes([n]) * 1000)
+            self.network.pump()
+        ide.endMessage()
+        self.network.pump()
+        sent = [(fin, op, len(data)) for w in self.written_since(hub_end, mark) for fin, op, data in frames(w)]
+        self.assertEqual(sent, [(False, 2, 3000), (False, 0, 3000), (True, 0, 0)])
+        self.assertEqual(self.hub.messages, [(b"".join(bytes([n]) * 1000 for n in range(6)), True)])
 
     def test_fragmented_messages_keep_their_frames_and_types(self) -> None:
         ide, proxy_end = self.open_ide()
@@ -622,6 +641,7 @@ class FrameTests(RelayTestCase):
 
     def test_invalid_utf8_in_a_later_piece_closes_both_sides_cleanly(self) -> None:
         """The IDE already has the first piece; its socket still gets a close frame it can read."""
+        self.patch(relay_module, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         self.hub.beginMessage(isBinary=False)
         self.hub.beginMessageFrame(8)
@@ -650,6 +670,7 @@ class FrameTests(RelayTestCase):
         self.assertEqual(self.hub.messages, [])
 
     def test_the_rest_of_a_message_to_a_closing_hub_is_dropped_and_said(self) -> None:
+        self.patch(relay_module, "FRAME_PIECE", 1)
         ide, _ = self.open_ide(OTHER_PATH)
         ide.beginMessage(isBinary=True)
         ide.beginMessageFrame(2000)
