@@ -191,17 +191,6 @@ def _give_back_memory() -> None:
         pass
 
 
-def _descriptor_under(transport: Any) -> Any:
-    """The socket's file descriptor under TLS and protocol wrappers; ``False`` when there is none."""
-    for _ in range(4):
-        if transport is None:
-            break
-        if hasattr(transport, "doWrite") and hasattr(transport, "disconnecting"):
-            return transport
-        transport = getattr(transport, "transport", None)
-    return False
-
-
 @implementer(IPushProducer)
 class _PeerReading:
     """
@@ -273,36 +262,13 @@ class _Side:
     # read and every write before its logger drops it: 14 % of the relay's CPU per round trip.
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)  # type: ignore[attr-defined]
-        link = self.link
-        peer = link.hub if self is link.ide else link.ide
-        if peer is not None and peer._unsent:
-            peer.flush()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.state != _OPEN or self.logOctets:  # type: ignore[attr-defined]
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
             return
         self.transport.write(data)  # type: ignore[attr-defined]
-        self._unsent = True
         self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
-
-    _unsent = False  # written since the last flush
-    _socket: Any = None
-
-    def flush(self) -> None:
-        """
-        Send what the relay wrote while handling one read of the peer now, in one ``send``, instead
-        of on the reactor's next turn: Twisted only buffers a write and waits for the socket to
-        report writable, one more poll and dispatch per relayed read (``doWrite`` is the public
-        ``IWriteDescriptor`` method the reactor would call). What the socket does not take stays
-        buffered and goes out as before; a connection that is closing is left to the reactor.
-        """
-        self._unsent = False
-        sock = self._socket
-        if sock is None:
-            sock = self._socket = _descriptor_under(self.transport)  # type: ignore[attr-defined]
-        if sock is not False and sock.connected and not sock.disconnecting:
-            sock.doWrite()
 
     # Frame-level relaying. A message whose peer is open goes on frame by frame as it arrives; one
     # that must wait (the peer not open yet, the hub link down) is collected whole, as autobahn does.
