@@ -272,6 +272,13 @@ class RelayTestCase(SynchronousTestCase):
         [hub] = self.hub_factory.hubs
         return hub
 
+    def begin_frame(self, sender, length: int, first: bytes) -> None:
+        """``sender`` starts a binary message of one ``length``-byte frame with ``first``, delivered."""
+        sender.beginMessage(isBinary=True)
+        sender.beginMessageFrame(length)
+        sender.sendMessageFrameData(first)
+        self.network.pump()
+
     def response(self, proxy_end: Wire) -> tuple[bytes, dict]:
         head, _, body = proxy_end.history.partition(b"\r\n\r\n")
         return head.split(b"\r\n")[0], json.loads(body)
@@ -578,10 +585,7 @@ class FrameTests(RelayTestCase):
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
-        ide.beginMessage(isBinary=True)
-        ide.beginMessageFrame(3000)
-        ide.sendMessageFrameData(b"a" * 1000)
-        self.network.pump()
+        self.begin_frame(ide, 3000, b"a" * 1000)
         self.assertEqual(frames(b"".join(self.written_since(hub_end, mark))), [(False, 2, b"a" * 1000)])
         ide.sendMessageFrameData(b"b" * 2000)
         ide.endMessage()  # autobahn's own end: an empty last frame
@@ -627,10 +631,7 @@ class FrameTests(RelayTestCase):
 
     def test_a_ping_between_pieces_is_a_frame_of_its_own(self) -> None:
         ide, proxy_end = self.open_ide()
-        self.hub.beginMessage(isBinary=True)
-        self.hub.beginMessageFrame(10)
-        self.hub.sendMessageFrameData(b"01234")
-        self.network.pump()
+        self.begin_frame(self.hub, 10, b"01234")
         [link] = self.relay.links
         link.ide.sendPing(b"are you there")
         self.hub.sendMessageFrameData(b"56789")
@@ -672,10 +673,7 @@ class FrameTests(RelayTestCase):
     def test_the_rest_of_a_message_to_a_closing_hub_is_dropped_and_said(self) -> None:
         self.patch(relay_module, "FRAME_PIECE", 1)
         ide, _ = self.open_ide(OTHER_PATH)
-        ide.beginMessage(isBinary=True)
-        ide.beginMessageFrame(2000)
-        ide.sendMessageFrameData(b"a" * 1000)
-        self.network.pump()
+        self.begin_frame(ide, 2000, b"a" * 1000)
         hub = self.hub
         hub.sendClose(4000, "enough")
         self.deliver(hub.transport)  # the relay has the close; the IDE has not read it yet
