@@ -11,8 +11,14 @@ Why it is built the way it is:
 - The hub side is an autobahn client connected through :meth:`HubTLSPolicy.endpoint`; autobahn's
   ``connectWS`` would use an unverified TLS context. Its ``Host`` is ``target.netloc`` and its
   ``Origin`` ``target.origin``, so jupyter_server's "Origin host == Host" check passes.
-- Messages go through whole (text as text, binary as binary) and in order; whatever arrives for a
-  side that is not open yet is queued until it is.
+- Frames go on as they arrive, in order, while the other side is open: a frame read whole (every
+  kernel message) leaves as the same frame, in one write; a frame read in pieces leaves as one
+  complete frame per piece (RFC 6455 lets an intermediary split frames), so that a close frame or a
+  ping can always follow and no message is ever held whole on its way through. Whatever arrives for
+  a side that is not open yet, or while the hub link is down, is collected into whole messages and
+  queued (or held) until it is. A message the hub link breaks in the middle of: from the IDE, it
+  goes whole to the next link (the server never had all of it, so it acts on it once); to the IDE,
+  which has part of it and could never read another message, it ends the socket with 1011.
 - Flow control: each side's transport has the *other* socket registered as its producer, so a slow
   IDE stops the proxy reading from the hub (and the reverse) instead of buffering without bound.
 
@@ -28,6 +34,8 @@ close frame without a code                                     close frame witho
 IDE socket lost without a close frame (1006), ping timeout     1011 "The IDE connection was lost."
 hub socket lost so, other sockets or ``--reconnect-window 0``  1011 "The hub connection was lost."
 hub socket lost so, kernel/terminal/event socket               nothing: the proxy reconnects (below)
+ ... in the middle of a message to the IDE                     1011 "The hub connection was lost in the
+                                                               middle of a message."
  ... still unreachable after ``--reconnect-window``            1011 "The hub was unreachable for 15 min
                                                                0 s; jupyter-dev-server gave up
                                                                (--reconnect-window)."
@@ -107,10 +115,12 @@ log = Logger(namespace="jds.relay")
 
 # A hub that has to wake a sleeping server or a busy proxy can take a while to answer.
 HANDSHAKE_TIMEOUT = 60.0
-# autobahn holds a whole message in memory; notebooks move outputs of tens of MB. A larger message
-# closes the socket with 1009 (--max-message-size). The same bound holds messages queued for a side
-# that is not open yet; beyond it the sender is not read until that side opens (backpressure).
+# Notebooks move outputs of tens of MB; a larger message closes the socket with 1009
+# (--max-message-size). The same bound holds messages queued for a side that is not open yet; beyond
+# it the sender is not read until that side opens (backpressure).
 MAX_MESSAGE_BYTES = 256 << 20
+# A frame larger than what one read brings goes on in complete frames of at least this size.
+FRAME_PIECE = 4 << 20
 # jupyter_server's (tornado's) default websocket_max_message_size: a larger message makes it drop the socket.
 SERVER_MESSAGE_LIMIT = 10 << 20
 # After a socket that carried a message this large, memory is handed back at once (gc.collect).
@@ -260,8 +270,117 @@ class _Side:
         self.transport.write(data)  # type: ignore[attr-defined]
         self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.link.forward(self, payload, isBinary)
+    # Frame-level relaying. A message whose peer is open goes on frame by frame as it arrives; one
+    # that must wait (the peer not open yet, the hub link down) is collected whole, as autobahn does.
+    _through: _Side | None = None  # the side this message's frames go to as they arrive
+    _opcode = 0  # of the next frame sent on: the message's type, then continuation (0)
+    _first: bytes = b""  # the message's first piece, for the kernel's replay count
+    # Of a message going to the hub on a socket that reconnects, the pieces sent so far: if the link
+    # breaks before its end, the server has seen none of it, and it goes whole to the next link.
+    _sent: list[bytes] | None = None
+    _sent_size = 0
+    _unkept = False  # ... except that it outgrew --reconnect-buffer
+    _cut = False  # the rest of this message has nowhere to go
+    _left = 0  # bytes of the current frame still to come
+    _pieces: list[bytes] | None = None  # read of it, not sent on yet (up to FRAME_PIECE)
+    _pieces_size = 0
+    _fin = False  # whether it ends its message
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)  # type: ignore[misc]
+        through = self._through = self.link.through(self)
+        if through is not None:
+            self._opcode = 2 if isBinary else 1
+            self._first = b""
+            self._pieces, self._pieces_size = None, 0
+            if self.link.keeps(self):
+                self._sent, self._sent_size, self._unkept = [], 0, False
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)  # type: ignore[misc]  # the size limits (1009)
+        through = self._through
+        if through is not None:
+            self._left, self._fin = length, self.current_frame.fin  # type: ignore[attr-defined]
+            if through is self.link.hub:
+                self.link.last_to_hub = self.message_data_total_length  # type: ignore[attr-defined]
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        """
+        A frame read whole (every kernel message) goes on unchanged, header and payload in one write.
+        A larger one goes on in pieces of ``FRAME_PIECE``, each a complete frame (RFC 6455 lets an
+        intermediary split frames), so that a close frame or a ping can always follow, also when the
+        message cannot be finished; pieces this large keep the frame count low for clients that
+        join fragments by copying (websocket-client's ``+=``: quadratic in the number of frames).
+        """
+        if self.autoPingTimeoutCall is not None:  # type: ignore[attr-defined]
+            # Data arriving answers the ping as well as a pong: autobahn only counts a finished
+            # frame, and a 100 MiB output takes longer than the pong timeout on a slow link.
+            self._cancelAutoPingTimeoutCall()  # type: ignore[attr-defined]
+        through = self._through
+        if through is None:
+            if not self._cut:
+                super().onMessageFrameData(payload)  # type: ignore[misc]
+            return
+        if self.failedByMe or through.state != _OPEN:  # type: ignore[attr-defined]
+            self._detour(payload)
+            return
+        left = self._left = self._left - len(payload)
+        if not self._first:
+            self._first = payload
+        pieces = self._pieces
+        if left and self._pieces_size + len(payload) < FRAME_PIECE:
+            if pieces is None:
+                pieces = self._pieces = []
+            pieces.append(payload)
+            self._pieces_size += len(payload)
+            return
+        if pieces:
+            pieces.append(payload)
+            payload = b"".join(pieces)
+            self._pieces, self._pieces_size = None, 0
+        through.sendFrame(self._opcode, payload, self._fin and not left)  # type: ignore[attr-defined]
+        self._opcode = 0
+        sent = self._sent
+        if sent is not None:
+            self._sent_size += len(payload)
+            if self._sent_size <= self.link.relay.reconnect.max_held:
+                sent.append(payload)
+            else:  # could not be held for the next link anyway (--reconnect-buffer)
+                self._sent, self._unkept = None, True
+
+    def _detour(self, payload: bytes) -> None:
+        """The peer went in the middle of this message: collect it whole if it may go to the next hub link."""
+        sent, self._through, self._sent = self._sent, None, None
+        pieces, self._pieces, self._pieces_size = self._pieces or [], None, 0
+        holding = not self.failedByMe and self.link.holding(self)  # type: ignore[attr-defined]
+        if holding and sent is not None:
+            self.message_data = [*sent, *pieces, payload]  # type: ignore[attr-defined]
+            self.link.message_rerouted(self, sum(map(len, self.message_data)))  # type: ignore[attr-defined]
+            return
+        self._cut = True
+        self.message_data = None  # type: ignore[attr-defined]
+        if holding and self._unkept:
+            self.link.too_much_held()
+
+    def onMessageFrameEnd(self) -> None:
+        if self._through is None and not self._cut:
+            super().onMessageFrameEnd()  # type: ignore[misc]
+        self.frame_data = None  # type: ignore[attr-defined]
+
+    def onMessageEnd(self) -> None:
+        """autobahn's, without its ``message`` event (a Deferred per message that nobody listens to)."""
+        through, self._through = self._through, None
+        data, self.message_data = self.message_data, None  # type: ignore[attr-defined]
+        if through is not None:
+            self._sent = None
+            self.link.relayed(self, self.message_data_total_length, self.message_is_binary, self._first)  # type: ignore[attr-defined]
+            self._first = b""
+        elif self._cut:
+            self._cut = False
+            if not self.failedByMe:  # type: ignore[attr-defined]
+                self.link.message_cut(self, self.message_data_total_length)  # type: ignore[attr-defined]
+        elif not self.failedByMe and data is not None:  # type: ignore[attr-defined]
+            self.link.forward(self, b"".join(data), self.message_is_binary)  # type: ignore[attr-defined]
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
@@ -597,6 +716,56 @@ class _Link:
         self.ide.transport.registerProducer(_PeerReading(self.hub.transport), True)  # type: ignore[union-attr]
         self.hub.transport.registerProducer(_PeerReading(self.ide.transport), True)  # type: ignore[union-attr]
 
+    def through(self, side: _Side) -> _Side | None:
+        """
+        The peer a message from ``side`` may go to frame by frame as it arrives: one that is open
+        with nothing queued or held before it. ``None``: the message is collected whole for
+        :meth:`forward` (the peer not open yet, the hub link down).
+        """
+        if side is self.ide:
+            if self._held is not None:
+                return None
+            peer, toward = self.hub, self._to_hub
+        else:
+            peer, toward = self.ide, self._to_ide
+        if peer is None or toward.queued is not None or toward.gone or peer.state != _OPEN:  # type: ignore[attr-defined]
+            return None
+        return peer
+
+    def keeps(self, side: _Side) -> bool:
+        """Whether what ``side`` sends to the hub is kept until its message ends (see :meth:`holding`)."""
+        return side is self.ide and self.kind is not None and self.relay.reconnect.enabled
+
+    def holding(self, side: _Side) -> bool:
+        """The hub link is down and ``side``'s messages are held for the next one."""
+        return side is self.ide and self._held is not None
+
+    def relayed(self, side: _Side, size: int, is_binary: bool, first: bytes) -> None:
+        """A message went through frame by frame; ``first`` is its first piece."""
+        if size > self.largest:
+            self.largest = size
+        if side is self.hub and self.kind == "kernel":
+            self._note_from_hub(first, is_binary)
+
+    def message_rerouted(self, side: _Side, size: int) -> None:
+        log.info(
+            "WebSocket {uri}: the hub link was lost {size} bytes into a message from the IDE; "
+            "the server never had all of it, so it goes whole to the next link.",
+            uri=self.uri, size=size,
+        )
+
+    def message_cut(self, side: _Side, size: int) -> None:
+        peer = "hub" if side is self.ide else "IDE"
+        log.warn(
+            "WebSocket {uri}: a {size}-byte message from the {role} was dropped: the {peer} side "
+            "closed in the middle of it.",
+            uri=self.uri, size=size, role=side.role, peer=peer,
+        )
+
+    def too_much_held(self) -> None:
+        if self._outage is not None:
+            self._give_up(self.relay.reconnect.too_much_held(self._outage, self.relay.monotonic()))
+
     def forward(self, side: _Side, payload: bytes, is_binary: bool) -> None:
         if side is self.ide and self._held is not None:
             self._hold(payload, is_binary)
@@ -673,7 +842,9 @@ class _Link:
             if side is not self._verdict:
                 self._retry_later(self._loss_reason(side))
             return
-        if side is self.hub and self._may_reconnect():
+        # the peer has frames of a message from this side, but not its end
+        mid_message = side._through is not None and side._through is self._peer(side) and side._opcode == 0
+        if side is self.hub and self._may_reconnect() and not mid_message:
             self._hub_dropped(self._loss_reason(side))
             return
         direction = self._toward(side)
@@ -687,6 +858,9 @@ class _Link:
             self._deny(self._hub_lost_during_handshake())
         if self.relay.shutting_down:
             self._close(self._peer(side), 1001, "jupyter-dev-server is shutting down.")
+        elif mid_message:
+            # the peer has part of a message that can never be finished: its socket cannot go on
+            self._close(self._peer(side), 1011, f"The {side.role} connection was lost in the middle of a message.")
         else:
             self._close(self._peer(side), 1011, f"The {side.role} connection was lost.")
         self._maybe_done()

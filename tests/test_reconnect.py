@@ -19,6 +19,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from jds import relay as relay_module
 from jds.reconnect import (
     HeldFrames,
     Outage,
@@ -236,6 +237,55 @@ class ReconnectTests(OutageTestCase):
         self.advance(1)
         self.assertEqual(self.hub_factory.hubs[-1].messages, [])
 
+    def test_a_message_half_sent_when_the_link_drops_goes_whole_to_the_next_link(self) -> None:
+        """
+        Its first piece went into the dead connection, so the server never had the whole message
+        (a WebSocket server acts on whole messages only): the next link gets all of it, once.
+        """
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        ide, _ = self.open_ide()
+        first = self.hub
+        self.begin_frame(ide, 3000, b"a" * 1000)
+        self.drop_hub()
+        ide.sendMessageFrameData(b"b" * 2000)
+        ide.endMessage()
+        ide.sendMessage(b"next", False)
+        self.network.pump()
+        self.advance(0.5)
+        second = self.hub_factory.hubs[-1]
+        self.assertIsNot(second, first)
+        self.assertEqual(first.messages, [])
+        self.assertEqual(second.messages, [(b"a" * 1000 + b"b" * 2000, True), (b"next", False)])
+        self.assertIsNone(ide.closed)
+        self.assertIn("the hub link was lost 3000 bytes into a message from the IDE", self.log())
+        self.advance(2.5)
+        self.assertRegex(self.log(), r"reconnected after 0\.5 s; .*2 held messages sent")
+
+    def test_a_half_sent_message_larger_than_the_reconnect_buffer_ends_the_socket(self) -> None:
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.make_relay(monotonic=self.clock.seconds, reconnect=ReconnectPolicy(max_held=1000))
+        ide, _ = self.open_ide()
+        self.policy.failure = Failure(Refused())
+        self.begin_frame(ide, 3000, b"a" * 1500)
+        self.drop_hub()
+        ide.sendMessageFrameData(b"b" * 1500)
+        ide.endMessage()
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1011)
+        self.assertIn("--reconnect-buffer", ide.closed[2])
+        self.assertEqual(self.relay.links, set())
+
+    def test_a_message_half_relayed_to_the_ide_when_the_link_drops_ends_the_socket(self) -> None:
+        """The IDE has part of a message that can never be finished: it gets 1011, not the part."""
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        ide, _ = self.open_ide()
+        self.begin_frame(self.hub, 3000, b"a" * 1000)
+        self.drop_hub()
+        self.assertEqual(ide.closed[1:], (1011, "The hub connection was lost in the middle of a message."))
+        self.assertEqual(ide.messages, [])
+        self.assertEqual(self.policy.attempts, 1)
+        self.assertEqual(self.relay.links, set())
+
     def test_window_over_closes_the_ide_with_1011_and_how_long(self) -> None:
         self.make_relay(stats=self.stats, monotonic=self.clock.seconds, reconnect=ReconnectPolicy(window=60))
         ide, proxy_end = self.open_ide()
@@ -313,6 +363,35 @@ class ReconnectTests(OutageTestCase):
         self.assertEqual(len(relay_end.history), written, "written into the dead socket")
         self.advance(1)
         self.assertEqual(self.hub_factory.hubs[-1].messages, [(b"request after the silence", False)])
+
+    def test_a_message_to_the_ide_not_yet_passed_on_when_the_link_drops_is_lost_like_any(self) -> None:
+        """Nothing of it reached the IDE (pieces gather to FRAME_PIECE): the socket holds and reconnects."""
+        ide, _ = self.open_ide()
+        self.begin_frame(self.hub, 3000, b"a" * 1000)
+        self.drop_hub()
+        self.advance(0.5)
+        self.assertIsNone(ide.closed)
+        self.assertEqual(self.policy.attempts, 2)
+        self.hub_factory.hubs[-1].sendMessage(b"after", True)
+        self.network.pump()
+        self.assertEqual(ide.messages, [(b"after", True)])
+
+    def test_a_long_message_still_arriving_is_not_a_silent_link(self) -> None:
+        """Its pieces keep coming after the pong timeout: the link is alive, though no frame ended."""
+        ide, _ = self.open_ide()
+        hub = self.hub
+        hub.autoPingInterval = 0  # the hub reads the relay's ping but does not answer it (busy sending)
+        hub.onPing = lambda payload: None
+        hub.beginMessage(isBinary=True)
+        hub.beginMessageFrame(100 * 1000)
+        for _ in range(100):  # 50 s of 1000 bytes every half second
+            hub.sendMessageFrameData(b"x" * 1000)
+            self.advance(0.5)
+        hub.endMessage()
+        self.network.pump()
+        self.assertEqual(self.policy.attempts, 1, "the relay took a busy link for a dead one")
+        self.assertIsNone(ide.closed)
+        self.assertEqual(ide.messages, [(b"x" * 100_000, True)])
 
     def test_the_ide_leaving_during_an_outage_ends_everything(self) -> None:
         ide, proxy_end = self.open_ide()

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from jds import relay as relay_module
 from jds.auth import Credentials
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
@@ -54,11 +55,13 @@ class Wire(StringTransport):
         self.nodelay: bool | None = None
         self.closed = False
         self.history = b""
+        self.writes: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         if not self.closed:
             super().write(data)
             self.history += data
+            self.writes.append(data)
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -268,6 +271,13 @@ class RelayTestCase(SynchronousTestCase):
     def hub(self) -> FakeHub:
         [hub] = self.hub_factory.hubs
         return hub
+
+    def begin_frame(self, sender, length: int, first: bytes) -> None:
+        """``sender`` starts a binary message of one ``length``-byte frame with ``first``, delivered."""
+        sender.beginMessage(isBinary=True)
+        sender.beginMessageFrame(length)
+        sender.sendMessageFrameData(first)
+        self.network.pump()
 
     def response(self, proxy_end: Wire) -> tuple[bytes, dict]:
         head, _, body = proxy_end.history.partition(b"\r\n\r\n")
@@ -517,6 +527,163 @@ class TrafficTests(RelayTestCase):
         self.assertEqual(proxy_end.producerState, "paused")
         hub_end.producer.resumeProducing()
         self.assertEqual(proxy_end.producerState, "producing")
+
+
+def frames(wire_bytes: bytes) -> list[tuple[bool, int, bytes]]:
+    """The data frames in what one side wrote: (FIN, opcode, payload unmasked), control frames left out."""
+    found, i = [], 0
+    while i < len(wire_bytes):
+        b0, b1 = wire_bytes[i], wire_bytes[i + 1]
+        length, i = b1 & 0x7F, i + 2
+        if length == 126:
+            length, i = int.from_bytes(wire_bytes[i:i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(wire_bytes[i:i + 8], "big"), i + 8
+        mask = b""
+        if b1 & 0x80:
+            mask, i = wire_bytes[i:i + 4], i + 4
+        payload = wire_bytes[i:i + length]
+        if mask:
+            payload = bytes(c ^ mask[n % 4] for n, c in enumerate(payload))
+        i += length
+        if b0 & 0x0F < 8:
+            found.append((bool(b0 & 0x80), b0 & 0x0F, payload))
+    return found
+
+
+class FrameTests(RelayTestCase):
+    """Frames go on as they arrive while the peer is open: nothing of a message is held whole."""
+
+    def written_since(self, wire: Wire, mark: int) -> list[bytes]:
+        return wire.writes[mark:]
+
+    def deliver(self, wire: Wire) -> None:
+        """What one end wrote, to the other end only."""
+        data = wire.value()
+        wire.clear()
+        wire.other.protocol.dataReceived(data)
+
+    def test_a_message_read_whole_goes_on_as_one_frame_in_one_write(self) -> None:
+        ide, proxy_end = self.open_ide()
+        hub_end = self.hub.transport.other
+        to_hub, to_ide = len(hub_end.writes), len(proxy_end.writes)
+        ide.sendMessage(b"kernel_info_request", True)
+        self.network.pump()
+        [write] = self.written_since(hub_end, to_hub)
+        self.assertEqual(frames(write), [(True, 2, b"kernel_info_request")])
+        self.assertTrue(write[1] & 0x80, "frames to the hub are masked")
+        self.hub.sendMessage("r\u00e9ply".encode(), False)
+        self.network.pump()
+        [write] = self.written_since(proxy_end, to_ide)
+        self.assertEqual(frames(write), [(True, 1, "r\u00e9ply".encode())])
+        self.assertEqual(self.hub.messages, [(b"kernel_info_request", True)])
+        self.assertEqual(ide.messages, [("r\u00e9ply".encode(), False)])
+
+    def test_a_frame_goes_on_piece_by_piece_each_a_complete_frame(self) -> None:
+        """The hub has the first piece before the IDE sent the second; the message ends where it did."""
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        ide, _ = self.open_ide()
+        hub_end = self.hub.transport.other
+        mark = len(hub_end.writes)
+        self.begin_frame(ide, 3000, b"a" * 1000)
+        self.assertEqual(frames(b"".join(self.written_since(hub_end, mark))), [(False, 2, b"a" * 1000)])
+        ide.sendMessageFrameData(b"b" * 2000)
+        ide.endMessage()  # autobahn's own end: an empty last frame
+        self.network.pump()
+        writes = self.written_since(hub_end, mark)
+        self.assertEqual([frames(w) for w in writes], [
+            [(False, 2, b"a" * 1000)], [(False, 0, b"b" * 2000)], [(True, 0, b"")],
+        ])
+        self.assertEqual(self.hub.messages, [(b"a" * 1000 + b"b" * 2000, True)])
+        [link] = self.relay.links
+        self.assertEqual(link.largest, 3000)
+
+    def test_pieces_of_a_large_frame_are_gathered_to_frame_piece(self) -> None:
+        """Few frames for a large message: a client joining fragments by copying stays linear enough."""
+        self.patch(relay_module, "FRAME_PIECE", 2500)
+        ide, _ = self.open_ide()
+        hub_end = self.hub.transport.other
+        mark = len(hub_end.writes)
+        ide.beginMessage(isBinary=True)
+        ide.beginMessageFrame(6000)
+        for n in range(6):
+            ide.sendMessageFrameData(bytes([n]) * 1000)
+            self.network.pump()
+        ide.endMessage()
+        self.network.pump()
+        sent = [(fin, op, len(data)) for w in self.written_since(hub_end, mark) for fin, op, data in frames(w)]
+        self.assertEqual(sent, [(False, 2, 3000), (False, 0, 3000), (True, 0, 0)])
+        self.assertEqual(self.hub.messages, [(b"".join(bytes([n]) * 1000 for n in range(6)), True)])
+
+    def test_fragmented_messages_keep_their_frames_and_types(self) -> None:
+        ide, proxy_end = self.open_ide()
+        mark = len(proxy_end.writes)
+        self.hub.beginMessage(isBinary=False)
+        for piece in (b"one ", b"two ", b"three"):
+            self.hub.sendMessageFrame(piece)
+        self.hub.endMessage()
+        self.hub.sendMessage(b"\x00\x01", True)
+        self.network.pump()
+        self.assertEqual(frames(b"".join(self.written_since(proxy_end, mark))), [
+            (False, 1, b"one "), (False, 0, b"two "), (False, 0, b"three"), (True, 0, b""), (True, 2, b"\x00\x01"),
+        ])
+        self.assertEqual(ide.messages, [(b"one two three", False), (b"\x00\x01", True)])
+
+    def test_a_ping_between_pieces_is_a_frame_of_its_own(self) -> None:
+        ide, proxy_end = self.open_ide()
+        self.begin_frame(self.hub, 10, b"01234")
+        [link] = self.relay.links
+        link.ide.sendPing(b"are you there")
+        self.hub.sendMessageFrameData(b"56789")
+        self.hub.endMessage()
+        self.network.pump()
+        self.assertEqual(ide.messages, [(b"0123456789", True)])
+        self.assertIsNone(ide.closed)
+
+    def test_invalid_utf8_in_a_later_piece_closes_both_sides_cleanly(self) -> None:
+        """The IDE already has the first piece; its socket still gets a close frame it can read."""
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        ide, _ = self.open_ide()
+        self.hub.beginMessage(isBinary=False)
+        self.hub.beginMessageFrame(8)
+        self.hub.sendMessageFrameData(b"valid")
+        self.network.pump()
+        self.hub.sendMessageFrameData(b"\xff\xfe\xfd")
+        self.network.pump()
+        self.assertEqual(self.hub.closed[1], 1007)
+        self.assertEqual(ide.closed[1:], (1011, "The hub broke the WebSocket protocol."))
+        self.assertEqual(ide.messages, [])
+
+    def test_over_the_size_limit_mid_message_is_1009_and_nothing_more_goes_on(self) -> None:
+        self.make_relay(max_message=1000)
+        ide, _ = self.open_ide()
+        hub_end = self.hub.transport.other
+        mark = len(hub_end.writes)
+        ide.beginMessage(isBinary=True)
+        ide.sendMessageFrame(b"x" * 600)
+        self.network.pump()
+        ide.sendMessageFrame(b"y" * 600)
+        ide.endMessage()
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1009)
+        self.assertEqual(self.hub.closed[1:], (1011, "The IDE broke the WebSocket protocol."))
+        self.assertEqual(frames(b"".join(self.written_since(hub_end, mark))), [(False, 2, b"x" * 600)])
+        self.assertEqual(self.hub.messages, [])
+
+    def test_the_rest_of_a_message_to_a_closing_hub_is_dropped_and_said(self) -> None:
+        self.patch(relay_module, "FRAME_PIECE", 1)
+        ide, _ = self.open_ide(OTHER_PATH)
+        self.begin_frame(ide, 2000, b"a" * 1000)
+        hub = self.hub
+        hub.sendClose(4000, "enough")
+        self.deliver(hub.transport)  # the relay has the close; the IDE has not read it yet
+        ide.sendMessageFrameData(b"b" * 1000)
+        ide.endMessage()
+        self.network.pump()
+        self.assertEqual(hub.messages, [])
+        self.assertEqual(ide.closed[1:], (4000, "enough"))
+        text = " ".join(formatEvent(event) or "" for event in self.events)
+        self.assertIn("a 2000-byte message from the IDE was dropped", text)
 
 
 class StubSide:
