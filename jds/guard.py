@@ -72,10 +72,17 @@ def header_problem(line: bytes) -> str | None:
     return None
 
 
-def target_problem(target: bytes) -> str | None:
-    """Why a request-target is malformed (control characters, spaces), or ``None``."""
+def request_line_problem(method: bytes, target: bytes, version: bytes) -> str | None:
+    """
+    Why a request line is malformed, or ``None``: the method must be a token, the path free of
+    control characters and spaces, the version HTTP/1.0 or 1.1 (what twisted.web answers in).
+    """
+    if not _TOKEN.fullmatch(method):
+        return "the request method is not an HTTP token (RFC 9110 section 9.1)."
     if any(byte <= 0x20 or byte == 0x7F for byte in target):
         return "the request path holds a control character or a space."
+    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        return "the HTTP version is neither HTTP/1.0 nor HTTP/1.1."
     return None
 
 
@@ -228,7 +235,7 @@ class GuardedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._awaiting_headers = False
         self._cancel_deadline()
-        problem = self._bad_header or target_problem(self._path)
+        problem = self._bad_header or request_line_problem(self._command, self._path, self._version)
         if problem is not None:
             self._bad_header = None
             self.malformed(problem)

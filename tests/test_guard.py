@@ -136,7 +136,12 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(rendered, [])
 
     def test_twisteds_own_bad_request_gets_the_json_answer(self) -> None:
-        for head in (b"GARBAGE\r\n\r\n", b"GET /api/a\x00b HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"):
+        for head in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/a\x00b HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+            b"G(T /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+            b"GET /api/status HTTP/9.9\r\nHost: 127.0.0.1:8000\r\n\r\n",
+        ):
             channel, transport = self.connect()
             channel.dataReceived(head)
             status, _, rest = transport.value().partition(b"\r\n")
