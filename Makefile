@@ -35,13 +35,14 @@ test: $(VENV_STAMP) $(NODE_STAMP)
 # .venv, the hub and its single-user servers from .compat/hub-<version>. Ends with one line per hub.
 test-compat: $(VENV_STAMP) $(NODE_STAMP) $(foreach hub,$(COMPAT_HUBS),$(COMPAT_DIR)/hub-$(hub)/.installed)
 	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
-		$(VENV)/bin/python .ci/test_compat.py --pytest-args "$(COMPAT_PYTEST_ARGS)" \
+		$(VENV)/bin/python .ci/test_compat.py --pytest-args "-n $(PYTEST_WORKERS) --dist loadfile $(COMPAT_PYTEST_ARGS)" \
 		$(foreach hub,$(COMPAT_HUBS),$(COMPAT_DIR)/hub-$(hub))
 
 # The whole suite with the oldest Twisted, pyOpenSSL, service-identity and autobahn setup.cfg allows.
 test-oldest: $(OLDEST)/.installed $(NODE_STAMP)
 	PATH="$(CURDIR)/$(OLDEST)/bin:$(CURDIR)/$(NODE_DIR)/node_modules/.bin:$$PATH" \
-		$(OLDEST)/bin/python -m pytest -p no:cacheprovider --basetemp=$(OLDEST)/tmp $(PYTEST_ARGS)
+		$(OLDEST)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -p no:cacheprovider \
+		--basetemp=$(OLDEST)/tmp $(PYTEST_ARGS)
 
 # Pins of install_requires to the oldest releases they allow, for test-oldest.
 constraints-oldest: $(COMPAT_DIR)/oldest-constraints.txt
