@@ -39,8 +39,8 @@ from jds.paths import redact_query, split_authority
 from jds.refusal import Refusal
 
 __all__ = [
-    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "is_loopback",
-    "origin_refusal",
+    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "header_problem", "is_loopback",
+    "origin_refusal", "request_line_problem",
 ]
 
 log = Logger(namespace="jds")
