@@ -290,14 +290,30 @@ c.JupyterHub.load_roles = [
         proc = self.proc
         if proc is None:
             return None
-        children: list[psutil.Process] = []
-        with contextlib.suppress(psutil.Error):
-            children = psutil.Process(proc.pid).children(recursive=True)
+        children: dict[int, psutil.Process] = {}
+
+        def look() -> None:
+            with contextlib.suppress(psutil.Error):
+                children.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+
+        look()
+        before = set(children)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        # JupyterHub 3.1's proxy check restarts a CHP that its own shutdown just stopped: a child
+        # born after SIGTERM would outlive the hub unseen, so keep looking until the hub is gone.
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            look()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.05)  # poll
         code = stop_pid(proc, timeout)
         # A kernel told to shut down by its server can outlive the hub by a moment (ipykernel
         # notices its parent's exit once a second); only what is still running after that is left.
-        _, leftovers = psutil.wait_procs([child for child in children if _alive(child)], timeout=EXIT_GRACE)
-        self.leftovers = [f"{child.pid} {_cmdline(child)}" for child in leftovers]
+        _, leftovers = psutil.wait_procs([child for child in children.values() if _alive(child)], timeout=EXIT_GRACE)
+        # what the hub started during its shutdown is stopped here too, but it is not the hub's
+        # failure to stop what it ran (the harness's test of that)
+        self.leftovers = [f"{child.pid} {_cmdline(child)}" for child in leftovers if child.pid in before]
         for child in leftovers:
             with contextlib.suppress(psutil.Error):
                 child.terminate()

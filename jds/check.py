@@ -217,7 +217,12 @@ class _Chain:
         scopes = [str(s) for s in me.get("scopes", [])]
         owner = me.get("name", "?")
         life = yield held_token_life(self.api)
-        expires = describe_expiry(life.expires_at) if life is not None else "expiry unknown"
+        if life is not None:
+            expires = describe_expiry(life.expires_at)
+        elif not self.release.token_id:
+            expires = f"expiry unknown (JupyterHub {self.release.name} does not say which token this is)"
+        else:
+            expires = "expiry unknown"
         renew = None
         if life is not None:
             now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)

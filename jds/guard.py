@@ -14,11 +14,16 @@ request (Host, Origin, local token, path, size) is answered and its connection c
 96 MiB form post costs nothing but the bytes the kernel already buffered. It also bounds what a
 client can hold: headers and bodies that trickle (slowloris), bodies over ``--max-body-size``, and
 connections per client address; and it says in the log when it refuses a malformed request, which
-twisted.web does silently.
+twisted.web does silently, answering with the same JSON as every other refusal.
+
+Header lines are judged here before twisted.web sees them: Twisted before 26.10 stores a header value
+holding CR, LF or NUL as it came (a client could smuggle a second header line through to the hub),
+so what reaches the hub must not depend on which Twisted the user has.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +39,8 @@ from jds.paths import redact_query, split_authority
 from jds.refusal import Refusal
 
 __all__ = [
-    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "is_loopback",
-    "origin_refusal",
+    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "header_problem", "is_loopback",
+    "origin_refusal", "request_line_problem",
 ]
 
 log = Logger(namespace="jds")
@@ -46,6 +51,39 @@ HEADER_TIMEOUT = 30.0
 # so that it can read the answer; a reset right away could destroy the answer in its kernel.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 4 << 20
+# RFC 9110 5.1: a header name is a token; 5.5: a value never holds NUL, CR or LF.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = b"\x00\r\n"
+
+
+def header_problem(line: bytes) -> str | None:
+    """
+    Why one request header line is malformed, or ``None``. A line without a colon is left to
+    twisted.web, which refuses it in every version. The value is never quoted: it may be a token.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return None
+    shown = name[:64].decode("latin-1")
+    if not _TOKEN.fullmatch(name):
+        return f"the header name {shown!r} is not an HTTP token (RFC 9110 section 5.1)."
+    if len(value.translate(None, _FORBIDDEN_IN_VALUE)) != len(value):
+        return f"the value of header {shown!r} holds a CR, LF or NUL character (RFC 9110 section 5.5)."
+    return None
+
+
+def request_line_problem(method: bytes, target: bytes, version: bytes) -> str | None:
+    """
+    Why a request line is malformed, or ``None``: the method must be a token, the path free of
+    control characters and spaces, the version HTTP/1.0 or 1.1 (what twisted.web answers in).
+    """
+    if not _TOKEN.fullmatch(method):
+        return "the request method is not an HTTP token (RFC 9110 section 9.1)."
+    if any(byte <= 0x20 or byte == 0x7F for byte in target):
+        return "the request path holds a control character or a space."
+    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        return "the HTTP version is neither HTTP/1.0 nor HTTP/1.1."
+    return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +199,7 @@ class GuardedChannel(HTTPChannel):
     _in_body = False
     _refused = False
     _dropped = 0
+    _bad_header: str | None = None
 
     def connectionMade(self) -> None:
         """The clock starts at once: a client that connects and says nothing is a slowloris too."""
@@ -177,9 +216,30 @@ class GuardedChannel(HTTPChannel):
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
 
+    def lineReceived(self, line: bytes) -> bool | None:
+        """After a refusal the lines still buffered are dropped: the half-closed transport is not
+        ``disconnecting``, which is what stops ``LineReceiver`` otherwise."""
+        if self._refused:
+            return True
+        super().lineReceived(line)
+        return True if self._refused else None
+
+    def headerReceived(self, line: bytes) -> bool:
+        """A malformed header is kept out of the request and answered once all headers are in."""
+        problem = header_problem(line)
+        if problem is not None:
+            self._bad_header = self._bad_header or problem
+            return True
+        return super().headerReceived(line)
+
     def allHeadersReceived(self) -> None:
         self._awaiting_headers = False
         self._cancel_deadline()
+        problem = self._bad_header or request_line_problem(self._command, self._path, self._version)
+        if problem is not None:
+            self._bad_header = None
+            self.malformed(problem)
+            return
         judge = getattr(getattr(self, "site", None), "refusal_before_body", None)
         refusal = judge(self._command, self._path, self.requests[-1], self.length) if judge else None
         if refusal is not None:
@@ -250,7 +310,30 @@ class GuardedChannel(HTTPChannel):
         Answer the request whose headers just arrived (or whose body is being read) and end the
         connection without reading the rest: the body is never buffered, parsed or spooled.
         """
-        status, message, reason, hint = refusal.status, refusal.message, refusal.reason, refusal.hint
+        method = getattr(self, "_command", b"?")
+        uri = getattr(self, "_path", b"?")
+        log.warn(
+            "{method} {uri} -> {status}: {message}{hint} (refused before its body; connection closed)",
+            method=method.decode("latin-1"),
+            uri=redact_query(uri).decode("latin-1"),
+            status=refusal.status,
+            message=refusal.message,
+            hint=f" {refusal.hint}" if refusal.hint else "",
+        )
+        self._answer(refusal)
+
+    def malformed(self, why: str) -> None:
+        """
+        Refuse a request twisted.web or this guard could not accept as HTTP with a JSON 400 and
+        one log line; its method and path may not exist, so the line names the client instead.
+        """
+        if self._refused:
+            return
+        log.warn("Refused a malformed HTTP request from {peer}: {why}", peer=self._peer(), why=why)
+        self._answer(Refusal(400, f"The proxy refused a malformed HTTP request: {why}", "malformed-request"))
+
+    def _answer(self, refusal: Refusal) -> None:
+        status, message, reason = refusal.status, refusal.message, refusal.reason
         self._refused = True
         self._in_body = False
         self._cancel_deadline()
@@ -260,19 +343,9 @@ class GuardedChannel(HTTPChannel):
         if refused_body is not None:
             refused_body(Failure(refusal))  # a request rendered before its body: it answers nothing now
         answered = request is not None and getattr(request, "startedWriting", False)
-        method = getattr(self, "_command", b"?")
-        uri = getattr(self, "_path", b"?")
         stats = getattr(getattr(self, "site", None), "stats", None)
         if stats is not None:
             stats.error(status, message, reason)
-        log.warn(
-            "{method} {uri} -> {status}: {message}{hint} (refused before its body; connection closed)",
-            method=method.decode("latin-1"),
-            uri=redact_query(uri).decode("latin-1"),
-            status=status,
-            message=message,
-            hint=f" {hint}" if hint else "",
-        )
         transport = self.transport
         if transport is None:
             return
@@ -331,14 +404,11 @@ class GuardedChannel(HTTPChannel):
         self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        log.warn(
-            "Refused a malformed HTTP request from {peer} (bad request line, headers or chunking, "
-            "or headers over {size} bytes or {count} lines).",
-            peer=self._peer(),
-            size=self.totalHeadersSize,
-            count=self.maxHeaders,
+        """twisted.web's own refusals (it says only ``400 Bad Request``) get the guard's answer."""
+        self.malformed(
+            "a bad request line, header or chunking, or headers over "
+            f"{self.totalHeadersSize} bytes or {self.maxHeaders} lines."
         )
-        super()._respondToBadRequestAndDisconnect()
 
 
 class _TooMany(Protocol):

@@ -17,6 +17,7 @@ dead token             403 on /api/, 302 to /hub/api/oauth2/authorize on pages (
 progress URL field     progress_url   progress_url  progress_url, full_progress_url [3]
 ready event            ``url`` (the server's path) in every release
 named server names     any            any           any           slugs: [a-z][a-z0-9-]*
+token's own expiry     unknown [5]    unknown [5]   read          read
 =====================  =============  ============  ============  ============
 
 [1] 4.1 added ``HubAuth.allow_token_in_url`` (default on). [2] Except on a WebSocket handshake that
@@ -24,7 +25,9 @@ sends ``Sec-Fetch-Mode: websocket``, which non-browser clients never do; the pro
 token as an ``Authorization`` header instead. [3] ``full_progress_url`` is null unless the hub sets
 ``public_url``; the proxy follows progress at ``progress_url``'s path on the hub it dials (``--hub``),
 which is right whatever public name the hub believes it has. [4] The hub's XSRF check, from 4.1 on,
-refuses it before the "not running" page would.
+refuses it before the "not running" page would. [5] ``GET /hub/api/user`` names the token it was
+called with (``token_id``) from 5.0 on; before, the proxy cannot tell which of the user's tokens it
+holds, so ``check`` and the status page say the expiry is unknown.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class HubRelease:
     stopped_post_code: int  # what a non-GET request to a stopped server's path gets
     full_progress_url: bool  # the server model has full_url / full_progress_url
     slug_server_names: bool  # new named servers must be slugs
+    token_id: bool  # GET /hub/api/user says which token asked (token_id), so its expiry can be read
 
     @property
     def name(self) -> str:
@@ -62,10 +66,10 @@ class HubRelease:
 
 
 RELEASES: tuple[HubRelease, ...] = (
-    HubRelease((3, 1), "servers", token_in_url=True, stopped_post_code=405, full_progress_url=False, slug_server_names=False),
-    HubRelease((4, 1), "servers", token_in_url=True, stopped_post_code=403, full_progress_url=False, slug_server_names=False),
-    HubRelease((5, 0), "servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=False),
-    HubRelease((6, 0), "start:servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=True),
+    HubRelease((3, 1), "servers", token_in_url=True, stopped_post_code=405, full_progress_url=False, slug_server_names=False, token_id=False),
+    HubRelease((4, 1), "servers", token_in_url=True, stopped_post_code=403, full_progress_url=False, slug_server_names=False, token_id=False),
+    HubRelease((5, 0), "servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=False, token_id=True),
+    HubRelease((6, 0), "start:servers", token_in_url=False, stopped_post_code=403, full_progress_url=True, slug_server_names=True, token_id=True),
 )  # fmt: skip
 OLDEST = RELEASES[0]
 

@@ -147,6 +147,16 @@ class JupyterHubProcess(_demohub.JupyterHubProcess):
         """The version ``/hub/api`` reports (of the hub under ``$JDS_TEST_HUB_PREFIX`` in compat runs)."""
         return requests.get(f"{self.url}/hub/api", verify=self.ca_path, timeout=30).json()["version"]
 
+    _event_socket: bool | None = None
+
+    def has_event_socket(self) -> bool:
+        """Whether the single-user servers have jupyter_server 2's ``/api/events/subscribe``, a
+        WebSocket that needs no kernel (1.x, JupyterHub 3.1's era, has none); asked once."""
+        if self._event_socket is None:
+            self.start_server("alice")  # a no-op when it runs
+            self._event_socket = self.serves("alice", "api/events/subscribe")
+        return self._event_socket
+
     def serves(self, user: str, path: str) -> bool:
         """Whether the user's running server has ``path`` (``api/me`` is jupyter_server 2 only)."""
         response = requests.get(

@@ -229,7 +229,7 @@ def test_twistd_lists_the_plugin_after_install(tmp_path: Path, editable: bool) -
         source = tmp_path / "src"
         shutil.copytree(
             REPO_ROOT, source,
-            ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "*.egg-info", "build", "__pycache__"),
+            ignore=shutil.ignore_patterns(".git", ".venv", ".compat", "node_modules", "*.egg-info", "build", "__pycache__"),
         )
     install = [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q"]
     install += ["-e", str(source)] if editable else [str(source)]

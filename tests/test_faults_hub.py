@@ -1161,6 +1161,7 @@ def test_malformed_requests_get_400(sturdy: Sturdy, raw: bytes) -> None:
     host = f"Host: 127.0.0.1:{sturdy.proxy.port}\r\nAuthorization: token {sturdy.token}\r\n".encode()
     answer = raw_exchange(sturdy.proxy.port, raw.replace(b"HOST", host))
     assert answer.status == 400, answer
+    assert json.loads(answer.body)["reason"] == "malformed-request", answer
     assert answer.closed
     lines = logged_once(watch)
     assert "Refused a malformed HTTP request from 127.0.0.1:" in lines[0]

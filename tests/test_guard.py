@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -102,6 +102,51 @@ class GuardTests(SynchronousTestCase):
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"), head[:20])
             lines = [e for e in self.events if "malformed" in str(e.get("log_format"))]
             self.assertEqual(len(lines), 1)
+
+    def test_control_characters_in_headers_are_refused_whatever_the_twisted(self) -> None:
+        """
+        Twisted before 26.10 stores these header values as sent; the guard refuses them itself,
+        with the JSON every refusal has, before the resource (here: the hub) sees the request.
+        """
+        rendered: list[bytes] = []
+        self.site.resource.render = lambda request: rendered.append(request.uri) or b"hello"
+        head = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        for header in (
+            b"Authorization: token s3cret\x00b",
+            b"Authorization: token s3cret\rX-Injected: yes",
+            b"Authorization: token s3cret\nX-Injected: yes",
+            b"X A: b",
+            b"X-A\x00: b",
+            b"X-A : b",
+        ):
+            self.events.clear()
+            channel, transport = self.connect()
+            channel.dataReceived(head + header + b"\r\nX-After: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            status, _, rest = transport.value().partition(b"\r\n")
+            self.assertEqual(status, b"HTTP/1.1 400 Bad Request", header)
+            answer = json.loads(rest.partition(b"\r\n\r\n")[2])
+            self.assertEqual(answer["reason"], "malformed-request", header)
+            self.assertIn("RFC 9110", answer["message"])
+            self.assertIn(b"Connection: close", rest)
+            self.assertTrue(transport.disconnecting, header)
+            logged = [e for e in self.events if e.get("log_level") is not None and e.get("log_namespace") == "jds"]
+            self.assertEqual(len(logged), 1, header)
+            self.assertIn("Refused a malformed HTTP request from", formatEvent(logged[0]))
+            self.assertNotIn("s3cret", formatEvent(logged[0]) + answer["message"])
+        self.assertEqual(rendered, [])
+
+    def test_twisteds_own_bad_request_gets_the_json_answer(self) -> None:
+        for head in (
+            b"GARBAGE\r\n\r\n",
+            b"GET /api/a\x00b HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+            b"G(T /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+            b"GET /api/status HTTP/9.9\r\nHost: 127.0.0.1:8000\r\n\r\n",
+        ):
+            channel, transport = self.connect()
+            channel.dataReceived(head)
+            status, _, rest = transport.value().partition(b"\r\n")
+            self.assertEqual(status, b"HTTP/1.1 400 Bad Request", head)
+            self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["reason"], "malformed-request")
 
     def test_silent_connection_is_cut_off(self) -> None:
         channel, transport = self.connect()

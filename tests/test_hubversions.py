@@ -79,6 +79,9 @@ def test_the_hub_behaves_as_its_row_says(hub: JupyterHubProcess) -> None:
     model = hub.server_model("alice") or {}
     assert model.get("progress_url") == "/hub/api/users/alice/server/progress", model
     assert ("full_progress_url" in model) == row.full_progress_url, model
+    # whether GET /hub/api/user names the token that asked (what the token's expiry is read through)
+    me = _get(hub, "/hub/api/user", hub.alice_token).json()
+    assert bool(me.get("token_id")) == row.token_id, me
     # a non-GET request to a user's stopped server
     user = f"jds-{uuid.uuid4().hex[:8]}"
     hub.create_user(user)

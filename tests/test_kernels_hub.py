@@ -650,7 +650,7 @@ def test_managed_websocket_starts_a_stopped_server(hub: JupyterHubProcess, proxy
     assert managed.token and managed.token != hub.alice_token
     # jupyter_server 2's event socket needs nothing on the server; with 1.x (no event socket) the
     # IDE's kernel socket of a kernel that went with the server is what reconnects
-    events = hub.serves("alice", "api/events/subscribe")
+    events = hub.has_event_socket()
     if not events:
         kernel = requests.post(
             f"{managed.url}/api/kernels", json={"name": "python3"}, headers=auth(managed.token), timeout=HTTP_TIMEOUT

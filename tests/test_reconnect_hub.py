@@ -397,6 +397,8 @@ def test_managed_events_socket_waits_for_a_stopped_server_to_be_started(
     hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter
 ) -> None:
     """The link breaks and meanwhile the server stops: managed mode starts it and the socket reconnects."""
+    if not hub.has_event_socket():
+        pytest.skip("jupyter_server 1.x has no event socket; its kernel sockets end with the server they ran on")
     hub.start_server("alice")
     managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--hub", f"https://{cutter.address}"]).wait_checked()
     ws = websocket.create_connection(

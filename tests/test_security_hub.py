@@ -193,7 +193,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(hub: JupyterHubProcess, 
 def test_a_body_over_the_held_size_is_not_kept_while_the_server_starts(
     hub: JupyterHubProcess, proxy: ProxyFactory
 ) -> None:
-    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--held-body-size", "64K"])
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--held-body-size", "64K"]).wait_checked()
     hub.stop_server("alice")
     big = {"type": "file", "format": "text", "content": "z" * 100_000}
     refused = requests.put(f"{managed.url}/api/contents/held.txt", json=big, headers=local(managed.token), timeout=60)
