@@ -137,6 +137,14 @@ from zope.interface import implementer
 class Options(usage.Options):
     optParameters = [["listen", None, "tcp:0", "where to listen"]]
 
+    def parseOptions(self, options=None):
+        # as jds.tap.Options: twistd before Twisted 26 exits 0 on a usage error
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            print(f"twistd jds-harness-fake: {error}", flush=True)
+            raise SystemExit(1) from None
+
 
 class Fake(service.Service):
     def __init__(self, endpoint):
