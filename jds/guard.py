@@ -54,6 +54,7 @@ _LINGER_BYTES = 4 << 20
 # RFC 9110 5.1: a header name is a token; 5.5: a value never holds NUL, CR or LF.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = b"\x00\r\n"
+_FORBIDDEN_IN_PATH = bytes(range(0x21)) + b"\x7f"
 
 
 def header_problem(line: bytes) -> str | None:
@@ -79,7 +80,7 @@ def request_line_problem(method: bytes, target: bytes, version: bytes) -> str | 
     """
     if not _TOKEN.fullmatch(method):
         return "the request method is not an HTTP token (RFC 9110 section 9.1)."
-    if any(byte <= 0x20 or byte == 0x7F for byte in target):
+    if len(target.translate(None, _FORBIDDEN_IN_PATH)) != len(target):
         return "the request path holds a control character or a space."
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         return "the HTTP version is neither HTTP/1.0 nor HTTP/1.1."
