@@ -151,9 +151,15 @@ def is_websocket_upgrade(request: Request) -> bool:
     return any(value.strip().lower() == b"websocket" for value in upgrade)
 
 
-def _body_size(request: Request) -> int:
+def _streamed(request: Request) -> StreamedBody | None:
+    """The request's body when it goes to the hub as it arrives (:mod:`jds.upload`), else ``None``."""
     body = getattr(request, "body", None)
-    if isinstance(body, StreamedBody):
+    return body if isinstance(body, StreamedBody) else None
+
+
+def _body_size(request: Request) -> int:
+    body = _streamed(request)
+    if body is not None:
         return body.size
     content = request.content
     if content is None:
@@ -319,8 +325,8 @@ class _Exchange:
 
     def _body_producer(self) -> IBodyProducer | None | object:
         """The body for this attempt; ``_CANNOT_SEND_AGAIN`` for a streamed one that is no longer whole."""
-        streamed = getattr(self.request, "body", None)
-        if isinstance(streamed, StreamedBody):
+        streamed = _streamed(self.request)
+        if streamed is not None:
             producer = streamed.producer()
             return _CANNOT_SEND_AGAIN if producer is None else producer
         content = self.request.content
@@ -376,8 +382,8 @@ class _Exchange:
         """
         self._let_go()
         size, limit = _body_size(self.request), self.resource.held_body
-        streamed = getattr(self.request, "body", None)
-        lost = isinstance(streamed, StreamedBody) and not streamed.can_send_again()
+        streamed = _streamed(self.request)
+        lost = streamed is not None and not streamed.can_send_again()
         if lost or (limit and size > limit):
             self._answered = True
             write_refusal(self.request, self._not_held())
@@ -546,8 +552,8 @@ class _Exchange:
         """A request the hub cannot have acted on, or one that changes nothing, goes again after a wait."""
         if not may_retry(self.request.method, failure):
             return False
-        streamed = getattr(self.request, "body", None)
-        if isinstance(streamed, StreamedBody) and streamed.spent:
+        streamed = _streamed(self.request)
+        if streamed is not None and streamed.spent:
             return False  # some of it went out: the hub may have acted on it
         if self._retry is None:
             self._retry = RetryPlan(self.resource.reactor)
