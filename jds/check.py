@@ -31,6 +31,7 @@ from jds.hub import HubAPI, ServerStarter
 from jds.hubversions import OLDEST, START_SCOPES, UnsupportedHub, release_of
 from jds.options import Options
 from jds.paths import HubTarget, authority
+from jds.profiles import describe_server_options
 from jds.proxy import make_agent, quiet_pool
 from jds.site import build_site
 from jds.token_expiry import describe_expiry, held_token_life, renewal_warning
@@ -226,7 +227,9 @@ class _Chain:
         renew = None
         if life is not None:
             now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
-            command = login_command(target, self.options["ca-cert"], self.options["token-file"])
+            command = login_command(
+                target, self.options["ca-cert"], self.options["token-file"], self.options.renewal_profile()
+            )
             renew = renewal_warning(life.expires_at, now, command)
         problems = []
         if owner != target.user and me.get("kind") == "user" and not me.get("admin"):
@@ -246,15 +249,17 @@ class _Chain:
         target = self.target
         try:
             state = yield self.api.server_state()
+            model = yield self.api.server_model()
         except Exception as exc:
             return [Step("server", False, getattr(exc, "message", str(exc)))]
+        options = _options_step(self.options["server-options"], model, state.ready)
         if not state.ready:
             how = "the proxy will start it when needed" if self.can_start else f"start it at {target.url}hub/home"
-            return [Step(
+            return [*options, Step(
                 "server", False, f"{target.server_url} is {state.word}",
                 f"Start your server: {how}." if not state.pending else "Wait for it to finish starting.",
             )]
-        return [Step("server", True, f"{target.server_url} is running")]
+        return [*options, Step("server", True, f"{target.server_url} is running")]
 
     @inlineCallbacks
     def kernelspecs(self):
@@ -285,6 +290,35 @@ class _Chain:
         if root_answer is not None:
             steps.append(_root_step(self.target, *root_answer))
         return steps
+
+
+def _options_step(given: dict[str, Any], model: dict[str, Any] | None, running: bool) -> list[Step]:
+    """
+    The spawn options the proxy will send, against those the hub keeps from the server's last
+    start. JupyterHub tells a token nothing of the spawner's form itself (its REST models have no
+    form, and its spawn page takes only the browser's cookie, and starts the server when there is
+    no form); the last start's ``user_options`` are what it tells: the form's fields, once a start
+    from the spawn page (or with --server-options) has used them.
+    """
+    recorded = (model or {}).get("user_options") or {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if given:
+        detail = f"the proxy starts your server with --server-options {describe_server_options(given)}"
+        if running and recorded != given:
+            before = describe_server_options(recorded) if recorded else "none"
+            detail += f"; the running server was started with {before}: yours apply at its next start"
+        return [Step("options", True, detail)]
+    if not recorded:
+        return []
+    fields = ", ".join(recorded)
+    example = " ".join(f"--server-options {key}=..." for key in recorded)
+    return [Step(
+        "options", True,
+        f"your hub's spawner takes options: the server's last start (from the hub's spawn form, or "
+        f"options given then) chose {fields}; no --server-options are given, so when the proxy starts it "
+        f"the hub reuses those ({describe_server_options(recorded)})",
+        f"To choose them yourself, give {example} (login --server-options saves them in the profile).",
+    )]
 
 
 def _root_step(target: HubTarget, code: int, body: bytes) -> Step:

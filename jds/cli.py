@@ -3,7 +3,8 @@
 without leaving a ``twistd.pid`` behind in the current directory and without twistd's scan of every
 installed plugin; and its helpers: ``check`` (is the chain to the hub sound?), ``status`` (what is a
 running daemon doing?), ``login`` (a hub token from the cluster password, for managed mode),
-``rotate-token`` (a new local token, ending every login) and ``demo`` (a throwaway hub on loopback
+``config`` (the settings in effect and where each came from), ``rotate-token`` (a new local
+token, ending every login) and ``demo`` (a throwaway hub on loopback
 with the daemon in front, to try an IDE against).
 """
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         from jds.hublogin import main as login
 
         return login(args[1:])
+    if args[:1] == ["config"]:
+        # lazy load: only for this command
+        from jds.config_command import main as config
+
+        return config(args[1:])
     if args[:1] == ["rotate-token"]:
         # lazy load: only for this command
         from jds.tokens import rotate_main

@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from jds.paths import HubTarget, authority
 
-__all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "program"]
+__all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "profile_command", "program"]
 
 
 def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
@@ -58,8 +58,21 @@ def daemon_command(target: HubTarget, ca_cert: str | None, token_file: str | Pat
     return shlex.join([*args, "--token-file", str(Path(token_file).absolute())])
 
 
-def login_command(target: HubTarget, ca_cert: str | None, token_file: str | Path | None) -> str:
-    """``login`` for the same hub and user, writing ``token_file`` (its default when ``None``)."""
+def profile_command(profile: str | None, *command: str) -> str:
+    """``jupyter-dev-server [COMMAND]`` on a saved profile: nothing more for the default one."""
+    chosen = ["--profile", profile] if profile and profile != "default" else []
+    return shlex.join([program(), *command, *chosen])
+
+
+def login_command(
+    target: HubTarget, ca_cert: str | None, token_file: str | Path | None, profile: str | None = None
+) -> str:
+    """
+    ``login`` for the same hub and user, writing ``token_file`` (its default when ``None``); when
+    the token file is a saved profile's, the profile's ``login`` says all that.
+    """
+    if profile:
+        return profile_command(profile, "login")
     args = [program(), "login", *hub_arguments(target, ca_cert)]
     if token_file is not None:
         args += ["--token-file", str(Path(token_file).absolute())]

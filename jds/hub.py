@@ -9,6 +9,7 @@ and is then replayed, so the IDE only sees a slow first answer.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +20,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from jds.hubversions import DEAD_TOKEN_CODES, LOGIN_PAGES, STOPPED_SERVER_CODES
 from jds.paths import HubTarget, escape_name
+from jds.profiles import describe_server_options
 from jds.refusal import Refusal
 
 log = Logger(namespace="jds.hub")
@@ -152,12 +154,19 @@ class HubAPI:
     """
 
     def __init__(
-        self, agent: Agent, target: HubTarget, hub_token: str | None, holder: str = "this proxy holds"
+        self,
+        agent: Agent,
+        target: HubTarget,
+        hub_token: str | None,
+        holder: str = "this proxy holds",
+        user_options: dict[str, Any] | None = None,
     ) -> None:
         self.agent = agent
         self.target = target
         self._token = hub_token
         self.holder = holder
+        # --server-options: what a spawn form would have sent, for every start in either mode
+        self.user_options = dict(user_options or {})
 
     @property
     def has_token(self) -> bool:
@@ -165,7 +174,7 @@ class HubAPI:
 
     def with_token(self, token: str) -> HubAPI:
         """The same calls with the token an IDE's request carried."""
-        return HubAPI(self.agent, self.target, token, holder="the IDE sent")
+        return HubAPI(self.agent, self.target, token, holder="the IDE sent", user_options=self.user_options)
 
     def _url(self, path: str) -> bytes:
         return f"https://{self.target.netloc}{self.target.base}hub/api/{path}".encode("ascii")
@@ -176,7 +185,7 @@ class HubAPI:
             return f"users/{user}/servers/{escape_name(self.target.server)}"
         return f"users/{user}/server"
 
-    def request(self, method: bytes, path: str) -> Deferred:
+    def request(self, method: bytes, path: str, body: object = None) -> Deferred:
         headers = Headers(
             {
                 b"Authorization": [b"token " + (self._token or "").encode()],
@@ -184,11 +193,15 @@ class HubAPI:
                 b"Host": [self.target.netloc.encode("ascii")],
             }
         )
-        return self.agent.request(method, self._url(path), headers)
+        producer = None
+        if body is not None:
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+            producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode("utf-8")))
+        return self.agent.request(method, self._url(path), headers, producer)
 
     @inlineCallbacks
-    def json(self, method: bytes, path: str):
-        response: IResponse = yield self.request(method, path)
+    def json(self, method: bytes, path: str, body: object = None):
+        response: IResponse = yield self.request(method, path, body)
         body = yield readBody(response)
         try:
             document = json.loads(body) if body else None
@@ -211,11 +224,28 @@ class HubAPI:
         return ServerState(ready=bool(server.get("ready")), pending=server.get("pending"))
 
     @inlineCallbacks
+    def server_model(self):
+        """The hub's model of the server, stopped or not (``None`` if it has none): its ``user_options``."""
+        code, user = yield self.json(b"GET", f"users/{escape_name(self.target.user)}?include_stopped_servers=1")
+        if code != 200 or not isinstance(user, dict):
+            yield self._refused(code, user, "read your server's state")
+        model = (user.get("servers") or {}).get(self.target.server)
+        return model if isinstance(model, dict) else None
+
+    @inlineCallbacks
     def start(self):
-        """``True`` once the hub accepted (201 started, 202 pending); 400 means it already runs or stops."""
-        code, body = yield self.json(b"POST", self._server_path())
-        if code in (201, 202, 400):
+        """
+        The hub's answer code once it accepted (201 started, 202 pending, 400 already running or
+        stopping). The body is the user_options themselves: JupyterHub 6 reads a body without its
+        own fields that way, and older releases only that way; no body lets the hub reuse the
+        options of the server's last start.
+        """
+        code, body = yield self.json(b"POST", self._server_path(), self.user_options or None)
+        said = body.get("message", "") if isinstance(body, dict) else ""
+        if code in (201, 202) or code == 400 and ("already running" in said or " is pending " in said):
             return code
+        if code in (400, 422, 500) and said:
+            raise options_refusal(said, self.user_options)
         yield self._refused(code, body, "start your server")
 
     @inlineCallbacks
@@ -241,6 +271,28 @@ class HubAPI:
 
 def _drain_code(response: IResponse) -> Deferred:
     return readBody(response).addBoth(lambda _: response.code)
+
+
+def options_refusal(said: str, user_options: dict[str, Any]) -> Refusal:
+    """
+    A start the hub refused, with its reason: naming the --server-options it is about when its
+    words name one, all of them when not, and that there were none when none were given (a hub
+    whose spawn form needs a choice refuses an empty one).
+    """
+    if not user_options:
+        return Refusal(
+            503,
+            f"The hub refused to start your server with no --server-options (hub says: {said}). If your "
+            "hub's spawn page asks for choices, give them with --server-options KEY=VALUE (login "
+            "--server-options saves them in the profile).",
+            "spawn-refused",
+        )
+    named = {key: value for key, value in user_options.items() if key.lower() in said.lower()}
+    if named:
+        which = f"--server-options {describe_server_options(named)}"
+    else:
+        which = f"--server-options {describe_server_options(user_options)} (the hub names none of them)"
+    return Refusal(503, f"The hub refused to start your server with {which}: {said}", "spawn-refused")
 
 
 def _api_refusal(code: int, body: object, target: HubTarget, what: str, holder: str) -> Refusal:
@@ -394,6 +446,8 @@ class ServerStarter:
         while self._waiters:
             yield api.follow_progress(self._event)
             if self.progress.failed:
+                if api.user_options and any(key.lower() in self.progress.message.lower() for key in api.user_options):
+                    raise options_refusal(self.progress.message, api.user_options)
                 raise Refusal(
                     503,
                     f"The hub failed to start your server: {self.progress.message or 'no reason given'}.",

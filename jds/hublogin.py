@@ -31,10 +31,19 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from jds.commands import daemon_command, parse_subcommand
+from jds.commands import parse_subcommand, profile_command
 from jds.hub import HubAPI
-from jds.options import HUB_PARAMETERS, HubOptions, hub_target
-from jds.paths import HubTarget, escape_name
+from jds.options import ENVIRONMENT, HUB_PARAMETERS, HubOptions, Options, check_server_options, hub_target
+from jds.paths import HubTarget, authority, escape_name, listen_address
+from jds.profiles import (
+    DEFAULT_PROFILE,
+    SERVER_OPTIONS,
+    SERVER_OPTIONS_TABLE,
+    check_profile_name,
+    config_path,
+    load_profiles,
+    save_profile,
+)
 from jds.proxy import make_agent
 from jds.token_expiry import describe_expiry, held_token_life, parse_expiry
 from jds.tokens import TokenFileError, default_hub_token_path, write_private
@@ -68,17 +77,25 @@ def parse_duration(value: str) -> int:
 
 
 class LoginOptions(HubOptions):
-    synopsis = "Usage: jupyter-dev-server login --hub HOST[:PORT] --user NAME [options]"
+    synopsis = "Usage: jupyter-dev-server login [--profile NAME] [--hub HOST[:PORT] --user NAME] [options]"
     longdesc = (
         "Get an API token from the hub with your cluster password (or, on a hub that signs in "
         "through a web page, the token you paste from its token page), save it in a file only you "
-        "can read, and print the command that starts jupyter-dev-server in managed mode with it. "
-        "Run it again to renew the token."
+        "can read, save the options given here as a profile ($XDG_CONFIG_HOME/jupyter-dev-server/"
+        "config.toml; --profile NAME, default 'default'; never the token), and print the command that "
+        "runs jupyter-dev-server with it in managed mode. A new profile gets a free --listen port. "
+        "Run 'jupyter-dev-server login' again (with --profile NAME for another) to renew the token."
     )
+    # JUPYTERHUB_API_TOKEN is a token to use, not where login writes one
+    environment = {name: env for name, env in ENVIRONMENT.items() if name != "token-file"}
     optParameters = [
         *HUB_PARAMETERS,
+        ["server", None, None, "A named server of yours, saved in the profile (as the daemon's --server)."],
+        ["root", None, None, "The daemon's --root, saved in the profile."],
+        ["listen", None, None, "The daemon's --listen, saved in the profile. [default: a free port from 8000 up]"],
         ["token-file", None, None,
-         "Where to write the token (mode 600). [default: $XDG_CONFIG_HOME/jupyter-dev-server/hub-token]"],
+         "Where to write the token (mode 600). [default: the profile's, else "
+         "$XDG_CONFIG_HOME/jupyter-dev-server/hub-token (hub-token-NAME for --profile NAME)]"],
         ["expires-in", None, DEFAULT_EXPIRES_IN,
          "How long the token lives: 30d, 12h, 90m (a bare number is days); 0 asks for no expiry, "
          "which the hub may cap."],
@@ -94,10 +111,61 @@ class LoginOptions(HubOptions):
         self.environ = os.environ if environ is None else environ
 
     def postOptions(self) -> None:
-        self["target"] = hub_target(self, self.environ)
+        self.apply_profile(self.environ)
+        self.saving = check_profile_name(self["profile"] or DEFAULT_PROFILE)
+        # as typed (or as the profile had them), before hub_target settles them
+        self.raw = {key: self[key] for key in self.profile_keys() if self.get(key) not in (None, "")}
+        self["target"] = hub_target(self, self.environ, self["server"] or "")
+        self["server-options"] = check_server_options(self.get(SERVER_OPTIONS) or {})
         self["expires-in"] = parse_duration(self["expires-in"])
-        path = self["token-file"] or default_hub_token_path(self.environ)
+        path = self["token-file"] or default_hub_token_path(self.environ, self.saving)
         self["token-file"] = Path(path).expanduser().absolute()
+
+    def profile_to_save(self, taken_ports: set[int], free_port: Callable[[set[int]], int]) -> dict[str, Any]:
+        """
+        The profile as it was, updated with what this login was told: the hub as the daemon must
+        reach it, the token file, and every other daemon option given; a new one gets a free port.
+        """
+        target: HubTarget = self["target"]
+        profile = dict(self.profile)
+        profile.pop(SERVER_OPTIONS, None)
+        base = "" if target.base == "/" else target.base
+        profile["hub"] = f"https://{authority(target.host, target.port)}{base}"
+        profile["user"] = target.user
+        profile.pop("tls-name", None)
+        if target.verify_name != target.host.lower():
+            profile["tls-name"] = target.verify_name
+        if self["ca-cert"]:
+            profile["ca-cert"] = self["ca-cert"]
+        daemon_keys = set(Options().profile_keys())
+        for key in sorted(set(self.raw) & self.given & daemon_keys - {"hub", "user", "tls-name", "ca-cert"}):
+            profile[key] = self.raw[key]
+        profile.pop(SERVER_OPTIONS, None)
+        profile["token-file"] = str(self["token-file"])
+        if not profile.get("listen"):
+            profile["listen"] = f"tcp:{free_port(taken_ports)}:interface=127.0.0.1"
+        if self["server-options"]:
+            profile[SERVER_OPTIONS_TABLE] = dict(self["server-options"])
+        return profile
+
+
+def _listen_port(listen: object) -> int | None:
+    kind, port, _ = listen_address(str(listen or ""))
+    return int(port) if kind in ("tcp", "tcp6") and port and port.isdigit() else None
+
+
+def free_listen_port(taken: set[int], first: int = 8000, last: int = 8099) -> int:
+    """The first port from ``first`` that no other profile uses and that 127.0.0.1 can bind now."""
+    for port in range(first, last + 1):
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise LoginError(f"No free port from {first} to {last} for the daemon; give one with --listen tcp:PORT:interface=127.0.0.1.")
 
 
 def _secret(prompt: str, from_stdin: bool) -> str:
@@ -238,6 +306,16 @@ def main(argv: list[str]) -> int:
         return 1
     target = options["target"]
     print(f"Saved a hub token for {target.user} ({describe_expiry(expires_at)}) in {path}.")
-    print("Start jupyter-dev-server in managed mode with it (restart it if it runs):")
-    print(f"  {daemon_command(target, options['ca-cert'], path)}")
+    config = config_path(options.environ)
+    try:
+        others = {name: p for name, p in load_profiles(config).items() if name != options.saving}
+        taken = {port for p in others.values() if (port := _listen_port(p.get("listen"))) is not None}
+        profile = options.profile_to_save(taken, free_listen_port)
+        save_profile(config, options.saving, profile, write_private)
+    except (OSError, TokenFileError, LoginError, usage.UsageError) as exc:
+        print(f"jupyter-dev-server login: cannot save the profile in {config}: {exc}", file=sys.stderr)
+        return 1
+    print(f"Saved the profile {options.saving!r} in {config} (listening on {profile['listen']}).")
+    print("Start jupyter-dev-server with it (restart it if it runs), then paste the URL it prints into your IDE:")
+    print(f"  {profile_command(options.saving)}")
     return 0

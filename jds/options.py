@@ -20,10 +20,11 @@ from twisted.python import usage
 
 from jds.guard import is_loopback
 from jds.paths import HubTarget, listen_address, parse_root
+from jds.profiles import SERVER_OPTIONS, ProfiledOptions
 from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
 
-__all__ = ["HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
+__all__ = ["ENVIRONMENT", "HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
 
 DEFAULT_HUB_PORT = 8000
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
@@ -127,6 +128,24 @@ HUB_PARAMETERS = [
 ]
 
 
+# The original tool's environment variables (and ours) that stand for an option: under the command
+# line, over a saved profile (jds.profiles). Listed in each option's help as [env ...].
+ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "hub": ("JUPYTER_SERVER_IP_OR_NAME",),
+    "user": ("JUPYTER_USERNAME",),
+    "tls-name": ("JUPYTER_SERVER_NAME",),
+    "ca-cert": ("JUPYTER_CLUSTER_CA_CERT",),
+    "listen": ("JUPYTER_PROXY_IP_OR_NAME", "JUPYTER_PROXY_PORT"),
+    "token-file": ("JUPYTERHUB_API_TOKEN",),
+    "root": ("JUPYTER_DEV_SERVER_ROOT",),
+}
+# What a command says when it has no hub at all: the user has not run login yet.
+NO_HUB = (
+    "No hub given and no saved profile: run 'jupyter-dev-server login --hub HOST[:PORT] --user NAME' "
+    "once (it saves the default profile), or give --hub."
+)
+
+
 def hub_target(options: usage.Options, environ: Mapping[str, str], server: str = "") -> HubTarget:
     """
     The hub, user and TLS name from ``options`` (as :data:`HUB_PARAMETERS` defines them), each
@@ -138,7 +157,7 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
 
     hub = options["hub"] or env("JUPYTER_SERVER_IP_OR_NAME")
     if not hub:
-        raise usage.UsageError("No hub given: pass --hub HOST[:PORT] or set JUPYTER_SERVER_IP_OR_NAME.")
+        raise usage.UsageError(NO_HUB)
     env_port = env("JUPYTER_SERVER_PORT")
     default_port = _port(env_port, "JUPYTER_SERVER_PORT") if env_port else DEFAULT_HUB_PORT
     host, port, base = parse_hub(hub, default_port)
@@ -159,8 +178,35 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
     return HubTarget(host=host, port=port, user=user, server=server, base_path=base, tls_name=tls_name)
 
 
-class HubOptions(usage.Options):
-    """What every command that reaches the hub (the daemon, ``check``, ``login``) makes of :data:`HUB_PARAMETERS`."""
+def check_server_options(options: dict[str, Any]) -> dict[str, Any]:
+    """
+    The spawn options, refused when the hub would read them as something else: JupyterHub 6 takes a
+    body with a ``user_options`` or ``display_name`` key as its own fields, and older releases the
+    whole body as the options, so only the body itself is sent and those two names cannot be options.
+    """
+    for reserved in ("user_options", "display_name"):
+        if reserved in options:
+            raise usage.UsageError(
+                f"--server-options cannot set {reserved!r}: the hub reads that name as its own field."
+            )
+    return options
+
+
+class HubOptions(ProfiledOptions):
+    """
+    What every command that reaches the hub (the daemon, ``check``, ``login``) makes of
+    :data:`HUB_PARAMETERS`, each of them also from a saved profile (``--profile``).
+    """
+
+    environment = ENVIRONMENT
+
+    def opt_server_options(self, text: str) -> None:
+        """
+        A spawn option for your server, KEY=VALUE (a string, sent as typed) or KEY:=JSON (a number,
+        true/false, a list), repeatable: the user_options the proxy sends when it starts the server,
+        as the hub's spawn form would. Replaces the profile's server_options.
+        """
+        self.add_server_option(text)
 
     def hub_policy(self, reactor: Any, spares: int = 0, spare_seconds: float = 4.0) -> HubTLSPolicy:
         """
@@ -175,14 +221,18 @@ class HubOptions(usage.Options):
 
 
 class Options(HubOptions):
-    synopsis = "--hub HOST[:PORT] --user NAME [options]"
+    synopsis = "[--profile NAME] [--hub HOST[:PORT] --user NAME] [options]"
     longdesc = (
         "Serve your server on a JupyterHub to a local IDE as a plain Jupyter server. Configure the "
-        "IDE with the 'existing Jupyter server' URL printed at start-up. Each option falls back to "
-        "the environment variable of the original jupyter-dev-server script named in its help. "
+        "IDE with the 'existing Jupyter server' URL printed at start-up. 'jupyter-dev-server login "
+        "--hub HOST --user NAME' saves a profile; then 'jupyter-dev-server' alone runs it (another "
+        "profile: --profile NAME). Each setting comes from, in this order: the option on the command "
+        "line, the environment variable of the original jupyter-dev-server script named in its help, "
+        "the profile, the default; 'jupyter-dev-server config' shows which. "
         "Helpers: 'jupyter-dev-server check' (test the chain to your server), 'jupyter-dev-server "
         "status' (ask a running daemon), 'jupyter-dev-server login' (get a hub token with your "
-        "password, for --token-file), 'jupyter-dev-server rotate-token' (a new local token, ending every "
+        "password and save the profile), 'jupyter-dev-server config' (the settings in effect and where "
+        "each came from), 'jupyter-dev-server rotate-token' (a new local token, ending every "
         "login), 'jupyter-dev-server demo' (a throwaway hub to try an IDE on); "
         "each takes --help."
     )
@@ -261,7 +311,9 @@ class Options(HubOptions):
         return value or None
 
     def postOptions(self) -> None:
+        self.apply_profile(self.environ)
         target = hub_target(self, self.environ, self["server"] or "")
+        self["server-options"] = check_server_options(self.get(SERVER_OPTIONS) or {})
 
         for name in ("spawn-timeout", "response-timeout", "kernel-start-timeout", "ping-interval", "header-timeout",
                      "body-timeout", "cookie-max-age"):
@@ -305,6 +357,15 @@ class Options(HubOptions):
             raise usage.UsageError(str(exc)) from None
         self["target"] = dataclasses.replace(target, root=root)
 
+    def renewal_profile(self) -> str | None:
+        """The saved profile whose ``login`` renews the hub token in use, if it came from one."""
+        origin = getattr(self, "origins", {}).get("token-file", "")
+        return self.profile_name if origin.startswith("profile ") else None
+
+    def local_token_default(self) -> Path:
+        """The local token's file when --local-token-file is not given: one per saved profile."""
+        return default_local_token_path(self.environ, getattr(self, "profile_name", None))
+
     def _tokens(self) -> None:
         """Managed mode when a hub token is given: read it now, so a bad file stops start-up."""
         hub_token = None
@@ -319,7 +380,7 @@ class Options(HubOptions):
         self["local-token"] = None
         self["local-token-path"] = None
         if hub_token:
-            path = Path(self["local-token-file"] or default_local_token_path(self.environ)).expanduser()
+            path = Path(self["local-token-file"] or self.local_token_default()).expanduser()
             self["local-token-path"] = path
             try:
                 self["local-token"] = load_local_token(path)

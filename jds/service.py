@@ -142,14 +142,14 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     )
     # Both modes start a stopped server: managed mode with the token it holds, pass-through mode
     # (no hub token here) with the token the IDE's request carries.
-    api = HubAPI(make_agent(reactor, policy), target, options["hub-token"])
+    api = HubAPI(make_agent(reactor, policy), target, options["hub-token"], user_options=options["server-options"])
     starter = ServerStarter(
         api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
         on_progress=ProgressBar(sys.stderr).update,
     )
     token_watch = None
     if credentials.managed:
-        renew = login_command(target, options["ca-cert"], options["token-file"])
+        renew = login_command(target, options["ca-cert"], options["token-file"], options.renewal_profile())
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
     timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])

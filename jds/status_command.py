@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from jds.commands import parse_subcommand
 from jds.paths import authority, listen_address
+from jds.profiles import ProfiledOptions
 from jds.status import STATUS_PATH
 from jds.tokens import default_local_token_path
 
@@ -110,12 +111,16 @@ def endpoint_url(listen: str) -> str:
     return f"http://{authority(interface)}:{port or 8000}"
 
 
-class StatusOptions(usage.Options):
-    synopsis = "Usage: jupyter-dev-server status [--url URL | --listen ENDPOINT] [--token TOKEN] [--json]"
+class StatusOptions(ProfiledOptions):
+    synopsis = (
+        "Usage: jupyter-dev-server status [--profile NAME] [--url URL | --listen ENDPOINT] [--token TOKEN] [--json]"
+    )
     longdesc = (
         "Ask a running jupyter-dev-server what it serves, whether your server is running, and how "
-        "much it has relayed. It reads the local token from the same file the daemon keeps it in."
+        "much it has relayed. It reads the local token from the same file the daemon keeps it in. "
+        "With no options it asks the daemon of the default profile (--profile NAME: another's)."
     )
+    environment = {"listen": ("JUPYTER_PROXY_IP_OR_NAME", "JUPYTER_PROXY_PORT")}
     optParameters = [
         ["url", None, None, "The daemon's address. [default: from --listen, else http://127.0.0.1:8000]"],
         ["listen", None, None,
@@ -132,6 +137,7 @@ class StatusOptions(usage.Options):
         self.environ = os.environ if environ is None else environ
 
     def postOptions(self) -> None:
+        self.apply_profile(self.environ)
         url = self["url"]
         if not url and self["listen"]:
             url = endpoint_url(self["listen"])
@@ -142,7 +148,8 @@ class StatusOptions(usage.Options):
         self["url"] = url.rstrip("/")
         self["token-source"] = "--token"
         if self["token"] is None:
-            path = Path(self["local-token-file"] or default_local_token_path(self.environ)).expanduser()
+            default = default_local_token_path(self.environ, self.profile_name)
+            path = Path(self["local-token-file"] or default).expanduser()
             try:
                 self["token"] = path.read_text(encoding="utf-8").strip() or None
             except OSError:

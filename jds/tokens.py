@@ -22,15 +22,20 @@ class TokenFileError(ValueError):
     """A token file that cannot be used; the message says how to fix it."""
 
 
-def default_local_token_path(environ: Mapping[str, str]) -> Path:
+def _per_profile(name: str, profile: str | None) -> str:
+    """One file per saved profile, so daemons side by side keep their own; the default keeps the plain name."""
+    return name if profile in (None, "default") else f"{name}-{profile}"
+
+
+def default_local_token_path(environ: Mapping[str, str], profile: str | None = None) -> Path:
     state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "jupyter-dev-server" / "local-token"
+    return Path(state) / "jupyter-dev-server" / _per_profile("local-token", profile)
 
 
-def default_hub_token_path(environ: Mapping[str, str]) -> Path:
+def default_hub_token_path(environ: Mapping[str, str], profile: str | None = None) -> Path:
     """Where ``jupyter-dev-server login`` keeps the hub token: configuration the user made, not state."""
     config = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(config) / "jupyter-dev-server" / "hub-token"
+    return Path(config) / "jupyter-dev-server" / _per_profile("hub-token", profile)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -122,15 +127,19 @@ def rotate_local_token(path: str | os.PathLike[str]) -> str:
 
 def rotate_main(argv: list[str]) -> int:
     """``jupyter-dev-server rotate-token``: a new local token; the old one and every login end."""
-    from twisted.python import usage  # lazy load: only for this command
+    from jds.profiles import ProfiledOptions  # lazy load: only for this command
 
-    class RotateOptions(usage.Options):
-        synopsis = "[--local-token-file PATH]"
+    class RotateOptions(ProfiledOptions):
+        synopsis = "[--profile NAME] [--local-token-file PATH]"
         longdesc = (
             "Replace managed mode's local token by a new one. A running jupyter-dev-server takes it at "
             "its next request: the old token stops working and every browser or IDE login (the "
-            "jds-auth cookie) ends. Paste the new URL (in the .url file next to the token) into your IDE."
+            "jds-auth cookie) ends. Paste the new URL (in the .url file next to the token) into your IDE. "
+            "With no options it is the default profile's daemon (--profile NAME: another's)."
         )
+
+        def postOptions(self) -> None:  # noqa: N802 - usage.Options
+            self.apply_profile(os.environ)
         optParameters = [
             ["local-token-file", None, None,
              "The daemon's --local-token-file. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
@@ -142,7 +151,7 @@ def rotate_main(argv: list[str]) -> int:
     failed = parse_subcommand(options, argv, "rotate-token")
     if failed is not None:
         return failed
-    path = Path(options["local-token-file"] or default_local_token_path(os.environ)).expanduser()
+    path = Path(options["local-token-file"] or default_local_token_path(os.environ, options.profile_name)).expanduser()
     try:
         if path.exists():
             _private(path, "The local token file")
