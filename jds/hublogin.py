@@ -86,6 +86,7 @@ class LoginOptions(HubOptions):
         "runs jupyter-dev-server with it in managed mode. A new profile gets a free --listen port. "
         "Run 'jupyter-dev-server login' again (with --profile NAME for another) to renew the token."
     )
+    creates_profile = True
     # JUPYTERHUB_API_TOKEN is a token to use, not where login writes one
     environment = {name: env for name, env in ENVIRONMENT.items() if name != "token-file"}
     optParameters = [

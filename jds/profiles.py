@@ -105,7 +105,17 @@ def save_profile(path: Path, name: str, profile: Mapping[str, Any], write_privat
 
 
 def _key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) else _string(key)
+
+
+def _string(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProfileError(f"{value!r} is not text (it holds bytes that are not UTF-8).") from None
+    # JSON's string escapes are TOML's basic-string escapes (\uXXXX, \", \\, \n...), but for
+    # DEL, which TOML wants escaped too
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _value(value: Any) -> str:
@@ -118,13 +128,7 @@ def _value(value: Any) -> str:
             return ("-" if value < 0 else "") + ("inf" if math.isinf(value) else "nan")
         return repr(value)
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProfileError(f"{value!r} is not text (it holds bytes that are not UTF-8).") from None
-        # JSON's string escapes are TOML's basic-string escapes (\uXXXX, \", \\, \n...), but for
-        # DEL, which TOML wants escaped too
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+        return _string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value(item) for item in value) + "]"
     if isinstance(value, Mapping):
@@ -190,6 +194,8 @@ class ProfiledOptions(usage.Options):
     """
 
     environment: Mapping[str, tuple[str, ...]] = {}
+    # login makes the profile it names; every other command needs it to exist
+    creates_profile = False
     optParameters = [
         ["profile", None, None,
          f"The saved profile to use ('login --profile NAME' saves one). [default: {DEFAULT_PROFILE}, when saved]"],
@@ -233,7 +239,7 @@ class ProfiledOptions(usage.Options):
         asked = self.get("profile")
         name = check_profile_name(asked) if asked else DEFAULT_PROFILE
         profile = dict(load_profiles(path).get(name) or {})
-        if asked and not profile:
+        if asked and not profile and not self.creates_profile:
             raise ProfileError(
                 f"There is no profile {name!r} in {path}: save it with 'jupyter-dev-server login --profile "
                 f"{name} --hub HOST --user NAME'."

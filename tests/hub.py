@@ -222,10 +222,12 @@ class ProxyProcess:
         self.directory = directory or Path(tempfile.mkdtemp(prefix="jds-proxy-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         # Hermetic: no JUPYTER*_ variables from the caller (pass them in ``env`` to test them),
-        # and managed mode's local token goes into this proxy's own directory.
-        self.env = clean_environ(
-            {"XDG_STATE_HOME": str(self.directory / "state"), **(env or {})}
-        )
+        # managed mode's local token goes into this proxy's own directory, and no saved profile
+        # of the machine's user fills in what a test leaves out.
+        self.env = clean_environ({
+            "XDG_STATE_HOME": str(self.directory / "state"), "XDG_CONFIG_HOME": str(self.directory / "config"),
+            **(env or {}),
+        })  # fmt: skip
         self.plugin = plugin
         self.log_path = self.directory / "proxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
