@@ -20,7 +20,12 @@ from twisted.python import usage
 from jds.config_command import ConfigOptions, settings
 from jds.options import NO_HUB, Options
 from jds.profiles import (
-    ProfileError, config_path, dump_toml, load_profiles, parse_server_option, save_profile,
+    ProfileError,
+    config_path,
+    dump_toml,
+    load_profiles,
+    parse_server_option,
+    save_profile,
 )
 from jds.tokens import default_local_token_path, write_private
 
