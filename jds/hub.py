@@ -288,11 +288,8 @@ def options_refusal(said: str, user_options: dict[str, Any]) -> Refusal:
             "spawn-refused",
         )
     named = {key: value for key, value in user_options.items() if key.lower() in said.lower()}
-    if named:
-        which = f"--server-options {describe_server_options(named)}"
-    else:
-        which = f"--server-options {describe_server_options(user_options)} (the hub names none of them)"
-    return Refusal(503, f"The hub refused to start your server with {which}: {said}", "spawn-refused")
+    which = describe_server_options(named or user_options) + ("" if named else " (the hub names none of them)")
+    return Refusal(503, f"The hub refused to start your server with --server-options {which}: {said}", "spawn-refused")
 
 
 def _api_refusal(code: int, body: object, target: HubTarget, what: str, holder: str) -> Refusal:

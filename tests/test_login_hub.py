@@ -14,6 +14,7 @@ import shlex
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,11 @@ import hub
 import pytest
 import requests
 from hub import JupyterHubProcess, ProxyProcess, clean_environ, poll, stop_pid, tail, venv_script
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PASSWORD = "correct horse battery staple"
 USER = "carol"
@@ -123,9 +129,10 @@ def test_password_login_writes_a_private_token_the_daemon_runs_with(
     assert datetime.timedelta(days=2, hours=23) < left <= datetime.timedelta(days=3)
     assert "expires " + expires.strftime("%Y-%m-%d") in done.stdout
 
-    # The printed command starts the daemon in managed mode, as printed, from a new shell.
-    command = re.search(r"^  (\S*jupyter-dev-server --hub .*)$", done.stdout, re.MULTILINE).group(1)
-    assert f"--token-file {token_file}" in command
+    # The printed command starts the daemon in managed mode, as printed, from a new shell: the saved
+    # profile holds the hub, the CA and the token file.
+    command = re.search(r"^  (\S*jupyter-dev-server)$", done.stdout, re.MULTILINE).group(1)
+    assert _saved_profile(tmp_path)["token-file"] == str(token_file)
     daemon, log = _start_printed(command, tmp_path)
     try:
         ready = poll(lambda: ProxyProcess.READY_LINE.search(log.read_text()) or _exited(daemon, log),
@@ -182,7 +189,12 @@ def test_default_token_file_is_under_xdg_config_home(password_hub: JupyterHubPro
     token_file = tmp_path / "config" / "jupyter-dev-server" / "hub-token"
     assert _private(token_file)
     assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
-    assert f"--token-file {token_file}" in done.stdout
+    assert _saved_profile(tmp_path)["token-file"] == str(token_file)
+
+
+def _saved_profile(tmp_path: Path, name: str = "default") -> dict[str, object]:
+    with (tmp_path / "config" / "jupyter-dev-server" / "config.toml").open("rb") as file:
+        return tomllib.load(file)["profiles"][name]
 
 
 def test_sso_hub_reads_a_pasted_token_and_checks_it(sso_hub: JupyterHubProcess, tmp_path: Path) -> None:
@@ -205,7 +217,8 @@ def test_sso_hub_reads_a_pasted_token_and_checks_it(sso_hub: JupyterHubProcess, 
     assert "single sign-on" in done.stderr and f"{hub.url.replace('127.0.0.1', hub.tls_name)}/hub/token" in done.stderr
     assert token_file.read_text().strip() == pasted and _private(token_file)
     assert "never expires" in done.stdout  # minted without an expiry
-    assert re.search(r"^  \S*jupyter-dev-server --hub .* --token-file ", done.stdout, re.MULTILINE)
+    assert re.search(r"^  \S*jupyter-dev-server$", done.stdout, re.MULTILINE)
+    assert _saved_profile(tmp_path)["token-file"] == str(token_file)
     assert os.path.isabs(shlex.split(re.search(r"^  (\S+)", done.stdout, re.MULTILINE).group(1))[0])
 
 

@@ -7,6 +7,7 @@ the troubleshooting messages against the source that prints them.
 from __future__ import annotations
 
 import functools
+import plistlib
 import re
 import shlex
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from hub import REPO_ROOT, clean_environ, venv_script
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-SUBCOMMANDS = ("check", "status", "login", "demo", "rotate-token")
+SUBCOMMANDS = ("check", "status", "login", "config", "demo", "rotate-token")
 # usage.Options adds these to every command; the README need not list them.
 BUILT_IN = {"--help", "--version"}
 
@@ -158,8 +159,11 @@ def test_docs_exist() -> None:
         assert (REPO_ROOT / path).is_file(), path
     for target in re.findall(r"\]\(((?:docs|\.\./)[^)#]*)", README):
         assert (REPO_ROOT / target).exists(), f"README links to a missing {target}"
+    # Both daily-life files run the default profile that `login` saved: the script, no options.
     unit = (REPO_ROOT / "docs" / "jupyter-dev-server.service").read_text()
     exec_start = re.search(r"^ExecStart=(.*)$", unit, re.MULTILINE).group(1).split()
-    assert Path(exec_start[0]).name == "jupyter-dev-server"
-    options = {arg for arg in exec_start if arg.startswith("--")}
-    assert options <= help_options("jupyter-dev-server")
+    assert Path(exec_start[0]).name == "jupyter-dev-server" and exec_start[1:] == []
+    with (REPO_ROOT / "docs" / "org.jupyter-dev-server.plist").open("rb") as file:
+        agent = plistlib.load(file)
+    assert [Path(arg).name for arg in agent["ProgramArguments"]] == ["jupyter-dev-server"]
+    assert agent["RunAtLoad"] is True and agent["Label"] == "org.jupyter-dev-server"
