@@ -15,7 +15,7 @@ which then stops them in order, proxy first, instead of everything dying at once
 from __future__ import annotations
 
 import importlib.util
-import shlex
+import os
 import shutil
 import signal
 import socket
@@ -29,12 +29,15 @@ from typing import Any
 
 from twisted.python import usage
 
-from jds.commands import parse_subcommand, program
+from jds.commands import parse_subcommand, profile_command
+from jds.profiles import ProfileError, config_path, remove_profile, save_profile
 from jds.tokens import load_local_token, write_private
 
 __all__ = ["DemoOptions", "main"]
 
 DEFAULT_PORT = 8000
+# The profile the demo saves for its daemon and its printed commands, and removes when it stops.
+PROFILE = "demo"
 # The Python packages the demo's hub and servers run on (the ``demo`` extra).
 _NEEDED = ("jupyterhub", "jupyter_server", "ipykernel", "notebook", "trustme", "requests", "psutil")
 
@@ -93,6 +96,7 @@ class Demo:
         self.directory: Path | None = None
         self.hub: Any = None
         self.proxy: subprocess.Popen[bytes] | None = None
+        self.config: Path | None = None
 
     def run(self) -> int:
         # lazy load: needs the demo extra, which _missing() checks first
@@ -146,15 +150,18 @@ class Demo:
             taken, port = port, _demohub.free_port()
             _say(f"Port {taken} is taken; the proxy listens on {port} instead.")
         self.port = port
-        self.proxy_args = [
-            "--hub", hub.url, "--user", self.user, "--ca-cert", str(ca.ca_path),
-            "--tls-name", hub.tls_name, "--token-file", str(token_file),
-            "--local-token-file", str(local_token_file),
-        ]  # fmt: skip
-        command = [
-            _demohub.venv_script("twistd"), "-n", "--pidfile=", "jupyter-dev-server",
-            *self.proxy_args, "--listen", f"tcp:{port}:interface=127.0.0.1",
-        ]  # fmt: skip
+        # Saved as a profile, as `login` would: the daemon and the commands printed below run on it.
+        self.config = config_path(os.environ)
+        profile = {
+            "hub": hub.url, "user": self.user, "ca-cert": str(ca.ca_path), "tls-name": hub.tls_name,
+            "token-file": str(token_file), "local-token-file": str(local_token_file),
+            "listen": f"tcp:{port}:interface=127.0.0.1",
+        }  # fmt: skip
+        try:
+            save_profile(self.config, PROFILE, profile, write_private)
+        except (OSError, ProfileError) as exc:
+            raise _demohub.HarnessError(f"cannot save the profile {PROFILE!r} in {self.config}: {exc}") from None
+        command = [_demohub.venv_script("twistd"), "-n", "--pidfile=", "jupyter-dev-server", "--profile", PROFILE]
         _say("Starting jupyter-dev-server in managed mode; its log follows.")
         # Its log goes to the terminal, so the user sees each request the IDE makes.
         self.proxy = subprocess.Popen(
@@ -204,11 +211,12 @@ Paste this URL into VS Code ("Select Kernel" > "Existing Jupyter Server") or PyC
 
   IDE URL: {base}/?token={self.local_token}
 
-Or try it from a shell (any shell: the commands need no PATH and read the tokens from their files):
+Or try it from a shell (any shell: the commands need no PATH and read the tokens from their files;
+the profile {PROFILE!r} they use is in {self.config} until Ctrl-C):
 
   curl -s '{base}/api/kernelspecs?token={self.local_token}'
-  {shlex.join([program(), "status", "--url", base, "--local-token-file", str(self.local_token_file)])}
-  {shlex.join([program(), "check", *self.proxy_args])}
+  {profile_command(PROFILE, "status")}
+  {profile_command(PROFILE, "check")}
 
 Temporary files: {self.directory}
 Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
@@ -248,6 +256,12 @@ Press Ctrl-C to stop the proxy and the hub and remove the temporary files.
             self.hub.stop()
             if self.hub.leftovers:
                 _say("  (had to stop these by pid: " + "; ".join(self.hub.leftovers) + ")")
+        if self.config is not None:
+            try:
+                remove_profile(self.config, PROFILE, write_private)
+            except (OSError, ProfileError) as exc:
+                print(f"jupyter-dev-server demo: could not remove the profile {PROFILE!r} from {self.config}: {exc}",
+                      file=sys.stderr, flush=True)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             if self.directory.exists():

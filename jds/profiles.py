@@ -43,7 +43,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "DEFAULT_PROFILE", "NEVER_SAVED", "ProfileError", "ProfiledOptions", "config_path", "dump_toml",
-    "load_profiles", "parse_server_option", "save_profile",
+    "load_profiles", "parse_server_option", "remove_profile", "save_profile",
 ]
 
 DEFAULT_PROFILE = "default"
@@ -52,6 +52,10 @@ SERVER_OPTIONS_TABLE = "server_options"
 SERVER_OPTIONS = "server-options"
 # Options never written to or read from a profile: secrets, and the choice of profile itself.
 NEVER_SAVED = frozenset({"profile", "token", "password", "local-token", "hub-token"})
+_HEADER = (
+    "# jupyter-dev-server profiles, written by `jupyter-dev-server login`. A key is a long option\n"
+    "# of the daemon; `jupyter-dev-server config --profile NAME` shows what is in effect. No tokens here.\n"
+)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -97,11 +101,14 @@ def save_profile(path: Path, name: str, profile: Mapping[str, Any], write_privat
     check_profile_name(name)
     profiles = load_profiles(path)
     profiles[name] = {key: value for key, value in profile.items() if key not in NEVER_SAVED}
-    header = (
-        "# jupyter-dev-server profiles, written by `jupyter-dev-server login`. A key is a long option\n"
-        "# of the daemon; `jupyter-dev-server config --profile NAME` shows what is in effect. No tokens here.\n"
-    )
-    write_private(path, header + dump_toml({"profiles": profiles}))
+    write_private(path, _HEADER + dump_toml({"profiles": profiles}))
+
+
+def remove_profile(path: Path, name: str, write_private: Callable[[Path, str], None]) -> None:
+    """Remove one profile (the demo's, when it stops), keeping the others."""
+    profiles = load_profiles(path)
+    if profiles.pop(name, None) is not None:
+        write_private(path, _HEADER + dump_toml({"profiles": profiles}))
 
 
 def _key(key: str) -> str:

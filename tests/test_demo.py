@@ -54,7 +54,7 @@ def test_demo_runs_a_kernel_and_cleans_up(tmp_path: Path) -> None:
         demo = subprocess.Popen(
             [venv_script("jupyter-dev-server"), "demo", "--port", "0"],
             stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
-            env=clean_environ(),
+            env=clean_environ({"XDG_CONFIG_HOME": str(tmp_path / "config")}),
         )
     family = Family(demo.pid)
     try:
@@ -84,10 +84,14 @@ def test_demo_runs_a_kernel_and_cleans_up(tmp_path: Path) -> None:
 
         # The other commands it printed run as printed in a new shell (no virtual environment on
         # PATH), and no token is on their command lines, where `ps` would show it.
-        fresh = clean_environ({"PATH": "/usr/local/bin:/usr/bin:/bin", "XDG_STATE_HOME": str(tmp_path / "state")})
+        # They use the profile the demo saved (in the demo's XDG_CONFIG_HOME, as in the user's shell).
+        config = tmp_path / "config" / "jupyter-dev-server" / "config.toml"
+        assert "[profiles.demo]" in config.read_text()
+        fresh = clean_environ({"PATH": "/usr/local/bin:/usr/bin:/bin", "XDG_STATE_HOME": str(tmp_path / "state"),
+                               "XDG_CONFIG_HOME": str(tmp_path / "config")})  # fmt: skip
         fresh.pop("VIRTUAL_ENV", None)
         for name in ("status", "check"):
-            line = re.search(rf"^  (\S*jupyter-dev-server {name} .*)$", text, re.MULTILINE).group(1)
+            line = re.search(rf"^  (\S*jupyter-dev-server {name} --profile demo)$", text, re.MULTILINE).group(1)
             assert token not in line and "--token " not in line, line
             done = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=120, env=fresh)
             assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
@@ -108,6 +112,7 @@ def test_demo_runs_a_kernel_and_cleans_up(tmp_path: Path) -> None:
         assert "Stopped; removed" in output.read_text()
         assert family.alive() == [], "left behind after Ctrl-C"
         assert not directory.exists()
+        assert "[profiles.demo]" not in config.read_text()  # its files are gone: so is its profile
     finally:
         if demo.poll() is None:
             stop_pid(demo, 60, signal.SIGINT)
