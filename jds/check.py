@@ -99,8 +99,11 @@ class Step:
 
 
 class CheckOptions(Options):
-    synopsis = "check --hub HOST[:PORT] --user NAME [options]"
-    longdesc = "Check every link from this machine to your server on the hub; exit 0 only if an IDE would work."
+    synopsis = "check [--profile NAME] [--hub HOST[:PORT] --user NAME] [options]"
+    longdesc = (
+        "Check every link from this machine to your server on the hub; exit 0 only if an IDE would work. "
+        "It takes the daemon's options, and with none checks the default profile's settings."
+    )
     optFlags = [*Options.optFlags, ["json", None, "Print the steps as JSON."]]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -273,6 +274,21 @@ def _drain_code(response: IResponse) -> Deferred:
     return readBody(response).addBoth(lambda _: response.code)
 
 
+def _named_options(said: str, user_options: dict[str, Any]) -> dict[str, Any]:
+    """
+    The options the hub's message is about: those it names as an option is named (``gpus:``,
+    ``gpus=``, ``'gpus'``), else those it names as a word (a message may say "partition" in passing).
+    """
+
+    def find(pattern: str) -> dict[str, Any]:
+        return {
+            key: value for key, value in user_options.items()
+            if re.search(pattern.format(key=re.escape(key)), said, re.IGNORECASE)
+        }  # fmt: skip
+
+    return find(r"(?<![\w-]){key}\s*[:=]|['\"`]{key}['\"`]") or find(r"(?<![\w-]){key}(?![\w-])")
+
+
 def options_refusal(said: str, user_options: dict[str, Any]) -> Refusal:
     """
     A start the hub refused, with its reason: naming the --server-options it is about when its
@@ -287,7 +303,7 @@ def options_refusal(said: str, user_options: dict[str, Any]) -> Refusal:
             "--server-options saves them in the profile).",
             "spawn-refused",
         )
-    named = {key: value for key, value in user_options.items() if key.lower() in said.lower()}
+    named = _named_options(said, user_options)
     which = describe_server_options(named or user_options) + ("" if named else " (the hub names none of them)")
     return Refusal(503, f"The hub refused to start your server with --server-options {which}: {said}", "spawn-refused")
 
@@ -443,7 +459,7 @@ class ServerStarter:
         while self._waiters:
             yield api.follow_progress(self._event)
             if self.progress.failed:
-                if api.user_options and any(key.lower() in self.progress.message.lower() for key in api.user_options):
+                if _named_options(self.progress.message, api.user_options):
                     raise options_refusal(self.progress.message, api.user_options)
                 raise Refusal(
                     503,

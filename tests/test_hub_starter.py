@@ -100,3 +100,52 @@ def test_an_unconfirmed_answer_stands_in_pass_through_but_not_in_managed_mode() 
     managed: list[object] = []
     ServerStarter(UnreadableAPI("held"), Clock()).recover(403, None).addBoth(managed.append)
     assert managed[0].check(Refusal) and managed[0].value.reason == "hub-token-refused"
+
+
+class CannedAPI(HubAPI):
+    """``json()`` answers from a list, and records what each call sent."""
+
+    def __init__(self, answers: list[tuple[int, object]], user_options: dict | None = None) -> None:
+        super().__init__(agent=None, target=TARGET, hub_token="t", user_options=user_options)  # type: ignore[arg-type]
+        self.answers = answers
+        self.sent: list[tuple[bytes, str, object]] = []
+
+    def json(self, method: bytes, path: str, body: object = None):
+        self.sent.append((method, path, body))
+        return succeed(self.answers.pop(0))
+
+
+def _outcome(d: Deferred) -> object:
+    results: list[object] = []
+    d.addBoth(results.append)
+    return results[0]
+
+
+def test_a_start_sends_the_server_options_as_the_body_in_both_modes() -> None:
+    api = CannedAPI([(202, None)], {"partition": "gpu", "gpus": 2})
+    assert _outcome(api.start()) == 202
+    assert api.sent == [(b"POST", "users/alice/server", {"partition": "gpu", "gpus": 2})]
+    # pass-through mode starts with the IDE's token, and the same options
+    assert api.with_token("ide").user_options == {"partition": "gpu", "gpus": 2}
+    bare = CannedAPI([(201, None)])
+    assert _outcome(bare.start()) == 201
+    assert bare.sent == [(b"POST", "users/alice/server", None)]  # no body: the hub reuses the last options
+
+
+def test_a_running_or_stopping_server_is_still_a_400_that_is_not_a_refusal() -> None:
+    for message in ("alice is already running", "alice's server is pending stop"):
+        assert _outcome(CannedAPI([(400, {"status": 400, "message": message})]).start()) == 400
+
+
+def test_a_refused_option_is_named() -> None:
+    api = CannedAPI([(400, {"message": "gpus: 7 is more than the 4 this partition has"})],
+                    {"partition": "gpu", "gpus": 7})  # fmt: skip
+    failure = _outcome(api.start())
+    assert failure.check(Refusal) and failure.value.status == 503 and failure.value.reason == "spawn-refused"
+    assert failure.value.message == (
+        "The hub refused to start your server with --server-options gpus:=7: gpus: 7 is more than the 4 this partition has"
+    )
+    vague = _outcome(CannedAPI([(400, {"message": "Invalid user options"})], {"partition": "gpu"}).start())
+    assert "--server-options partition=gpu (the hub names none of them): Invalid user options" in vague.value.message
+    none = _outcome(CannedAPI([(400, {"message": "choose a partition"})]).start())
+    assert none.value.message.startswith("The hub refused to start your server with no --server-options (hub says: ")
