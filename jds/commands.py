@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from jds.paths import HubTarget, authority
 
-__all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "profile_command", "program"]
+__all__ = ["hub_arguments", "login_command", "parse_subcommand", "profile_command", "program"]
 
 
 def parse_subcommand(options: Any, argv: list[str], name: str) -> int | None:
@@ -48,14 +48,6 @@ def hub_arguments(target: HubTarget, ca_cert: str | None) -> list[str]:
     if target.verify_name != target.host.lower():
         args += ["--tls-name", target.verify_name]
     return args
-
-
-def daemon_command(target: HubTarget, ca_cert: str | None, token_file: str | Path) -> str:
-    """The daemon in managed mode with the hub token in ``token_file``."""
-    args = [program(), *hub_arguments(target, ca_cert)]
-    if target.server:
-        args += ["--server", target.server]
-    return shlex.join([*args, "--token-file", str(Path(token_file).absolute())])
 
 
 def profile_command(profile: str | None, *command: str) -> str:

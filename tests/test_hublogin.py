@@ -12,7 +12,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from jds.commands import daemon_command, login_command, program
+from jds.commands import login_command, profile_command, program
 from jds.hublogin import LoginOptions, parse_duration
 from jds.paths import HubTarget
 from jds.token_expiry import TokenExpiryWatch, parse_expiry, renewal_warning
@@ -95,13 +95,17 @@ def test_expiry_unknown_when_the_hub_will_not_say() -> None:
 def test_printed_commands_name_the_script_by_absolute_path(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "jupyter-dev-server"
     assert program() == (str(script.absolute()) if script.exists() else "jupyter-dev-server")
-    command = shlex.split(daemon_command(TARGET, "ca.pem", tmp_path / "tok"))
-    assert command[1:] == [
-        "--hub", "https://10.0.0.5:8443/jh/", "--user", "alice", "--ca-cert", str(Path("ca.pem").absolute()),
-        "--tls-name", "hub.cluster", "--token-file", str(tmp_path / "tok"),
-    ]  # fmt: skip
+    assert shlex.split(profile_command("default")) == [program()]
+    assert shlex.split(profile_command("gpu", "status")) == [program(), "status", "--profile", "gpu"]
     login = shlex.split(login_command(HubTarget(host="hub", port=8000, user="bob"), None, None))
     assert login[1:] == ["login", "--hub", "https://hub:8000", "--user", "bob"]
+    login = shlex.split(login_command(TARGET, "ca.pem", tmp_path / "tok"))
+    assert login[1:] == [
+        "login", "--hub", "https://10.0.0.5:8443/jh/", "--user", "alice", "--ca-cert", str(Path("ca.pem").absolute()),
+        "--tls-name", "hub.cluster", "--token-file", str(tmp_path / "tok"),
+    ]  # fmt: skip
+    # a token file that came from a profile is renewed by that profile's login
+    assert shlex.split(login_command(TARGET, "ca.pem", tmp_path / "tok", "gpu")) == [program(), "login", "--profile", "gpu"]
 
 
 def test_login_options_share_the_daemons_environment_defaults(tmp_path: Path) -> None:
