@@ -72,7 +72,7 @@ def test_destination_follows_twistds_options(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_only_text_or_json(tmp_path: Path) -> None:
-    options = Options(environ={})
+    options = Options(environ={"XDG_CONFIG_HOME": "/nonexistent/jds-tests"})
     with pytest.raises(usage.UsageError, match="--log-format must be 'text' or 'json'"):
         options.parseOptions(["--hub", "h", "--user", "u", "--log-format", "xml"])
 

@@ -19,7 +19,8 @@ def ca_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
-    options = Options(environ=env or {})
+    # no saved profile of whoever runs the tests fills in what a test leaves out
+    options = Options(environ={"XDG_CONFIG_HOME": "/nonexistent/jds-tests", **(env or {})})
     options.parseOptions(argv)
     return options
 
