@@ -64,7 +64,10 @@ def main(argv: list[str]) -> int:
     found = settings(options)
     name = options["profile"] or "default"
     if options["json"]:
-        document = {"profile": options.profile_name, "file": str(options.profile_path), "settings": found}
+        document = {
+            "profile": options.profile_name, "file": str(options.profile_path), "settings": found,
+            "ignored": options.ignored_keys,
+        }
         print(json.dumps(document, indent=2))
         return 0
     if options.profile_name:
@@ -78,6 +81,9 @@ def main(argv: list[str]) -> int:
             value = describe_server_options(value)
         shown = "" if value is None else str(value)
         print(f"  {key:<{width}}  {shown or '-'}    ({setting['origin']})")
+    for key in options.ignored_keys:
+        print(f"  {key:<{width}}  ignored: not an option of this jupyter-dev-server    (profile {name} in "
+              f"{options.profile_path})")
     if not options["hub"] and "env " not in options.origins["hub"]:
         print("No hub: run 'jupyter-dev-server login --hub HOST[:PORT] --user NAME', or give --hub.", file=sys.stderr)
         return 2

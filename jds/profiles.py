@@ -254,6 +254,8 @@ class ProfiledOptions(usage.Options):
         if SERVER_OPTIONS_TABLE in profile:
             profile[SERVER_OPTIONS] = profile.pop(SERVER_OPTIONS_TABLE)
         self.profile_name = name if profile else None
+        # keys no option of this command has (for `config`, of the daemon: a typo, or a newer release's)
+        self.ignored_keys = sorted(set(profile) - set(self.profile_keys()))
         self.profile_path = path
         self.profile = profile
         self.origins: dict[str, str] = {}

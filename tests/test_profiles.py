@@ -204,7 +204,7 @@ def test_no_profile_and_no_hub_is_the_one_sentence(tmp_path: Path) -> None:
 
 
 def test_config_says_where_each_setting_came_from(tmp_path: Path) -> None:
-    path = _save(tmp_path, "default", {"hub": "h", "user": "u", "server_options": {"gpus": 2}})
+    path = _save(tmp_path, "default", {"hub": "h", "user": "u", "server_options": {"gpus": 2}, "hubb": "typo"})
     environ = _environ(tmp_path, JUPYTERHUB_API_TOKEN="SECRET-TOKEN", JUPYTER_PROXY_PORT="9001")
     found = settings(parse(["--user", "v"], environ, ConfigOptions))
     assert found["hub"] == {"value": "h", "origin": f"profile default in {path}"}
@@ -214,3 +214,25 @@ def test_config_says_where_each_setting_came_from(tmp_path: Path) -> None:
     assert found["spawn-timeout"] == {"value": "600", "origin": "default"}
     assert found["token-file"]["origin"] == "env JUPYTERHUB_API_TOKEN"
     assert "SECRET-TOKEN" not in json.dumps(found)
+    assert parse([], environ, ConfigOptions).ignored_keys == ["hubb"]
+
+
+def test_rotate_token_uses_the_profiles_local_token(tmp_path: Path) -> None:
+    import subprocess
+
+    from hub import clean_environ, venv_script
+
+    _save(tmp_path, "gpu", {"hub": "h", "user": "u"})
+    kept = tmp_path / "kept-local-token"
+    _save(tmp_path, "demo", {"hub": "h", "user": "u", "local-token-file": str(kept)})
+    env = clean_environ(_environ(tmp_path))
+    for argv, written in ((["--profile", "gpu"], tmp_path / "state" / "jupyter-dev-server" / "local-token-gpu"),
+                          (["--profile", "demo"], kept),
+                          ([], tmp_path / "state" / "jupyter-dev-server" / "local-token")):  # fmt: skip
+        done = subprocess.run([venv_script("jupyter-dev-server"), "rotate-token", *argv], capture_output=True,
+                              text=True, timeout=60, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert written.exists() and stat.S_IMODE(written.stat().st_mode) == 0o600
+    missing = subprocess.run([venv_script("jupyter-dev-server"), "rotate-token", "--profile", "nope"],
+                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert missing.returncode == 2 and "There is no profile 'nope'" in missing.stderr
