@@ -201,11 +201,7 @@ class HubOptions(ProfiledOptions):
     environment = ENVIRONMENT
 
     def opt_server_options(self, text: str) -> None:
-        """
-        A spawn option for your server, KEY=VALUE (a string, sent as typed) or KEY:=JSON (a number,
-        true/false, a list), repeatable: the user_options the proxy sends when it starts the server,
-        as the hub's spawn form would. Replaces the profile's server_options.
-        """
+        """A spawn option, KEY=VALUE (a string, as typed) or KEY:=JSON (a number, true, a list), repeatable: the user_options the proxy sends when it starts your server, as the hub's spawn form would. Replaces the profile's server_options."""
         self.add_server_option(text)
 
     def hub_policy(self, reactor: Any, spares: int = 0, spare_seconds: float = 4.0) -> HubTLSPolicy:
