@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import test_faults_hub
 from hub import (
     JupyterHubProcess,
     ProxyFactory,
@@ -33,6 +34,8 @@ from hub import (
     tail,
     venv_script,
 )
+from test_faults_hub import start_kernel
+from test_reconnect_hub import Fault, forty_lines_through, kernel_socket
 
 FAR_NAME = "hub.cluster.invalid"
 USER, PASSWORD = "jds", "pa:ss@w%rd"
@@ -107,6 +110,9 @@ class ProxyServer:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+kernels = test_faults_hub.kernels  # the fixture: kernels a test started, deleted on the hub afterwards
 
 
 def test_this_machine_cannot_resolve_the_hubs_name() -> None:
@@ -282,3 +288,62 @@ def test_no_proxy_goes_direct_past_a_dead_proxy(hub: JupyterHubProcess, proxy: P
     assert out.splitlines()[0] == (
         f"FAIL  via          The HTTP proxy at {dead[7:]} (from HTTPS_PROXY) refused the connection: nothing listens there."
     )
+
+
+def test_a_socks_proxy_restarted_in_the_middle_of_a_cell_is_a_hub_link_outage(
+    hub: JupyterHubProcess, proxy: ProxyFactory, kernels: list[str], tmp_path: Path
+) -> None:
+    """Every line of the cell arrives once and in order, and the next cell runs on the same socket."""
+    port = free_port()
+    command = [venv_script("pproxy"), "-l", f"socks5://127.0.0.1:{port}"]
+    servers = [ProxyServer(tmp_path, "pproxy", command, port).start()]
+    try:
+        hub.start_server("alice")
+        daemon = proxy(*_hub_args(hub), "--via", f"socks5://127.0.0.1:{port}").wait_checked()
+        ide = kernel_socket(daemon, start_kernel(daemon.url, hub.alice_token, kernels), hub.alice_token)
+
+        def restart() -> None:
+            servers.append(ProxyServer(tmp_path, "pproxy", command, port).start())
+
+        forty_lines_through(ide, Fault(servers[0].stop, restart, 3.0), 90)
+        ide.ws.close()
+        log = daemon.log_text()
+        assert "hub link lost" in log and "reconnected after" in log
+        via = _status(daemon)["via"]
+        assert via["state"] == "up"  # again; the attempts while it was down met the via's own refusal:
+        assert via["last_error"] == (
+            f"The SOCKS5 proxy at 127.0.0.1:{port} (from --via) refused the connection: nothing listens there."
+        )
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_an_https_proxy_is_spoken_to_over_tls(hub: JupyterHubProcess, proxy: ProxyFactory, tmp_path: Path) -> None:
+    """
+    proxy.py speaking TLS to its clients with a certificate for 127.0.0.1 (the hub's, from the test CA);
+    the daemon trusts it through the system trust store, here OpenSSL's ``SSL_CERT_FILE``.
+    """
+    port = free_port()
+    server = ProxyServer(
+        tmp_path, "proxy.py-tls",
+        [venv_script("proxy"), "--hostname", "127.0.0.1", "--port", str(port), "--basic-auth", f"{USER}:{PASSWORD}",
+         "--threaded", "--num-acceptors", "1", "--cert-file", str(hub.ca.cert_path), "--key-file",
+         str(hub.ca.key_path)],
+        port,
+    ).start()  # fmt: skip
+    try:
+        hub.start_server("alice")
+        env = {"HTTPS_PROXY": f"https://{USER}:{PROXY_URL_PASSWORD}@127.0.0.1:{port}", "SSL_CERT_FILE": str(hub.ca_path)}
+        daemon = proxy(*_hub_args(hub), env=env)
+        specs = requests.get(f"{daemon.url}/api/kernelspecs", headers=_auth(hub), timeout=60)
+        assert specs.status_code == 200, dump(specs)
+        assert _status(daemon)["via"]["address"] == f"https://127.0.0.1:{port}"
+
+        code, out, _ = _check(_hub_args(hub), {**env, "SSL_CERT_FILE": str(hub.wrong_ca_path)})
+        assert code == 1
+        assert out.splitlines()[0].startswith(
+            f"FAIL  via          TLS with the HTTPS proxy at 127.0.0.1:{port} (from HTTPS_PROXY) failed:"
+        ), out
+    finally:
+        server.stop()
