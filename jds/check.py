@@ -123,8 +123,9 @@ def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
 @inlineCallbacks
 def run_checks(reactor: Any, options: Options, policy: HubTLSPolicy | None = None):
     """
-    The links in order, each a list of steps, up to the first step that is not a pass. The daemon
-    passes its own ``policy``, so its start-up check goes through the same via (one ssh session).
+    The links in order, each a list of steps, up to the first step that is not a pass. Without a
+    ``policy``, the options make one; it shares their via with every other policy they make (one ssh
+    session for the daemon and its start-up check), but not the daemon's spare connections.
     """
     chain = _Chain(reactor, options, policy)
     steps: list[Step] = []
