@@ -2,9 +2,9 @@
 ``jupyter-dev-server check``: walk the chain an IDE's request takes and say, for the first link that
 fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
 
-the via (a proxy or bastion, when one is used) → address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
-server state → kernelspecs through the proxy's own mapping, served in-process over an in-memory
-connection → the --root folder, listed through that same mapping.
+the via (a proxy or bastion, when one is used) → address → TLS (which CA, which names, days left) →
+hub API → token (owner, scopes, expiry) → server state → kernelspecs through the proxy's own mapping,
+served in-process over an in-memory connection → the --root folder, listed through that same mapping.
 """
 
 from __future__ import annotations
