@@ -154,7 +154,7 @@ class Demo:
         self.config = config_path(os.environ)
         profile = {
             "hub": hub.url, "user": self.user, "ca-cert": str(ca.ca_path), "tls-name": hub.tls_name,
-            "token-file": str(token_file), "local-token-file": str(local_token_file),
+            "token-file": str(token_file), "local-token-file": str(local_token_file), "via": "direct",
             "listen": f"tcp:{port}:interface=127.0.0.1",
         }  # fmt: skip
         try:

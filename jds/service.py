@@ -149,7 +149,9 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     )
     token_watch = None
     if credentials.managed:
-        renew = login_command(target, options["ca-cert"], options["token-file"], options.renewal_profile())
+        renew = login_command(
+            target, options["ca-cert"], options["token-file"], options.renewal_profile(), options["via"]
+        )
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
     timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])
@@ -172,7 +174,9 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         endpoint, factory, options["listen"], options["local-token"],
         url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
     ).setServiceParent(top)
+    # The checks get a policy of their own (no spare connections, the via shared: options.via() makes one).
     _LaunchChecks(options, starter, reactor).setServiceParent(top)
+    _ViaStop(policy.via, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)
     if token_watch is not None:
         token_watch.setServiceParent(top)
@@ -183,15 +187,35 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
             "--allow-host (this machine's address or DNS name).",
             interface=options["interface"],
         )
+    if options.get("via-warning"):
+        log.warn("{warning}", warning=options["via-warning"])
     log.info(
-        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}",
+        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}, "
+        "reached {via}",
         version=__version__,
         url=target.server_url,
         user=target.user,
         name=target.verify_name,
         ca=policy.ca_source,
+        via=policy.via.spec.how(),
     )
     return top
+
+
+class _ViaStop(service.Service):
+    """
+    The via ends with the daemon: an ssh process it started must not outlive it. It ends during
+    shutdown, after the requests in flight had their drain time (:class:`_GracefulStop`), since
+    they may still be using it.
+    """
+
+    def __init__(self, via: Any, reactor: Any) -> None:
+        self.via = via
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.addSystemEventTrigger("during", "shutdown", self.via.stop)
 
 
 class _Daemon(service.MultiService):

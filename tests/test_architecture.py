@@ -24,8 +24,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 
 # Lowest first: a module may import modules of its own layer or of the layers before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions"}),
-    ("hub side", {"jds.tls", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
+    ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions", "jds.via"}),
+    ("hub side", {"jds.tls", "jds.reach", "jds.tunnels", "jds.bastion", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
     ("web resources", {"jds.guard", "jds.login", "jds.upload", "jds.proxy", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
     ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.config_command"}),
@@ -218,3 +218,17 @@ def test_architecture_md_lists_the_same_layers() -> None:
         documented.append((cells[0], {f"jds.{name}" for name in re.findall(r"`(\w+)`", cells[1])}))
     expected = [(name, members - {"jds", "jds.__init__"}) for name, members in LAYERS]
     assert documented == expected
+
+
+def test_only_the_vias_open_sockets() -> None:
+    """
+    Every hub connection comes from ``HubTLSPolicy`` through its via: no other module dials a host
+    itself (a stray ``HostnameEndpoint`` would skip ``--via`` and the proxy variables).
+    """
+    dialling = re.compile(r"\b(HostnameEndpoint|TCP4ClientEndpoint|TCP6ClientEndpoint|clientFromString|connectTCP|connectSSL|create_connection)\s*\(")
+    found = {
+        path.name
+        for path in PACKAGE.glob("*.py")
+        if path.name != "_demohub.py" and dialling.search(path.read_text(encoding="utf-8"))
+    }
+    assert found == {"reach.py"}
