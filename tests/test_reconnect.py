@@ -19,7 +19,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from jds import relay as relay_module
+from jds import relay_frames
 from jds.reconnect import (
     HeldFrames,
     Outage,
@@ -32,7 +32,7 @@ from jds.reconnect import (
     with_session_id,
 )
 from jds.refusal import Refusal
-from jds.relay import _PeerReading
+from jds.relay_frames import PeerReading
 from jds.stats import Stats
 
 TERMINAL_PATH = f"/terminals/websocket/1?token={TOKEN}"
@@ -193,8 +193,8 @@ class ReconnectTests(OutageTestCase):
         self.assertIsNone(proxy_end.producer)
         self.advance(0.5)
         new_hub_end = self.hub_factory.hubs[-1].transport.other
-        self.assertIsInstance(proxy_end.producer, _PeerReading)
-        self.assertIsInstance(new_hub_end.producer, _PeerReading)
+        self.assertIsInstance(proxy_end.producer, PeerReading)
+        self.assertIsInstance(new_hub_end.producer, PeerReading)
         proxy_end.producer.pauseProducing()  # a slow IDE pauses the new hub socket
         self.assertEqual(new_hub_end.producerState, "paused")
         proxy_end.producer.resumeProducing()
@@ -242,7 +242,7 @@ class ReconnectTests(OutageTestCase):
         Its first piece went into the dead connection, so the server never had the whole message
         (a WebSocket server acts on whole messages only): the next link gets all of it, once.
         """
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         first = self.hub
         self.begin_frame(ide, 3000, b"a" * 1000)
@@ -262,7 +262,7 @@ class ReconnectTests(OutageTestCase):
         self.assertRegex(self.log(), r"reconnected after 0\.5 s; .*2 held messages sent")
 
     def test_a_half_sent_message_larger_than_the_reconnect_buffer_ends_the_socket(self) -> None:
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         self.make_relay(monotonic=self.clock.seconds, reconnect=ReconnectPolicy(max_held=1000))
         ide, _ = self.open_ide()
         self.policy.failure = Failure(Refused())
@@ -277,7 +277,7 @@ class ReconnectTests(OutageTestCase):
 
     def test_a_message_half_relayed_to_the_ide_when_the_link_drops_ends_the_socket(self) -> None:
         """The IDE has part of a message that can never be finished: it gets 1011, not the part."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         self.begin_frame(self.hub, 3000, b"a" * 1000)
         self.drop_hub()

@@ -28,12 +28,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from jds import relay as relay_module
+from jds import relay_frames
 from jds.auth import Credentials
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
 from jds.refusal import Refusal
-from jds.relay import WebSocketRelay, _Link, _PeerReading
+from jds.relay import WebSocketRelay
+from jds.relay_frames import PeerReading
+from jds.relay_link import Link
 
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "secret-hub-token-4711"
@@ -480,7 +482,7 @@ class TrafficTests(RelayTestCase):
 
     def test_queued_until_the_side_opens(self) -> None:
         """Whatever arrives for a side that is not open yet waits for it, in order."""
-        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link = Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
         link.ide = StubSide("IDE", WebSocketProtocol.STATE_CONNECTING)
         link.forward(link.ide, b"to hub 1", False)  # the hub side does not even exist yet
         link.forward(link.ide, b"to hub 2", True)
@@ -497,7 +499,7 @@ class TrafficTests(RelayTestCase):
     def test_queued_messages_are_bounded(self) -> None:
         """Beyond --max-message-size of queued messages the sender is not read until its peer opens."""
         self.make_relay(max_message=10)
-        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link = Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
         link.ide = StubSide("IDE", WebSocketProtocol.STATE_OPEN)
         link.forward(link.ide, b"123456", False)
         self.assertEqual(link.ide.transport.producerState, "producing")
@@ -511,8 +513,8 @@ class TrafficTests(RelayTestCase):
     def test_backpressure_pauses_the_other_socket(self) -> None:
         ide, proxy_end = self.open_ide()
         hub_end = self.hub.transport.other  # the relay's end of the hub connection
-        self.assertIsInstance(proxy_end.producer, _PeerReading)
-        self.assertIsInstance(hub_end.producer, _PeerReading)
+        self.assertIsInstance(proxy_end.producer, PeerReading)
+        self.assertIsInstance(hub_end.producer, PeerReading)
         # The IDE reads slowly: the IDE socket's buffer is full, Twisted pauses its producer.
         proxy_end.producer.pauseProducing()
         self.assertEqual(hub_end.producerState, "paused")
@@ -581,7 +583,7 @@ class FrameTests(RelayTestCase):
 
     def test_a_frame_goes_on_piece_by_piece_each_a_complete_frame(self) -> None:
         """The hub has the first piece before the IDE sent the second; the message ends where it did."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
@@ -600,7 +602,7 @@ class FrameTests(RelayTestCase):
 
     def test_pieces_of_a_large_frame_are_gathered_to_frame_piece(self) -> None:
         """Few frames for a large message: a client joining fragments by copying stays linear enough."""
-        self.patch(relay_module, "FRAME_PIECE", 2500)
+        self.patch(relay_frames, "FRAME_PIECE", 2500)
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
@@ -642,7 +644,7 @@ class FrameTests(RelayTestCase):
 
     def test_invalid_utf8_in_a_later_piece_closes_both_sides_cleanly(self) -> None:
         """The IDE already has the first piece; its socket still gets a close frame it can read."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         self.hub.beginMessage(isBinary=False)
         self.hub.beginMessageFrame(8)
@@ -671,7 +673,7 @@ class FrameTests(RelayTestCase):
         self.assertEqual(self.hub.messages, [])
 
     def test_the_rest_of_a_message_to_a_closing_hub_is_dropped_and_said(self) -> None:
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide(OTHER_PATH)
         self.begin_frame(ide, 2000, b"a" * 1000)
         hub = self.hub
