@@ -80,7 +80,7 @@ from jds.auth import Credentials
 from jds.errors import Refusal, render_refusal
 from jds.guard import origin_refusal
 from jds.hub import ServerStarter
-from jds.paths import HubTarget, authority, redact_query, split_token, upstream_request_headers
+from jds.paths import HubTarget, authority, local_path, redact_query, split_token, upstream_request_headers
 from jds.reconnect import ReconnectPolicy, reconnectable, with_session_id
 from jds.relay_frames import MAX_MESSAGE_BYTES, IdeSide, socket_options
 from jds.relay_link import SHUTTING_DOWN, Link
@@ -223,7 +223,9 @@ class WebSocketRelay:
             return render_refusal(request, Refusal(426, "WebSockets need HTTP/1.1.", "upgrade-required"))
         if self.shutting_down:
             return render_refusal(request, SHUTTING_DOWN)
-        kind = reconnectable(request.path) if self.reconnect.enabled else None
+        # JupyterLab opened through the proxy uses the server's base URL (/user/NAME/...): what is
+        # held is decided from the path on the server, whichever of the two views the IDE used.
+        kind = reconnectable(local_path(hub_path, self.target) or b"") if self.reconnect.enabled else None
         if kind == "kernel":
             query = with_session_id(query)
         link = Link(

@@ -12,7 +12,7 @@ import json
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from test_kernels_hub import encode_v1
-from test_relay import TOKEN, V1, RelayTestCase, jupyter_answer
+from test_relay import TARGET, TOKEN, V1, RelayTestCase, jupyter_answer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.logger import formatEvent
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from jds import relay_frames
+from jds.paths import HubTarget
 from jds.reconnect import (
     HeldFrames,
     Outage,
@@ -36,6 +37,7 @@ from jds.relay_frames import PeerReading
 from jds.stats import Stats
 
 TERMINAL_PATH = f"/terminals/websocket/1?token={TOKEN}"
+NAMED = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.test", server="lab2")
 
 
 def v1_message(channel: str, date: str, text: str = "") -> bytes:
@@ -200,6 +202,33 @@ class ReconnectTests(OutageTestCase):
         proxy_end.producer.resumeProducing()
         new_hub_end.producer.pauseProducing()  # and a slow hub the IDE
         self.assertEqual(proxy_end.producerState, "paused")
+
+    def test_sockets_under_the_servers_own_base_url_are_held_too(self) -> None:
+        """
+        JupyterLab opened through the proxy uses the server's base URL (``/user/NAME/...``, and for a
+        named server ``/user/NAME/SERVER/...``): its kernel, terminal and event sockets are the IDE's
+        and must survive a drop the same way.
+        """
+        for target, prefix in ((TARGET, "/user/alice"), (NAMED, "/user/alice/lab2")):
+            self.make_relay(target=target, stats=self.stats, monotonic=self.clock.seconds)
+            for path in (
+                f"{prefix}/api/kernels/k1/channels?session_id=s1&token={TOKEN}",
+                f"{prefix}/terminals/websocket/1?token={TOKEN}",
+                f"{prefix}/api/events/subscribe?token={TOKEN}",
+            ):
+                ide, _ = self.open_ide(path)
+                first = self.hub_factory.hubs[-1]
+                first.transport.abortConnection()  # a reset: no close frame
+                self.network.pump()
+                self.assertIsNone(ide.closed, path)
+                self.advance(0.5)
+                second = self.hub_factory.hubs[-1]
+                self.assertIsNot(second, first, path)
+                self.assertEqual(second.request.path, first.request.path)
+                ide.sendMessage(b"after", False)
+                self.network.pump()
+                self.assertEqual(second.messages[-1], (b"after", False), path)
+                self.assertIsNone(ide.closed, path)
 
     def test_a_kernel_socket_without_session_id_gets_a_stable_one(self) -> None:
         self.open_ide(f"/api/kernels/k1/channels?token={TOKEN}")
