@@ -31,6 +31,7 @@ from hub import (
     poll,
     venv_script,
 )
+from ws_deadline import receive_by
 
 MiB = 1 << 20
 
@@ -475,13 +476,14 @@ def test_large_messages_are_relayed_intact_both_ways(managed: ProxyProcess) -> N
             },
         }))  # fmt: skip
 
-        def reply() -> dict | None:
-            message = json.loads(ws.recv())
+        # the deadline holds through a lost hub link too: the proxy then keeps the socket open and
+        # pings it, which a plain ws.recv() answers and waits on (see ws_deadline)
+        deadline = time.monotonic() + 300
+        while True:
+            message = json.loads(receive_by(ws, deadline, "the execute_reply"))
             if message["msg_type"] == "execute_reply" and message["parent_header"].get("msg_id") == msg_id:
-                return message["content"]
-            return None
-
-        content = poll(reply, 300, "the execute_reply", 0)
+                content = message["content"]
+                break
     finally:
         ws.close()
         requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))
