@@ -48,6 +48,10 @@ hub socket lost so, kernel/terminal/event socket               nothing: the prox
  ... the server is stopped, or another refusal                 1011 saying so (managed mode: the server
                                                                is started and the socket reconnects)
 the proxy shuts down                                           1001 to both sides
+the local token is replaced (``rotate-token``)                 1008 "The local token was replaced
+                                                               (jupyter-dev-server rotate-token);
+                                                               connect again with the new URL." to the
+                                                               IDE, 1000 to the hub
 =============================================================  ==========================================
 
 A kernel, terminal or event socket whose hub side is lost without a close frame (reset, FIN, TLS
@@ -83,7 +87,7 @@ from jds.hub import ServerStarter
 from jds.paths import HubTarget, authority, local_path, redact_query, split_token, upstream_request_headers
 from jds.reconnect import ReconnectPolicy, reconnectable, with_session_id
 from jds.relay_frames import MAX_MESSAGE_BYTES, IdeSide, socket_options
-from jds.relay_link import SHUTTING_DOWN, Link
+from jds.relay_link import SHUTTING_DOWN, TOKEN_REPLACED, Link
 from jds.stats import Stats
 from jds.tls import HubTLSPolicy
 
@@ -211,6 +215,8 @@ class WebSocketRelay:
         self.factory.setProtocolOptions(webStatus=False, **socket_options(ping_interval, ide_timeout, max_message))
         self.factory.startFactory()
         reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
+        if self.credentials.managed:
+            self.credentials.on_rotation.append(self.token_replaced)
 
     def render_upgrade(self, request: Request, hub_path: bytes, query: bytes) -> bytes | int:
         """Check the Origin, then take the connection over; nothing reaches the hub before that."""
@@ -309,6 +315,21 @@ class WebSocketRelay:
             self.reactor.callLater(0, _give_back_memory)
         if not self.links and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
+
+    def token_replaced(self) -> None:
+        """
+        Every socket open now was opened with the old local token (or a login it gave): the token
+        check happens only at the handshake, so each ends here, the IDE's side with 1008 and a
+        reason that says why, before the request that brought the new token is served.
+        """
+        if not self.links:
+            return
+        log.warn(
+            "The local token was replaced: closing {count} WebSocket(s) opened with the old one (1008).",
+            count=len(self.links),
+        )
+        for link in list(self.links):
+            link.shut_down(TOKEN_REPLACED, 1008, 1000)
 
     def shutdown(self) -> Deferred:
         """Close every socket with 1001 (both sides), waiting a little for the close handshakes."""

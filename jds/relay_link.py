@@ -22,7 +22,7 @@ from jds.refusal import Refusal
 from jds.relay_frames import HubFactory, HubSide, IdeSide, PeerReading, Side
 from jds.relay_outage import HubOutage, ReplayWatch, log_reconnected, loss_reason
 
-__all__ = ["SERVER_MESSAGE_LIMIT", "SHUTTING_DOWN", "Link"]
+__all__ = ["SERVER_MESSAGE_LIMIT", "SHUTTING_DOWN", "TOKEN_REPLACED", "Link"]
 
 log = Logger(namespace="jds.relay")
 
@@ -32,6 +32,12 @@ SERVER_MESSAGE_LIMIT = 10 << 20
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CONNECTING = WebSocketProtocol.STATE_CONNECTING
 SHUTTING_DOWN = Refusal(503, "jupyter-dev-server is shutting down.", "shutting-down")
+# What opened a socket (the local token, or a login that came from it) no longer lets anyone in.
+TOKEN_REPLACED = Refusal(
+    403,
+    "The local token was replaced (jupyter-dev-server rotate-token); connect again with the new URL.",
+    "token-replaced",
+)
 
 
 @dataclass
@@ -439,16 +445,16 @@ class Link(_Opening):
         side.sendCloseFrame(code=code, reasonUtf8=encoded, isReply=False)  # type: ignore[attr-defined]
         return True
 
-    def shut_down(self) -> None:
-        reason = SHUTTING_DOWN.message
+    def shut_down(self, why: Refusal = SHUTTING_DOWN, code: int = 1001, to_hub: int = 1001) -> None:
+        """End the pair now: the proxy shuts down, or the local token that opened it was replaced."""
         if self.outage is not None:
             self._end_outage("abandoned")
             self._abort_hub_handshake()
         if self._handshake is not None:
-            self._deny(SHUTTING_DOWN)
+            self._deny(why)
             self._abort_hub_handshake()
-        self._close(self.ide, 1001, reason)
-        self._close(self.hub, 1001, reason)
+        self._close(self.ide, code, why.message)
+        self._close(self.hub, to_hub, why.message)
 
     # The outage (jds.relay_outage)
 

@@ -8,6 +8,7 @@ talks to an autobahn server playing jupyter_server. Both hops are in-memory wire
 from __future__ import annotations
 
 import json
+import os
 
 import txaio
 from autobahn.twisted.websocket import (
@@ -342,6 +343,26 @@ class HandshakeTests(RelayTestCase):
         self.assertTrue(ide.opened)
         self.assertEqual(self.hub.request.headers["authorization"], "token HUB-TOKEN")
         self.assertNotIn(TOKEN.encode(), self.hub.http_request_data)
+
+    def test_a_replaced_local_token_ends_the_sockets_it_opened(self) -> None:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "local-token")
+        with open(path, "w") as file:
+            file.write(TOKEN + "\n")
+        credentials = Credentials(hub_token="HUB-TOKEN", local_token=TOKEN, token_file=path)
+        self.make_relay(credentials=credentials)
+        ide, _ = self.open_ide()
+        hub = self.hub
+        self.assertFalse(credentials.refresh())
+        with open(path, "w") as file:
+            file.write("a-new-token-of-a-different-length\n")
+        self.assertTrue(credentials.refresh())
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1008)
+        self.assertIn("The local token was replaced (jupyter-dev-server rotate-token)", ide.closed[2])
+        self.assertEqual(hub.closed[1], 1000)
+        self.assertEqual(self.relay.links, set())
 
     def test_no_subprotocol_when_none_offered(self) -> None:
         ide, proxy_end = self.open_ide(protocols=())
