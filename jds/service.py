@@ -155,7 +155,9 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         renew = login_command(target, options["ca-cert"], options["token-file"])
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
-    timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])
+    timeouts = ResponseTimeouts(
+        options["response-timeout"], options["kernel-start-timeout"], stall=options["stall-timeout"]
+    )
     site = build_site(
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],

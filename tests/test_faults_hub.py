@@ -558,6 +558,40 @@ def test_hub_cut_mid_download_aborts_the_client(
     assert again.status_code == 200, dump(again)
 
 
+def test_hub_silent_mid_download_drops_the_client_after_the_stall_timeout(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, big_file: tuple[str, str]
+) -> None:
+    """
+    The hub's connection stops moving bytes in the middle of a download, with no FIN and no reset:
+    after ``--stall-timeout`` the IDE's connection is dropped (never finished: a short file must
+    not look complete), and the proxy serves the next request.
+    """
+    name, _ = big_file
+    p = through(proxy, hub, cutter, "--stall-timeout", "2")
+    watch = LogWatch(p)
+    connection = small_window(p.port, timeout=20)
+    received, last = 0, time.monotonic()
+    try:
+        connection.request("GET", f"/files/{name}", headers=auth(hub.alice_token))
+        response = connection.getresponse()
+        assert response.status == 200
+        with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+            while chunk := response.read(256 * 1024):
+                received += len(chunk)
+                last = time.monotonic()
+                if received >= 2 * MB and not cutter.silent:
+                    cutter.silent = True
+        waited = time.monotonic() - last
+    finally:
+        connection.close()
+        cutter.silent = False
+    assert 2 * MB <= received < 20 * MB
+    assert 1.0 <= waited < 2 + PROMPT + 1, f"dropped {waited:.1f} s after the last byte, --stall-timeout is 2 s"
+    watch.wait_for(rf"GET /user/alice/files/{name}: the hub sent nothing of the response for \d+ s \(--stall-timeout\)")
+    again = requests.get(f"{p.url}/api/status", headers=auth(hub.alice_token), timeout=10)
+    assert again.status_code == 200, dump(again)
+
+
 def unread_bytes(proxy: ProxyProcess, port: int) -> list[int]:
     """
     For each of the proxy's connections to ``port``, the bytes the kernel holds that the proxy has

@@ -190,6 +190,37 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
         self.assertIn(b"Content-Length: 100\r\n", self.written())
 
+    def test_a_body_that_stalls_aborts_the_client_but_a_slow_client_does_not(self) -> None:
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {}, length=100)
+        d.callback(response)
+        for _ in range(5):  # progress, however slow, keeps it going
+            self.reactor.advance(50)
+            response.protocol.dataReceived(b"x")
+        client_side = self.transport.producer
+        client_side.pauseProducing()  # the IDE is slow to read: the hub is not expected to send
+        self.reactor.advance(600)
+        self.assertFalse(self.transport.disconnecting)
+        client_side.resumeProducing()
+        self.reactor.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.transport.disconnecting, "a body silent for 60 s must drop the client")
+        self.assertTrue(response.upstream.stopped)
+        self.assertTrue(self.written().endswith(b"Content-Length: 100\r\n\r\nxxxxx"))  # 5 of 100: dropped, not ended
+
+    def test_a_body_read_whole_that_stalls_aborts_the_client(self) -> None:
+        self.send(b"GET /api/kernelspecs HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=100)
+        d.callback(response)
+        response.protocol.dataReceived(b'{"default"')
+        self.reactor.advance(60)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(response.upstream.stopped)
+        self.assertEqual(self.written(), b"")
+
     def test_client_going_away_stops_the_upstream_body(self) -> None:
         self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
