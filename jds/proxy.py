@@ -40,6 +40,7 @@ from zope.interface import implementer
 from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_token
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
+from jds.hublink import HubLink
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -56,7 +57,7 @@ from jds.paths import (
     split_token,
     upstream_request_headers,
 )
-from jds.retry import HubLinkLog, RetryPlan, may_retry
+from jds.retry import RetryPlan, may_retry
 from jds.tls import HubTLSPolicy
 from jds.upload import StreamedBody
 
@@ -417,7 +418,7 @@ class _Exchange:
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
-        self.resource.link_log.back()
+        self.resource.hub_link.answered()
         if self._client_gone:
             response.deliverBody(_Discard())
             return
@@ -638,7 +639,9 @@ class _Exchange:
                 hint="The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
             ))
             return
-        write_refusal(self.request, self.resource.policy.explain(failure))
+        refusal = self.resource.policy.explain(failure)
+        self.resource.hub_link.request_failed(refusal.message, retried=False)
+        write_refusal(self.request, refusal)
 
     def _retry_later(self, failure: Failure) -> bool:
         """A request the hub cannot have acted on, or one that changes nothing, goes again after a wait."""
@@ -655,7 +658,7 @@ class _Exchange:
         delay = self._retry.next_delay()
         if delay is None:
             return False
-        self.resource.link_log.lost(self.resource.policy.explain(failure).message)
+        self.resource.hub_link.request_failed(self.resource.policy.explain(failure).message, retried=True)
         self._pending = deferLater(self.resource.reactor, delay, self.start)
         self._pending.addErrback(self._failed)
         return True
@@ -690,6 +693,7 @@ class HubProxyResource(ReverseProxyResource):
         starter: ServerStarter | None = None,
         timeouts: ResponseTimeouts | None = None,
         held_body: int = 1 << 20,
+        hub_link: HubLink | None = None,
     ) -> None:
         super().__init__(target.host, target.port, target.user_prefix.encode("ascii"), reactor)
         self.timeouts = timeouts if timeouts is not None else ResponseTimeouts()
@@ -699,7 +703,7 @@ class HubProxyResource(ReverseProxyResource):
         self.websockets = websockets
         self.credentials = credentials or Credentials()
         self.starter = starter
-        self.link_log = HubLinkLog(reactor)
+        self.hub_link = hub_link if hub_link is not None else HubLink(reactor)
         self.held_body = held_body
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:

@@ -84,6 +84,7 @@ from jds.auth import Credentials
 from jds.errors import Refusal, render_refusal
 from jds.guard import origin_refusal
 from jds.hub import ServerStarter
+from jds.hublink import HubLink
 from jds.paths import HubTarget, authority, local_path, redact_query, split_token, upstream_request_headers
 from jds.reconnect import ReconnectPolicy, reconnectable, with_session_id
 from jds.relay_frames import MAX_MESSAGE_BYTES, IdeSide, socket_options
@@ -187,6 +188,7 @@ class WebSocketRelay:
         reconnect: ReconnectPolicy | None = None,
         monotonic: Any = None,
         max_message: int = MAX_MESSAGE_BYTES,
+        hub_link: HubLink | None = None,
     ) -> None:
         self.stats = stats
         self.max_message = max_message
@@ -194,8 +196,7 @@ class WebSocketRelay:
         # awake seconds (see jds.reconnect); the reactor's own clock in tests
         self.monotonic = monotonic or time.monotonic
         self.holding: set[Link] = set()
-        self._lost_line: Any = None
-        self._lost_reason = ""
+        self.hub_link = hub_link if hub_link is not None else HubLink(reactor, stats)
         self.target = target
         self.credentials = credentials or Credentials()
         self.starter = starter
@@ -280,30 +281,14 @@ class WebSocketRelay:
         )
 
     def link_down(self, link: Link, reason: str) -> None:
-        """A socket lost its hub side and holds: one log line for all that go in the same moment."""
+        """A socket lost its hub side and holds (:class:`HubLink` says so once for the outage)."""
         self.holding.add(link)
-        if self.stats is not None:
-            self.stats.hub_link_lost(len(self.holding))
-        if self._lost_line is None:
-            self._lost_reason = reason
-            self._lost_line = self.reactor.callLater(0, self._say_lost)
-
-    def _say_lost(self) -> None:
-        self._lost_line = None
-        count = len(self.holding)
-        if count:
-            log.warn(
-                "hub link lost: {reason}; {count} WebSocket{s} holding",
-                reason=self._lost_reason,
-                count=count,
-                s="" if count == 1 else "s",
-            )
+        self.hub_link.socket_lost(reason, len(self.holding))
 
     def link_settled(self, link: Link, outcome: str, seconds: float) -> None:
         """A holding socket is back (``"back"``), closed by the proxy (``"gave up"``) or by its IDE."""
         self.holding.discard(link)
-        if self.stats is not None:
-            self.stats.hub_link_settled(len(self.holding), outcome, seconds)
+        self.hub_link.socket_settled(len(self.holding), outcome, seconds)
 
     def link_done(self, link: Link) -> None:
         if link in self.links and link.counted:

@@ -246,6 +246,7 @@ class Link(_Opening):
 
     def opened(self, side: Side) -> None:
         if side is self.hub:
+            self.relay.hub_link.answered()
             handshake, self._handshake = self._handshake, None
             if handshake is not None and self.ide is not None and self.ide.state == _CONNECTING:
                 handshake.callback(self.hub.websocket_protocol_in_use)

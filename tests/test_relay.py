@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import txaio
 from autobahn.twisted.websocket import (
@@ -345,8 +347,8 @@ class HandshakeTests(RelayTestCase):
         self.assertNotIn(TOKEN.encode(), self.hub.http_request_data)
 
     def test_a_replaced_local_token_ends_the_sockets_it_opened(self) -> None:
-        folder = self.mktemp()
-        os.makedirs(folder)
+        folder = tempfile.mkdtemp(prefix="jds-test-")
+        self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "local-token")
         with open(path, "w") as file:
             file.write(TOKEN + "\n")
