@@ -203,7 +203,7 @@ class _BodyRelay(Protocol):
 
     A hub that goes silent in the middle (no FIN, no reset) would hold the client for ever: a body
     that makes no progress for ``ResponseTimeouts.stall`` seconds, while the client is ready for
-    more, is aborted (:meth:`_Exchange.body_stalled`). Per piece this costs one clock read; the
+    more, is aborted (:meth:`_Exchange.abort_client`). Per piece this costs one clock read; the
     timer is only looked at when it fires.
     """
 
@@ -250,7 +250,12 @@ class _BodyRelay(Protocol):
             self._watch = self._reactor.callLater(self._stall - idle, self._look)
             return
         self._watch = None
-        self._exchange.body_stalled(self.transport, idle)
+        # the client was ready for more all along (its pauses stop this watch): drop it, never finish
+        self._exchange.abort_client(
+            f"the hub sent nothing of the response for {idle:.0f} s (--stall-timeout)",
+            Failure(TimeoutError("no progress")),
+        )
+        self.transport.stopProducing()
 
 
 class _BodyReader(_BodyRelay):
@@ -565,23 +570,18 @@ class _Exchange:
             and response.length <= MAX_REWRITTEN_BODY
         )
 
-    def _write_mapped_body(self, body: bytes) -> None:
-        body = map_response_body(self.body_kind, body, self.resource.target)
-        if self._client_gone:
-            return
-        self.request.setHeader(b"content-length", b"%d" % len(body))
-        self.request.write(body)
-        self.request.finish()
-
     def body_read(self, body: bytes, reason: Failure) -> None:
         """A body read whole (:class:`_BodyReader`) ended: mapped and sent if it is complete."""
         self._upstream_body = None
         if self._client_gone:
             return
-        if reason.check(ResponseDone):
-            self._write_mapped_body(body)
-        else:
-            self._abort_client("the hub's response was cut short", reason)
+        if not reason.check(ResponseDone):
+            self.abort_client("the hub's response was cut short", reason)
+            return
+        body = map_response_body(self.body_kind, body, self.resource.target)
+        self.request.setHeader(b"content-length", b"%d" % len(body))
+        self.request.write(body)
+        self.request.finish()
 
     def streaming(self, producer, to_client: bool = True) -> None:
         self._upstream_body = producer
@@ -600,20 +600,9 @@ class _Exchange:
         if reason.check(ResponseDone, PotentialDataLoss):
             self.request.finish()
         else:
-            self._abort_client("the hub's response was cut short", reason)
+            self.abort_client("the hub's response was cut short", reason)
 
-    def body_stalled(self, upstream: Any, idle: float) -> None:
-        """The hub sent nothing of the body for ``--stall-timeout``: drop the client, never finish it."""
-        if self._client_gone:
-            return
-        self._abort_client(
-            f"the hub sent nothing of the response for {idle:.0f} s (--stall-timeout)",
-            Failure(TimeoutError("no progress")),
-        )
-        self._upstream_body = None
-        upstream.stopProducing()
-
-    def _abort_client(self, why: str, reason: Failure) -> None:
+    def abort_client(self, why: str, reason: Failure) -> None:
         """Dropping the connection is the only honest way to say a started body is incomplete."""
         log.warn(
             "{method} {path}: {why} ({error}); the client's connection was dropped.",
