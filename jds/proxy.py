@@ -218,8 +218,8 @@ class _BodyRelay(Protocol):
         self._watch: Any = None
 
     def connectionMade(self) -> None:
+        self.resume_watch()  # first: a client that is not ready yet pauses it as it is registered
         self._exchange.streaming(_StallPause(self.transport, self))
-        self.resume_watch()
 
     def dataReceived(self, data: bytes) -> None:
         self._last = self._clock()
