@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -95,6 +96,8 @@ class Credentials:
     local_token: str | None = None
     token_file: Path | None = None
     sessions: Sessions = field(default_factory=Sessions)
+    # Called once the old token is refused: what it opened that outlives a request (a WebSocket) ends.
+    on_rotation: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
     _seen: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,19 +116,27 @@ class Credentials:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def refresh(self) -> None:
-        """Take a rotated local token from ``token_file``; the old token and its cookies stop working."""
+    def refresh(self) -> bool:
+        """
+        Take a rotated local token from ``token_file``: the old token and its cookies stop working,
+        and ``on_rotation`` ends what they opened. Called for every request and, so that an open
+        WebSocket does not wait for one, every second by the daemon. Whether the token changed.
+        """
         state = self._file_state()
         if state is None or state == self._seen:
-            return
+            return False
         self._seen = state
         try:
             token = Path(self.token_file).read_text(encoding="utf-8").strip()  # type: ignore[arg-type]
         except OSError:
-            return
-        if token and token != self.local_token:
-            self.local_token = token
-            self.sessions.revoke_all()
+            return False
+        if not token or token == self.local_token:
+            return False
+        self.local_token = token
+        self.sessions.revoke_all()
+        for ended in list(self.on_rotation):
+            ended()
+        return True
 
     def is_local_token(self, candidate: bytes | str | None) -> bool:
         if candidate is None or self.local_token is None:

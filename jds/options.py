@@ -287,6 +287,9 @@ class Options(HubOptions):
         ["kernel-start-timeout", None, "1800",
          "Seconds to wait for the answer to a kernel start (POST /api/sessions, /api/kernels, a kernel "
          "restart): kernels that run as batch jobs or pods may queue for minutes."],
+        ["stall-timeout", None, "60",
+         "Seconds a response body from the hub may make no progress before the IDE's connection is "
+         "dropped (a hub gone silent mid-download); time the IDE itself is slow to read does not count."],
         ["ping-interval", None, "30",
          "Seconds between WebSocket pings that keep idle kernels connected. A hub link that goes "
          "silent is noticed within this plus 15 s (45 s by default)."],
@@ -343,7 +346,7 @@ class Options(HubOptions):
         self["server-options"] = check_server_options(self.get(SERVER_OPTIONS) or {})
 
         for name in ("spawn-timeout", "response-timeout", "kernel-start-timeout", "ping-interval", "header-timeout",
-                     "body-timeout", "cookie-max-age"):
+                     "body-timeout", "cookie-max-age", "stall-timeout"):
             self[name] = _seconds(self[name], name)
         self["reconnect-window"] = _seconds(self["reconnect-window"], "reconnect-window", allow_zero=True)
         self["reconnect-buffer"] = int(_seconds(self["reconnect-buffer"], "reconnect-buffer", "MiB") * (1 << 20))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 from typing import Protocol as TypingProtocol
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -26,20 +27,20 @@ from twisted.web.client import (
     Agent,
     FileBodyProducer,
     HTTPConnectionPool,
-    PartialDownloadError,
     ResponseDone,
     _HTTP11ClientFactory,
-    readBody,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_token
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
+from jds.hublink import HubLink
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -56,7 +57,7 @@ from jds.paths import (
     split_token,
     upstream_request_headers,
 )
-from jds.retry import HubLinkLog, RetryPlan, may_retry
+from jds.retry import RetryPlan, may_retry
 from jds.tls import HubTLSPolicy
 from jds.upload import StreamedBody
 
@@ -84,6 +85,8 @@ class ResponseTimeouts:
     response: float = 300.0
     kernel_start: float = 1800.0
     progress_interval: float = 60.0
+    # A response body that makes no progress this long (the hub gone silent mid-download) is aborted.
+    stall: float = 60.0
 
     def limit(self, kernel_start: bool) -> tuple[float, str]:
         """The limit for a request, and the option that sets it."""
@@ -197,24 +200,103 @@ class _BodyRelay(Protocol):
     Streams one upstream body to the client. The upstream transport is registered as the client
     request's producer, so a slow client pauses reading from the hub instead of filling memory.
     ``scrubber`` filters the body on the way (``feed`` each piece, ``flush`` at the end).
+
+    A hub that goes silent in the middle (no FIN, no reset) would hold the client for ever: a body
+    that makes no progress for ``ResponseTimeouts.stall`` seconds, while the client is ready for
+    more, is aborted (:meth:`_Exchange.abort_client`). Per piece this costs one clock read; the
+    timer is only looked at when it fires.
     """
 
     def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | ModelHeadMapper | None) -> None:
         self._exchange = exchange
         self._scrubber = scrubber
+        reactor = exchange.resource.reactor
+        self._clock = reactor.seconds
+        self._reactor = reactor
+        self._stall = exchange.resource.timeouts.stall
+        self._last = 0.0
+        self._watch: Any = None
 
     def connectionMade(self) -> None:
-        self._exchange.streaming(self.transport)
+        self.resume_watch()  # first: a client that is not ready yet pauses it as it is registered
+        self._exchange.streaming(_StallPause(self.transport, self))
 
     def dataReceived(self, data: bytes) -> None:
+        self._last = self._clock()
         if self._scrubber is not None:
             data = self._scrubber.feed(data)
         self._exchange.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.pause_watch()
         if self._scrubber is not None and reason.check(ResponseDone, PotentialDataLoss):
             self._exchange.write(self._scrubber.flush())
         self._exchange.body_ended(reason)
+
+    def pause_watch(self) -> None:
+        """The client is not ready for more: no progress is expected of the hub meanwhile."""
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
+
+    def resume_watch(self) -> None:
+        if self._stall > 0 and self._watch is None:
+            self._last = self._clock()
+            self._watch = self._reactor.callLater(self._stall, self._look)
+
+    def _look(self) -> None:
+        idle = self._clock() - self._last
+        if idle < self._stall:
+            self._watch = self._reactor.callLater(self._stall - idle, self._look)
+            return
+        self._watch = None
+        # the client was ready for more all along (its pauses stop this watch): drop it, never finish
+        self._exchange.abort_client(
+            f"the hub sent nothing of the response for {idle:.0f} s (--stall-timeout)",
+            Failure(TimeoutError("no progress")),
+        )
+        self.transport.stopProducing()
+
+
+class _BodyReader(_BodyRelay):
+    """A body read whole to be mapped (bounded JSON, kernelspecs), under the same stall watch."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        super().__init__(exchange, None)
+        self._pieces: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self._exchange.streaming(_StallPause(self.transport, self), to_client=False)
+        self.resume_watch()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self._clock()
+        self._pieces.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.pause_watch()
+        self._exchange.body_read(b"".join(self._pieces), reason)
+
+
+@implementer(IPushProducer)
+class _StallPause:
+    """The upstream body as the client's producer: pausing it (a slow client) also pauses the stall watch."""
+
+    def __init__(self, transport: Any, relay: _BodyRelay) -> None:
+        self._transport = transport
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay.pause_watch()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+        self._relay.resume_watch()
+
+    def stopProducing(self) -> None:
+        self._relay.pause_watch()
+        self._transport.stopProducing()
 
 
 class _Discard(Protocol):
@@ -341,7 +423,7 @@ class _Exchange:
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
-        self.resource.link_log.back()
+        self.resource.hub_link.answered()
         if self._client_gone:
             response.deliverBody(_Discard())
             return
@@ -443,7 +525,7 @@ class _Exchange:
             request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if self._rewrites_body(response, content_type):
-            readBody(response).addCallbacks(self._write_mapped_body, self._body_failed)
+            response.deliverBody(_BodyReader(self))
             return
         scrubber: StreamScrubber | ModelHeadMapper | None = None
         keeps_length = True
@@ -488,22 +570,22 @@ class _Exchange:
             and response.length <= MAX_REWRITTEN_BODY
         )
 
-    def _write_mapped_body(self, body: bytes) -> None:
-        body = map_response_body(self.body_kind, body, self.resource.target)
+    def body_read(self, body: bytes, reason: Failure) -> None:
+        """A body read whole (:class:`_BodyReader`) ended: mapped and sent if it is complete."""
+        self._upstream_body = None
         if self._client_gone:
             return
+        if not reason.check(ResponseDone):
+            self.abort_client("the hub's response was cut short", reason)
+            return
+        body = map_response_body(self.body_kind, body, self.resource.target)
         self.request.setHeader(b"content-length", b"%d" % len(body))
         self.request.write(body)
         self.request.finish()
 
-    def _body_failed(self, failure: Failure) -> None:
-        if failure.check(PartialDownloadError):
-            failure = Failure(failure.value.response)  # type: ignore[attr-defined]
-        self._abort_client("the hub's response was cut short", failure)
-
-    def streaming(self, producer) -> None:
+    def streaming(self, producer, to_client: bool = True) -> None:
         self._upstream_body = producer
-        if not self._client_gone:
+        if to_client and not self._client_gone:
             self.request.registerProducer(producer, True)
 
     def write(self, data: bytes) -> None:
@@ -518,9 +600,9 @@ class _Exchange:
         if reason.check(ResponseDone, PotentialDataLoss):
             self.request.finish()
         else:
-            self._abort_client("the hub's response was cut short", reason)
+            self.abort_client("the hub's response was cut short", reason)
 
-    def _abort_client(self, why: str, reason: Failure) -> None:
+    def abort_client(self, why: str, reason: Failure) -> None:
         """Dropping the connection is the only honest way to say a started body is incomplete."""
         log.warn(
             "{method} {path}: {why} ({error}); the client's connection was dropped.",
@@ -546,7 +628,9 @@ class _Exchange:
                 hint="The hub or your server is overloaded or stuck; 'jupyter-dev-server check' tells which.",
             ))
             return
-        write_refusal(self.request, self.resource.policy.explain(failure))
+        refusal = self.resource.policy.explain(failure)
+        self.resource.hub_link.request_failed(refusal.message, retried=False)
+        write_refusal(self.request, refusal)
 
     def _retry_later(self, failure: Failure) -> bool:
         """A request the hub cannot have acted on, or one that changes nothing, goes again after a wait."""
@@ -563,7 +647,7 @@ class _Exchange:
         delay = self._retry.next_delay()
         if delay is None:
             return False
-        self.resource.link_log.lost(self.resource.policy.explain(failure).message)
+        self.resource.hub_link.request_failed(self.resource.policy.explain(failure).message, retried=True)
         self._pending = deferLater(self.resource.reactor, delay, self.start)
         self._pending.addErrback(self._failed)
         return True
@@ -598,6 +682,7 @@ class HubProxyResource(ReverseProxyResource):
         starter: ServerStarter | None = None,
         timeouts: ResponseTimeouts | None = None,
         held_body: int = 1 << 20,
+        hub_link: HubLink | None = None,
     ) -> None:
         super().__init__(target.host, target.port, target.user_prefix.encode("ascii"), reactor)
         self.timeouts = timeouts if timeouts is not None else ResponseTimeouts()
@@ -607,7 +692,7 @@ class HubProxyResource(ReverseProxyResource):
         self.websockets = websockets
         self.credentials = credentials or Credentials()
         self.starter = starter
-        self.link_log = HubLinkLog(reactor)
+        self.hub_link = hub_link if hub_link is not None else HubLink(reactor)
         self.held_body = held_body
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:

@@ -11,8 +11,8 @@ The first new attempt waits 0.5 s, each later one twice as long, until :data:`RE
 have passed since the first failure. Twisted's pool already sends a body-less idempotent request once
 more at once when a pooled connection turns out to be stale; what fails after that comes here.
 
-While requests fail for a broken link, :class:`HubLinkLog` says so in one line, and in one more when
-a request gets through again, however many requests and attempts there were in between.
+While requests fail for a broken link, :class:`jds.hublink.HubLink` says so, once for the outage,
+whatever met it first (a request or a WebSocket).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestNotSent,
@@ -32,10 +31,8 @@ from twisted.web.client import (
 from jds.tls import leaf_failures
 
 __all__ = [
-    "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "HubLinkLog", "RetryPlan", "link_broken", "may_retry", "never_sent",
+    "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "RetryPlan", "link_broken", "may_retry", "never_sent",
 ]
-
-log = Logger(namespace="jds.proxy")
 
 RETRY_WINDOW = 10.0
 FIRST_DELAY = 0.5
@@ -102,41 +99,3 @@ class RetryPlan:
         self._next *= 2
         self.attempts += 1
         return delay
-
-
-class HubLinkLog:
-    """One log line when requests start failing for a broken hub link, one when one gets through."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._since: float | None = None
-        self._retried = 0
-
-    @property
-    def down(self) -> bool:
-        return self._since is not None
-
-    def lost(self, why: str) -> None:
-        """A request met a broken link and will be sent again; ``why`` names no token."""
-        self._retried += 1
-        if self._since is not None:
-            return
-        self._since = self._clock.seconds()
-        log.warn(
-            "Hub link lost: {why} Requests that are safe to send again are retried for up to {window:g} s.",
-            why=why,
-            window=RETRY_WINDOW,
-        )
-
-    def back(self) -> None:
-        """A request got an answer from the hub."""
-        if self._since is None:
-            return
-        took = self._clock.seconds() - self._since
-        log.info(
-            "Hub link back after {seconds:.1f} s; {count} request attempt(s) were retried.",
-            seconds=took,
-            count=self._retried,
-        )
-        self._since = None
-        self._retried = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -43,6 +43,9 @@ from jds.token_expiry import TokenExpiryWatch
 from jds.tokens import make_private_file, url_file_path, write_private
 
 log = Logger(namespace="jds")
+
+# How often the daemon looks at --local-token-file for a token written by rotate-token.
+TOKEN_CHECK_SECONDS = 1.0
 
 __all__ = ["ListenError", "make_service"]
 
@@ -154,7 +157,9 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         )
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
-    timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])
+    timeouts = ResponseTimeouts(
+        options["response-timeout"], options["kernel-start-timeout"], stall=options["stall-timeout"]
+    )
     site = build_site(
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
@@ -180,6 +185,12 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     _GracefulStop(site, reactor).setServiceParent(top)
     if token_watch is not None:
         token_watch.setServiceParent(top)
+    if credentials.managed and credentials.token_file is not None:
+        # rotate-token ends what the old token opened within a second, not at the next request
+        credentials.on_rotation.insert(0, lambda: log.info(
+            "The local token was replaced (rotate-token): the old token and every login have ended."
+        ))
+        TimerService(TOKEN_CHECK_SECONDS, credentials.refresh).setServiceParent(top)
     if not is_loopback(options["interface"]):
         log.warn(
             "Listening on {interface}: other machines can reach this proxy. Every request must carry "

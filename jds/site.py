@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 from jds.auth import Credentials, missing_xsrf, needs_local_token
 from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard
 from jds.hub import ServerStarter
+from jds.hublink import HubLink
 from jds.login import MAX_FORM_BYTES, LoginPage
 from jds.paths import HubTarget, map_request_path, redact_query
 from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
@@ -303,6 +304,7 @@ def build_site(
     limits = limits if limits is not None else Limits()
     stats = stats if stats is not None else Stats()
     agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
+    hub_link = HubLink(reactor, stats)  # one state for REST and WebSockets
 
     def relay() -> Any:
         # lazy load: autobahn (~5 MiB of RSS) only once a WebSocket arrives, see _OnFirstUse
@@ -311,13 +313,13 @@ def build_site(
         return WebSocketRelay(
             target, policy, reactor, ping_interval=ping_interval, allowed_origins=allowed_origins,
             credentials=credentials, starter=starter, stats=stats, reconnect=reconnect,
-            max_message=limits.max_message,
+            max_message=limits.max_message, hub_link=hub_link,
         )
 
     websockets = _OnFirstUse(relay)
     proxy = HubProxyResource(
         target, policy, reactor, agent=agent, websockets=websockets, credentials=credentials,
-        starter=starter, timeouts=timeouts, held_body=limits.held_body,
+        starter=starter, timeouts=timeouts, held_body=limits.held_body, hub_link=hub_link,
     )
     login = LoginPage(credentials) if credentials.managed else None
     status = StatusResource(

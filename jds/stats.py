@@ -29,7 +29,8 @@ class Stats:
     requests sent to the hub again after a broken link (:mod:`jds.retry`). The hub link:
     ``hub_links_lost`` sockets that lost their hub side and held on, ``reconnects`` those that got
     it back, ``reconnects_failed`` those closed after all (see :mod:`jds.reconnect`), and the
-    outage now, if any: since when and how many sockets are holding.
+    outage now, if any (REST requests failing for a broken link, or sockets holding: see
+    :mod:`jds.hublink`): since when, how many sockets are holding, why requests fail.
     """
 
     clock: Callable[[], float] = time.time
@@ -48,6 +49,8 @@ class Stats:
     websockets_holding: int = 0
     outage_since: float | None = None
     last_outage_seconds: float | None = None
+    # why REST requests fail for a broken link, while they do (jds.hublink)
+    failing_requests: str | None = None
 
     def __post_init__(self) -> None:
         if not self.started:
@@ -92,12 +95,26 @@ class Stats:
         """``outcome``: ``"back"``, ``"gave up"``, or anything else (the IDE left meanwhile)."""
         if outcome == "back":
             self.reconnects += 1
+            self.failing_requests = None  # a hub connection works again
         elif outcome == "gave up":
             self.reconnects_failed += 1
         self.websockets_holding = holding
-        if not holding and self.outage_since is not None:
+        if not holding and self.failing_requests is None and self.outage_since is not None:
             self.outage_since = None
             self.last_outage_seconds = round(seconds, 1)
+
+    def requests_failing(self, why: str) -> None:
+        """REST requests meet a broken hub link (the outage starts now if none is on)."""
+        self.failing_requests = why
+        if self.outage_since is None:
+            self.outage_since = self.clock()
+
+    def request_answered(self) -> None:
+        """The hub answered a request: the outage is over unless sockets still hold."""
+        self.failing_requests = None
+        if not self.websockets_holding and self.outage_since is not None:
+            self.last_outage_seconds = round(max(0.0, self.clock() - self.outage_since), 1)
+            self.outage_since = None
 
     def error(self, status: int, message: str, reason: str) -> None:
         self.last_error = {"time": iso_time(self.clock()), "status": status, "reason": reason, "message": message}
@@ -123,6 +140,7 @@ class Stats:
                     "since": iso_time(self.outage_since),
                     "seconds": round(max(0.0, self.clock() - self.outage_since), 1),
                     "websockets_holding": self.websockets_holding,
+                    "requests_failing": self.failing_requests,
                 },
             },
         }

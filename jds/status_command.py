@@ -78,6 +78,7 @@ def describe(report: dict[str, Any], url: str) -> str:
         now = (
             f"down since {outage['since']} ({_duration(outage['seconds'])}), "
             f"{_plural(outage['websockets_holding'], 'WebSocket')} holding"
+            + (f", requests failing: {outage['requests_failing']}" if outage.get("requests_failing") else "")
             if outage else "up"
         )
         lines.append(

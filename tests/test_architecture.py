@@ -25,8 +25,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 # Lowest first: a module may import modules of its own layer or of the layers before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions", "jds.via"}),
-    ("hub side", {"jds.tls", "jds.reach", "jds.tunnels", "jds.bastion", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
-    ("web resources", {"jds.guard", "jds.login", "jds.upload", "jds.proxy", "jds.relay", "jds.status"}),
+    ("hub side", {"jds.tls", "jds.reach", "jds.tunnels", "jds.bastion", "jds.spares", "jds.retry", "jds.hublink", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
+    ("web resources", {"jds.guard", "jds.login", "jds.upload", "jds.proxy", "jds.relay_frames", "jds.relay_outage", "jds.relay_link", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
     ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.config_command"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),
@@ -196,7 +196,7 @@ def test_the_daemon_imports_only_what_it_runs(tmp_path: Path) -> None:
     )
     assert loaded["reactor"] is True
     assert {"jds.service", "jds.site", "jds.proxy"} <= set(loaded["jds"])
-    assert not {"jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.relay"} & set(loaded["jds"])
+    assert not {"jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.relay", "jds.relay_frames", "jds.relay_link", "jds.relay_outage"} & set(loaded["jds"])
     plugins = [m for m in loaded["all"] if m.startswith("twisted.plugins.")]
     assert plugins == ["twisted.plugins.jds_plugin"]
     never = ("autobahn", "unittest", "twisted.trial", "twisted.conch", "twisted.words", "twisted.mail", "twisted.names")

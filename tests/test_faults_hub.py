@@ -558,6 +558,40 @@ def test_hub_cut_mid_download_aborts_the_client(
     assert again.status_code == 200, dump(again)
 
 
+def test_hub_silent_mid_download_drops_the_client_after_the_stall_timeout(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, big_file: tuple[str, str]
+) -> None:
+    """
+    The hub's connection stops moving bytes in the middle of a download, with no FIN and no reset:
+    after ``--stall-timeout`` the IDE's connection is dropped (never finished: a short file must
+    not look complete), and the proxy serves the next request.
+    """
+    name, _ = big_file
+    p = through(proxy, hub, cutter, "--stall-timeout", "2")
+    watch = LogWatch(p)
+    connection = small_window(p.port, timeout=20)
+    received, last = 0, time.monotonic()
+    try:
+        connection.request("GET", f"/files/{name}", headers=auth(hub.alice_token))
+        response = connection.getresponse()
+        assert response.status == 200
+        with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+            while chunk := response.read(256 * 1024):
+                received += len(chunk)
+                last = time.monotonic()
+                if received >= 2 * MB and not cutter.silent:
+                    cutter.silent = True
+        waited = time.monotonic() - last
+    finally:
+        connection.close()
+        cutter.silent = False
+    assert 2 * MB <= received < 20 * MB
+    assert 1.0 <= waited < 2 + PROMPT + 1, f"dropped {waited:.1f} s after the last byte, --stall-timeout is 2 s"
+    watch.wait_for(rf"GET /user/alice/files/{name}: the hub sent nothing of the response for \d+ s \(--stall-timeout\)")
+    again = requests.get(f"{p.url}/api/status", headers=auth(hub.alice_token), timeout=10)
+    assert again.status_code == 200, dump(again)
+
+
 def unread_bytes(proxy: ProxyProcess, port: int) -> list[int]:
     """
     For each of the proxy's connections to ``port``, the bytes the kernel holds that the proxy has
@@ -818,6 +852,37 @@ def test_half_open_hub_gets_502_while_the_proxy_answers_others(
     poll(lambda: not cutter.open_connections() or None, PROMPT, "the proxy to drop the half-open connection")
 
 
+def test_rest_failures_alone_make_the_status_say_the_link_is_down_in_one_line(
+    hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter
+) -> None:
+    """
+    No WebSocket open, every request meets a hub that never completes a TLS handshake: ``status``
+    says the link is down and why, the log says so once, and both say when it is back.
+    """
+    from jds.status_command import describe
+
+    p = through(proxy, hub, cutter, "--connect-timeout", "2")
+    watch = LogWatch(p)
+    cutter.mode = "blackhole"
+    cutter.cut()  # pooled connections go too: every request needs a new one
+    for _ in range(3):
+        failed = requests.get(f"{p.url}/api/contents", headers=auth(hub.alice_token), timeout=60)
+        assert failed.status_code == 502, dump(failed)
+    assert failed.json()["reason"] == "tls-handshake-timeout", dump(failed)
+    report = status_document(p, hub.alice_token)
+    outage = report["hub_link"]["outage"]
+    assert outage is not None and outage["websockets_holding"] == 0, report["hub_link"]
+    assert "TLS handshake" in outage["requests_failing"], outage
+    assert "hub link:   down since " in describe(report, p.url)
+    cutter.mode = "forward"
+    answered = requests.get(f"{p.url}/api/contents", headers=auth(hub.alice_token), timeout=60)
+    assert answered.status_code == 200, dump(answered)
+    assert status_document(p, hub.alice_token)["hub_link"]["outage"] is None
+    watch.wait_for(r"\[jds\.hublink#info\] hub link back after ")
+    lost = [line for line in watch.lines() if "hub link lost" in line]
+    assert len(lost) == 1 and "TLS handshake" in lost[0], lost
+
+
 class PidfileProxy(ProxyProcess):
     """``twistd --pidfile X -n jupyter-dev-server ...``: as a user runs it in the background."""
 
@@ -1012,15 +1077,15 @@ def test_get_during_an_outage_is_answered_once_the_hub_is_back(
     cutter.cut()  # ... and the open ones too
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(requests.get, f"{p.url}/api/contents", headers=auth(hub.alice_token), timeout=60)
-        watch.wait_for(r"\[jds\.proxy#warn\] Hub link lost: ")
+        watch.wait_for(r"\[jds\.hublink#warn\] hub link lost: ")
         poll(lambda: turned_away(cutter) >= 3 or None, 15, "three attempts at the hub to be turned away")
         assert not answer.done(), "the GET was answered while every hub connection was reset"
         cutter.mode = "forward"
         response = answer.result(timeout=30)
     assert response.status_code == 200, dump(response)
     assert response.json()["type"] == "directory"
-    watch.wait_for(r"\[jds\.proxy#info\] Hub link back after \d+\.\d s; \d+ request attempt\(s\) were retried\.")
-    assert len([line for line in watch.lines() if "Hub link lost" in line]) == 1, watch.lines()
+    watch.wait_for(r"\[jds\.hublink#info\] hub link back after \d+\.\d s; \d+ request attempts? retried, 0 WebSockets reconnected\.")
+    assert len([line for line in watch.lines() if "hub link lost" in line]) == 1, watch.lines()
     assert not [line for line in watch.lines() if " -> 502" in line], watch.lines()
     assert status_document(p, hub.alice_token)["retried_requests"] == 1
 
@@ -1038,7 +1103,7 @@ def test_post_that_never_reached_the_hub_is_sent_again_and_acts_once(
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(requests.post, f"{p.url}/api/contents/{directory}", json={"type": "file"},
                              headers=auth(hub.alice_token), timeout=60)  # fmt: skip
-        watch.wait_for(r"\[jds\.proxy#warn\] Hub link lost: ")
+        watch.wait_for(r"\[jds\.hublink#warn\] hub link lost: ")
         if outage == "reset":
             poll(lambda: turned_away(cutter) >= 2 or None, 15, "two attempts at the hub to be turned away")
         assert not answer.done()
@@ -1070,7 +1135,10 @@ def test_post_that_may_have_reached_the_hub_is_not_sent_again(
     assert response.status_code == 502, dump(response)
     assert response.json()["reason"] == "hub-connection-lost"
     assert files_in(hub, directory) == created
-    assert not [line for line in watch.lines() if "Hub link lost" in line], watch.lines()
+    # the link's state comes from REST too: the lost answer is the outage's one line, which does not
+    # count this POST as retried
+    [lost] = watch.wait_for(r"hub link lost: ")
+    assert "connection" in lost.lower(), lost
     assert status_document(p, hub.alice_token)["retried_requests"] == 0
 
 

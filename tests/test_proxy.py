@@ -190,6 +190,37 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting or getattr(self.transport, "aborted", False))
         self.assertIn(b"Content-Length: 100\r\n", self.written())
 
+    def test_a_body_that_stalls_aborts_the_client_but_a_slow_client_does_not(self) -> None:
+        self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {}, length=100)
+        d.callback(response)
+        for _ in range(5):  # progress, however slow, keeps it going
+            self.reactor.advance(50)
+            response.protocol.dataReceived(b"x")
+        client_side = self.transport.producer
+        client_side.pauseProducing()  # the IDE is slow to read: the hub is not expected to send
+        self.reactor.advance(600)
+        self.assertFalse(self.transport.disconnecting)
+        client_side.resumeProducing()
+        self.reactor.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.transport.disconnecting, "a body silent for 60 s must drop the client")
+        self.assertTrue(response.upstream.stopped)
+        self.assertTrue(self.written().endswith(b"Content-Length: 100\r\n\r\nxxxxx"))  # 5 of 100: dropped, not ended
+
+    def test_a_body_read_whole_that_stalls_aborts_the_client(self) -> None:
+        self.send(b"GET /api/kernelspecs HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=100)
+        d.callback(response)
+        response.protocol.dataReceived(b'{"default"')
+        self.reactor.advance(60)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(response.upstream.stopped)
+        self.assertEqual(self.written(), b"")
+
     def test_client_going_away_stops_the_upstream_body(self) -> None:
         self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
@@ -226,7 +257,7 @@ class ProxyResourceTests(SynchronousTestCase):
         error = json.loads(body)
         self.assertEqual(error["reason"], "hub-unreachable")
         self.assertIn("127.0.0.1:8443", error["message"])
-        lost = [formatEvent(e) for e in events if formatEvent(e).startswith("Hub link lost")]
+        lost = [formatEvent(e) for e in events if formatEvent(e).startswith("hub link lost")]
         self.assertEqual(len(lost), 1, lost)
         self.assertEqual(self.site.stats.retried_requests, 1)
 
@@ -243,8 +274,8 @@ class ProxyResourceTests(SynchronousTestCase):
             self.agent.calls[-1][4].callback(response)
         response.send(b"{}")
         self.assertTrue(self.written().startswith(b"HTTP/1.1 200 "))
-        self.assertEqual([formatEvent(e) for e in events if "Hub link back" in formatEvent(e)],
-                         ["Hub link back after 4.0 s; 2 request attempt(s) were retried."])
+        self.assertEqual([formatEvent(e) for e in events if "hub link back" in formatEvent(e)],
+                         ["hub link back after 4.0 s; 2 request attempts retried, 0 WebSockets reconnected."])
 
     def test_post_that_may_have_reached_the_hub_is_never_replayed(self) -> None:
         self.send(b"POST /api/contents/dir HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
@@ -273,6 +304,7 @@ class ProxyResourceTests(SynchronousTestCase):
     def test_client_gone_while_waiting_to_retry_ends_the_retries(self) -> None:
         self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         self.agent.calls[0][4].errback(Failure(ConnectionRefusedError()))
+        self.reactor.advance(0)  # the outage's one log line
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
         self.channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])

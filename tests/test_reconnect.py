@@ -12,14 +12,15 @@ import json
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from test_kernels_hub import encode_v1
-from test_relay import TOKEN, V1, RelayTestCase, jupyter_answer
+from test_relay import TARGET, TOKEN, V1, RelayTestCase, jupyter_answer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from jds import relay as relay_module
+from jds import relay_frames
+from jds.paths import HubTarget
 from jds.reconnect import (
     HeldFrames,
     Outage,
@@ -32,10 +33,11 @@ from jds.reconnect import (
     with_session_id,
 )
 from jds.refusal import Refusal
-from jds.relay import _PeerReading
+from jds.relay_frames import PeerReading
 from jds.stats import Stats
 
 TERMINAL_PATH = f"/terminals/websocket/1?token={TOKEN}"
+NAMED = HubTarget(host="127.0.0.1", port=8443, user="alice", tls_name="hub.test", server="lab2")
 
 
 def v1_message(channel: str, date: str, text: str = "") -> bytes:
@@ -193,13 +195,40 @@ class ReconnectTests(OutageTestCase):
         self.assertIsNone(proxy_end.producer)
         self.advance(0.5)
         new_hub_end = self.hub_factory.hubs[-1].transport.other
-        self.assertIsInstance(proxy_end.producer, _PeerReading)
-        self.assertIsInstance(new_hub_end.producer, _PeerReading)
+        self.assertIsInstance(proxy_end.producer, PeerReading)
+        self.assertIsInstance(new_hub_end.producer, PeerReading)
         proxy_end.producer.pauseProducing()  # a slow IDE pauses the new hub socket
         self.assertEqual(new_hub_end.producerState, "paused")
         proxy_end.producer.resumeProducing()
         new_hub_end.producer.pauseProducing()  # and a slow hub the IDE
         self.assertEqual(proxy_end.producerState, "paused")
+
+    def test_sockets_under_the_servers_own_base_url_are_held_too(self) -> None:
+        """
+        JupyterLab opened through the proxy uses the server's base URL (``/user/NAME/...``, and for a
+        named server ``/user/NAME/SERVER/...``): its kernel, terminal and event sockets are the IDE's
+        and must survive a drop the same way.
+        """
+        for target, prefix in ((TARGET, "/user/alice"), (NAMED, "/user/alice/lab2")):
+            self.make_relay(target=target, stats=self.stats, monotonic=self.clock.seconds)
+            for path in (
+                f"{prefix}/api/kernels/k1/channels?session_id=s1&token={TOKEN}",
+                f"{prefix}/terminals/websocket/1?token={TOKEN}",
+                f"{prefix}/api/events/subscribe?token={TOKEN}",
+            ):
+                ide, _ = self.open_ide(path)
+                first = self.hub_factory.hubs[-1]
+                first.transport.abortConnection()  # a reset: no close frame
+                self.network.pump()
+                self.assertIsNone(ide.closed, path)
+                self.advance(0.5)
+                second = self.hub_factory.hubs[-1]
+                self.assertIsNot(second, first, path)
+                self.assertEqual(second.request.path, first.request.path)
+                ide.sendMessage(b"after", False)
+                self.network.pump()
+                self.assertEqual(second.messages[-1], (b"after", False), path)
+                self.assertIsNone(ide.closed, path)
 
     def test_a_kernel_socket_without_session_id_gets_a_stable_one(self) -> None:
         self.open_ide(f"/api/kernels/k1/channels?token={TOKEN}")
@@ -242,7 +271,7 @@ class ReconnectTests(OutageTestCase):
         Its first piece went into the dead connection, so the server never had the whole message
         (a WebSocket server acts on whole messages only): the next link gets all of it, once.
         """
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         first = self.hub
         self.begin_frame(ide, 3000, b"a" * 1000)
@@ -262,7 +291,7 @@ class ReconnectTests(OutageTestCase):
         self.assertRegex(self.log(), r"reconnected after 0\.5 s; .*2 held messages sent")
 
     def test_a_half_sent_message_larger_than_the_reconnect_buffer_ends_the_socket(self) -> None:
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         self.make_relay(monotonic=self.clock.seconds, reconnect=ReconnectPolicy(max_held=1000))
         ide, _ = self.open_ide()
         self.policy.failure = Failure(Refused())
@@ -277,7 +306,7 @@ class ReconnectTests(OutageTestCase):
 
     def test_a_message_half_relayed_to_the_ide_when_the_link_drops_ends_the_socket(self) -> None:
         """The IDE has part of a message that can never be finished: it gets 1011, not the part."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         self.begin_frame(self.hub, 3000, b"a" * 1000)
         self.drop_hub()

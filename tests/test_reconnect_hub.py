@@ -360,14 +360,17 @@ def read_json(ws: websocket.WebSocket, deadline: float) -> Any:
     raise AssertionError("nothing arrived in time")
 
 
-def test_a_terminal_survives_a_reset(hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter) -> None:
+@pytest.mark.parametrize("base", ["", "/user/alice"], ids=["ide-view", "server-base-url"])
+def test_a_terminal_survives_a_reset(hub: JupyterHubProcess, proxy: ProxyFactory, cutter: TcpCutter, base: str) -> None:
+    """``server-base-url``: JupyterLab opened through the proxy opens its sockets under the server's
+    own base URL, and they are held like the IDE's."""
     p = through(proxy, hub, cutter)
     token = hub.alice_token
     created = requests.post(f"{p.url}/api/terminals", headers=auth(token), timeout=30)
     assert created.status_code == 200, dump(created)
     name = created.json()["name"]
     ws = websocket.create_connection(
-        f"ws://127.0.0.1:{p.port}/terminals/websocket/{name}", header=[f"Authorization: token {token}"],
+        f"ws://127.0.0.1:{p.port}{base}/terminals/websocket/{name}", header=[f"Authorization: token {token}"],
         timeout=30, suppress_origin=True,
     )  # fmt: skip
     watch = LogWatch(p)

@@ -8,6 +8,9 @@ talks to an autobahn server playing jupyter_server. Both hops are in-memory wire
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 
 import txaio
 from autobahn.twisted.websocket import (
@@ -28,12 +31,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from jds import relay as relay_module
+from jds import relay_frames
 from jds.auth import Credentials
 from jds.paths import HubTarget
 from jds.proxy import HubProxyResource
 from jds.refusal import Refusal
-from jds.relay import WebSocketRelay, _Link, _PeerReading
+from jds.relay import WebSocketRelay
+from jds.relay_frames import PeerReading
+from jds.relay_link import Link
 
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "secret-hub-token-4711"
@@ -341,6 +346,26 @@ class HandshakeTests(RelayTestCase):
         self.assertEqual(self.hub.request.headers["authorization"], "token HUB-TOKEN")
         self.assertNotIn(TOKEN.encode(), self.hub.http_request_data)
 
+    def test_a_replaced_local_token_ends_the_sockets_it_opened(self) -> None:
+        folder = tempfile.mkdtemp(prefix="jds-test-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "local-token")
+        with open(path, "w") as file:
+            file.write(TOKEN + "\n")
+        credentials = Credentials(hub_token="HUB-TOKEN", local_token=TOKEN, token_file=path)
+        self.make_relay(credentials=credentials)
+        ide, _ = self.open_ide()
+        hub = self.hub
+        self.assertFalse(credentials.refresh())
+        with open(path, "w") as file:
+            file.write("a-new-token-of-a-different-length\n")
+        self.assertTrue(credentials.refresh())
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1008)
+        self.assertIn("The local token was replaced (jupyter-dev-server rotate-token)", ide.closed[2])
+        self.assertEqual(hub.closed[1], 1000)
+        self.assertEqual(self.relay.links, set())
+
     def test_no_subprotocol_when_none_offered(self) -> None:
         ide, proxy_end = self.open_ide(protocols=())
         self.assertTrue(ide.opened)
@@ -480,7 +505,7 @@ class TrafficTests(RelayTestCase):
 
     def test_queued_until_the_side_opens(self) -> None:
         """Whatever arrives for a side that is not open yet waits for it, in order."""
-        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link = Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
         link.ide = StubSide("IDE", WebSocketProtocol.STATE_CONNECTING)
         link.forward(link.ide, b"to hub 1", False)  # the hub side does not even exist yet
         link.forward(link.ide, b"to hub 2", True)
@@ -497,7 +522,7 @@ class TrafficTests(RelayTestCase):
     def test_queued_messages_are_bounded(self) -> None:
         """Beyond --max-message-size of queued messages the sender is not read until its peer opens."""
         self.make_relay(max_message=10)
-        link = _Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
+        link = Link(self.relay, ConnectingRequest(host="h", port=1, resource="/"), "/")
         link.ide = StubSide("IDE", WebSocketProtocol.STATE_OPEN)
         link.forward(link.ide, b"123456", False)
         self.assertEqual(link.ide.transport.producerState, "producing")
@@ -511,8 +536,8 @@ class TrafficTests(RelayTestCase):
     def test_backpressure_pauses_the_other_socket(self) -> None:
         ide, proxy_end = self.open_ide()
         hub_end = self.hub.transport.other  # the relay's end of the hub connection
-        self.assertIsInstance(proxy_end.producer, _PeerReading)
-        self.assertIsInstance(hub_end.producer, _PeerReading)
+        self.assertIsInstance(proxy_end.producer, PeerReading)
+        self.assertIsInstance(hub_end.producer, PeerReading)
         # The IDE reads slowly: the IDE socket's buffer is full, Twisted pauses its producer.
         proxy_end.producer.pauseProducing()
         self.assertEqual(hub_end.producerState, "paused")
@@ -581,7 +606,7 @@ class FrameTests(RelayTestCase):
 
     def test_a_frame_goes_on_piece_by_piece_each_a_complete_frame(self) -> None:
         """The hub has the first piece before the IDE sent the second; the message ends where it did."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
@@ -600,7 +625,7 @@ class FrameTests(RelayTestCase):
 
     def test_pieces_of_a_large_frame_are_gathered_to_frame_piece(self) -> None:
         """Few frames for a large message: a client joining fragments by copying stays linear enough."""
-        self.patch(relay_module, "FRAME_PIECE", 2500)
+        self.patch(relay_frames, "FRAME_PIECE", 2500)
         ide, _ = self.open_ide()
         hub_end = self.hub.transport.other
         mark = len(hub_end.writes)
@@ -642,7 +667,7 @@ class FrameTests(RelayTestCase):
 
     def test_invalid_utf8_in_a_later_piece_closes_both_sides_cleanly(self) -> None:
         """The IDE already has the first piece; its socket still gets a close frame it can read."""
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide()
         self.hub.beginMessage(isBinary=False)
         self.hub.beginMessageFrame(8)
@@ -671,7 +696,7 @@ class FrameTests(RelayTestCase):
         self.assertEqual(self.hub.messages, [])
 
     def test_the_rest_of_a_message_to_a_closing_hub_is_dropped_and_said(self) -> None:
-        self.patch(relay_module, "FRAME_PIECE", 1)
+        self.patch(relay_frames, "FRAME_PIECE", 1)
         ide, _ = self.open_ide(OTHER_PATH)
         self.begin_frame(ide, 2000, b"a" * 1000)
         hub = self.hub

@@ -9,7 +9,6 @@ import pytest
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestNotSent,
@@ -19,7 +18,7 @@ from twisted.web.client import (
 )
 
 from jds.refusal import Refusal
-from jds.retry import FIRST_DELAY, RETRY_WINDOW, HubLinkLog, RetryPlan, link_broken, may_retry, never_sent
+from jds.retry import FIRST_DELAY, RETRY_WINDOW, RetryPlan, link_broken, may_retry, never_sent
 
 
 def lost_under(wrapper: type[Exception], leaf: Exception) -> Failure:
@@ -92,23 +91,3 @@ def test_time_an_attempt_takes_counts_against_the_window() -> None:
     assert plan.next_delay() == pytest.approx(0.2)
     clock.advance(0.2)
     assert plan.next_delay() is None
-
-
-def test_one_line_when_the_link_is_lost_and_one_when_it_is_back() -> None:
-    clock = Clock()
-    link = HubLinkLog(clock)
-    with capturedLogs() as events:
-        link.back()  # nothing was lost: nothing to say
-        for _ in range(5):
-            link.lost("The hub at hub.example.org:443 refused the connection.")
-            clock.advance(0.5)
-        assert link.down
-        link.back()
-        link.back()
-    lines = [formatEvent(event) for event in events]
-    assert lines == [
-        "Hub link lost: The hub at hub.example.org:443 refused the connection. Requests that are safe "
-        "to send again are retried for up to 10 s.",
-        "Hub link back after 2.5 s; 5 request attempt(s) were retried.",
-    ]
-    assert not link.down

@@ -31,6 +31,7 @@ from hub import (
     poll,
     venv_script,
 )
+from ws_deadline import receive_by
 
 MiB = 1 << 20
 
@@ -342,6 +343,72 @@ def test_rotate_token_ends_every_login(hub: JupyterHubProcess, managed: ProxyPro
     assert requests.get(f"{managed.url}/api/status", headers=local(new)).status_code == 200
 
 
+def test_rotate_token_ends_every_websocket_the_old_token_opened(hub: JupyterHubProcess, managed: ProxyProcess) -> None:
+    """
+    A kernel socket opened with ``?token=``, one opened with the login cookie, and a terminal: all
+    three end within seconds of ``rotate-token`` (1008, a reason that says why), with no request
+    needed to make the daemon look; the new token then opens a socket as before.
+    """
+    import websocket
+
+    old = managed.token
+    cookie, _ = session_of(login(managed, old))
+    kernel = requests.post(f"{managed.url}/api/kernels", json={"name": "python3"}, headers=local(old), timeout=60)
+    assert kernel.status_code == 201, dump(kernel)
+    kernel_id = kernel.json()["id"]
+    terminal = requests.post(f"{managed.url}/api/terminals", headers=local(old), timeout=60)
+    assert terminal.status_code == 200, dump(terminal)
+    base = f"ws://127.0.0.1:{managed.port}"
+    sockets = {
+        "query token": websocket.create_connection(
+            f"{base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}&token={old}",
+            timeout=30, suppress_origin=True),
+        "login cookie": websocket.create_connection(
+            f"{base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}",
+            cookie=f"jds-auth={cookie}", timeout=30, suppress_origin=True),
+        "terminal": websocket.create_connection(
+            f"{base}/terminals/websocket/{terminal.json()['name']}", header=[f"Authorization: token {old}"],
+            timeout=30, suppress_origin=True),
+    }  # fmt: skip
+    try:
+        done = subprocess.run(
+            [venv_script("jupyter-dev-server"), "rotate-token", "--local-token-file", str(token_file(managed))],
+            env=clean_environ(), capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        rotated = time.monotonic()
+        for name, ws in sockets.items():
+            # whatever the terminal printed before is read past; the close must come within seconds
+            while True:
+                ws.settimeout(max(rotated + 5 - time.monotonic(), 0.01))
+                try:
+                    opcode, frame = ws.recv_data_frame(control_frame=True)
+                except websocket.WebSocketTimeoutException:
+                    raise AssertionError(f"the {name} socket was still open 5 s after rotate-token") from None
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+            code = int.from_bytes(frame.data[:2], "big")
+            reason = frame.data[2:].decode()
+            assert code == 1008, (name, code, reason)
+            assert "token was replaced" in reason and "rotate-token" in reason, (name, reason)
+        new = token_file(managed).read_text().strip()
+        again = websocket.create_connection(
+            f"{base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}&token={new}",
+            timeout=30, suppress_origin=True,
+        )
+        again.close()
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            websocket.create_connection(
+                f"{base}/api/kernels/{kernel_id}/channels?token={old}", timeout=30, suppress_origin=True
+            )
+    finally:
+        for ws in sockets.values():
+            ws.close(timeout=0)
+        new = token_file(managed).read_text().strip()
+        requests.delete(f"{managed.url}/api/kernels/{kernel_id}", headers=local(new), timeout=60)
+        requests.delete(f"{managed.url}/api/terminals/{terminal.json()['name']}", headers=local(new), timeout=60)
+
+
 # 4. No open redirect after login
 
 
@@ -475,13 +542,14 @@ def test_large_messages_are_relayed_intact_both_ways(managed: ProxyProcess) -> N
             },
         }))  # fmt: skip
 
-        def reply() -> dict | None:
-            message = json.loads(ws.recv())
+        # the deadline holds through a lost hub link too: the proxy then keeps the socket open and
+        # pings it, which a plain ws.recv() answers and waits on (see ws_deadline)
+        deadline = time.monotonic() + 300
+        while True:
+            message = json.loads(receive_by(ws, deadline, "the execute_reply"))
             if message["msg_type"] == "execute_reply" and message["parent_header"].get("msg_id") == msg_id:
-                return message["content"]
-            return None
-
-        content = poll(reply, 300, "the execute_reply", 0)
+                content = message["content"]
+                break
     finally:
         ws.close()
         requests.delete(f"{managed.url}/api/kernels/{kernel}", headers=local(managed.token))

@@ -86,7 +86,9 @@ class TestStats:
         stats.hub_link_lost(2)
         now[0] += 3
         link = stats.snapshot()["hub_link"]
-        assert link["outage"] == {"since": "1970-01-01T00:16:40+00:00", "seconds": 5.0, "websockets_holding": 2}
+        assert link["outage"] == {
+            "since": "1970-01-01T00:16:40+00:00", "seconds": 5.0, "websockets_holding": 2, "requests_failing": None
+        }
         stats.hub_link_settled(1, "back", 4.9)
         assert stats.snapshot()["hub_link"]["outage"]["websockets_holding"] == 1
         stats.hub_link_settled(0, "gave up", 5.0)
