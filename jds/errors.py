@@ -70,8 +70,8 @@ def log_refusal(site: Any, method: bytes, uri: bytes, refusal: Refusal, note: st
         if not repeats.first(kind, summary):
             return
     log.warn(
-        "{method} {uri} -> {status}: {message}{hint}{note}",
-        message=clip(refusal.message), hint=f" {clip(refusal.hint)}" if refusal.hint else "", note=note, **fields,
+        "{method} {uri} -> {status}: {explanation}{hint}{note}",
+        explanation=clip(refusal.message), hint=f" {clip(refusal.hint)}" if refusal.hint else "", note=note, **fields,
     )
 
 
