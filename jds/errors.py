@@ -4,7 +4,7 @@ Errors the proxy answers itself, in the shape Jupyter clients display: ``{"messa
 The IDE shows ``message`` to the user, so it is a sentence about their setup; the log line adds the
 ``hint`` (which option or page fixes it) once, with the request it concerned, token redacted. That
 line is the request's only one (no access line follows it), quotes at most ``QUOTE_LIMIT`` of the
-path, and the same refusal of the same request again and again is one line and a count
+path, and the same refusal of the same request again and again is a few lines and a count
 (:func:`log_refusal`): a client with no token at all must not be able to fill the disk.
 """
 

@@ -53,26 +53,31 @@ def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 class RepeatCounter:
     """
-    Collapses a burst of identical lines. The first of a kind is written at once; the same kind
-    again within ``window`` seconds is only counted, and when the window closes one line says how
-    many there were (``summary(count, seconds)``). A burst that goes on gets one such line per
-    window; a kind quiet for a window starts over. ``clock`` is a reactor (``callLater``).
+    Collapses a burst of identical lines. The first ``shown`` of a kind within ``window`` seconds
+    are written (a user who tries twice sees both); more of the same kind in that window are only
+    counted, and when the window closes one line says how many there were (``summary(count,
+    seconds)``). A burst that goes on gets one such line per window; a kind quiet for a whole window
+    starts over. ``clock`` is a reactor (``seconds``, ``callLater``).
     """
 
-    def __init__(self, clock: Any, window: float = 10.0, max_kinds: int = 256) -> None:
+    def __init__(self, clock: Any, window: float = 10.0, shown: int = 3, max_kinds: int = 256) -> None:
         self.clock = clock
         self.window = window
+        self.shown = shown
         self.max_kinds = max_kinds
         self._kinds: dict[Hashable, _Burst] = {}
 
     def first(self, kind: Hashable, summary: Callable[[int, float], None]) -> bool:
-        """Whether to write this line (the first of its burst); else it is counted into ``summary``."""
+        """Whether to write this line; if not, it is counted into a later ``summary`` line."""
         now = self.clock.seconds()
         burst = self._kinds.get(kind)
         if burst is None or (burst.count == 0 and now - burst.since >= self.window):
             if burst is None and len(self._kinds) >= self.max_kinds:
                 self._forget(now)
             self._kinds[kind] = _Burst(now, summary)
+            return True
+        if burst.count == 0 and burst.written < self.shown:
+            burst.written += 1
             return True
         burst.count += 1
         burst.summary = summary
@@ -86,7 +91,8 @@ class RepeatCounter:
             return
         now = self.clock.seconds()
         count, seconds = burst.count, now - burst.since
-        burst.count, burst.since, burst.timer = 0, now, None
+        # the burst goes on being counted until it has been quiet for a whole window
+        burst.count, burst.since, burst.timer, burst.written = 0, now, None, self.shown
         if count:
             burst.summary(count, seconds)
 
@@ -106,11 +112,12 @@ class RepeatCounter:
 
 
 class _Burst:
-    __slots__ = ("count", "since", "summary", "timer")
+    __slots__ = ("count", "since", "summary", "timer", "written")
 
     def __init__(self, since: float, summary: Callable[[int, float], None]) -> None:
         self.since = since
         self.summary = summary
+        self.written = 1
         self.count = 0
         self.timer: Any = None
 

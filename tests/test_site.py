@@ -211,27 +211,35 @@ class RefusalLogTests(SiteTestCase):
         self.assertLess(len(line), 1600)
         self.assertNotIn("wrong", line)
 
-    def test_a_burst_is_one_line_and_a_count(self) -> None:
+    def test_a_burst_is_a_few_lines_and_a_count(self) -> None:
         path = b"/api/contents/" + b"x" * 15_000
         head = b"GET " + path + b" HTTP/1.1\r\n" + HOST + b"\r\n"
         other = b"GET /api/kernels HTTP/1.1\r\n" + HOST + b"\r\n"
         _, transport = self.send(head * 500 + other)
         self.assertEqual(transport.value().count(b"HTTP/1.1 403 Forbidden"), 501, "every one is answered")
-        self.assertEqual(len(self.lines()), 2, "the first of the burst, and the other request")
+        self.assertEqual(len(self.lines()), 4, "the first three of the burst, and the other request")
         self.clock.advance(10)
         lines = self.lines()
-        self.assertEqual(len(lines), 3)
-        self.assertRegex(lines[2], r"^GET /api/contents/x+\.\.\.\[\d+ more\] -> 403: the same refusal \(no-token\) 499 more")
+        self.assertEqual(len(lines), 5)
+        self.assertRegex(lines[4], r"^GET /api/contents/x+\.\.\.\[\d+ more\] -> 403: the same refusal \(no-token\) 497 more")
         # a burst that goes on: one line with its count per window, never one per request
         for _ in range(3):
             self.send(head * 100)
             self.clock.advance(10)
-        self.assertEqual(len(self.lines()), 6)
+        self.assertEqual(len(self.lines()), 8)
         self.assertIn(" 100 more time(s) in 10 s.", self.lines()[-1])
         # once quiet for a window, the next one is written in full again
         self.clock.advance(20)
         self.send(head)
         self.assertIn("needs its local token", self.lines()[-1])
+
+    def test_trying_again_is_not_a_burst(self) -> None:
+        for _ in range(3):
+            self.send(b"GET /api/kernels HTTP/1.1\r\n" + HOST + b"\r\n")
+            self.clock.advance(1)
+        self.assertEqual(len(self.lines()), 3)
+        self.clock.advance(60)
+        self.assertEqual(len(self.lines()), 3, "nothing to count")
 
 
 class AnnouncementTests(SynchronousTestCase):
