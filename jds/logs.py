@@ -6,7 +6,7 @@ A log file outlives the terminal and is read by tools and people, and a client w
 all decides what the proxy logs about it: so every log file the daemon writes is created mode 600
 (rotated ones too), rotates at ``LOG_ROTATE_BYTES`` and keeps ``LOG_FILES_KEPT`` old files; a line
 quotes at most ``QUOTE_LIMIT`` characters of anything a client sent (:func:`clip`); and a burst of
-identical lines is one line plus one with its count (:class:`RepeatCounter`).
+identical lines is its first few lines plus one with its count (:class:`RepeatCounter`).
 
 ``--log-format json``: one JSON object per log event, for log shippers and ``jq``.
 

@@ -9,6 +9,7 @@ the site (assembled in :mod:`jds.site`) listening and announcing its URL, the st
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -109,8 +110,9 @@ class _ProxyListener(StreamServerEndpointService):
             log.info("Listening on {url}; every request needs the local token.", url=base)
         if self.terminal is not None:
             # The one place the token is shown: the terminal the user started the daemon in.
-            self.terminal.write(f"Paste this URL into your IDE as an existing Jupyter server: {url}\n")
-            self.terminal.flush()
+            with contextlib.suppress(OSError, ValueError):  # a terminal closed meanwhile
+                self.terminal.write(f"Paste this URL into your IDE as an existing Jupyter server: {url}\n")
+                self.terminal.flush()
         return port
 
 
