@@ -34,8 +34,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
-from jds.errors import error_body
-from jds.paths import redact_query, split_authority
+from jds.errors import error_body, log_refusal
+from jds.paths import split_authority
 from jds.refusal import Refusal
 
 __all__ = [
@@ -297,6 +297,19 @@ class GuardedChannel(HTTPChannel):
         self._cancel_body_deadline()
         super().allContentReceived()
 
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        """
+        ``Connection`` is a comma-separated list, in any number of headers (RFC 9110 7.6.1):
+        twisted.web splits only the first header's at spaces, so ``keep-alive,close`` kept the
+        connection open. Whether it closes is said in the answer (``_TimedRequest.write``).
+        """
+        tokens = {
+            token.strip().lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
+        }
+        return version == b"HTTP/1.1" and b"close" not in tokens
+
     def requestDone(self, request: Request) -> None:
         self._awaiting_headers = True
         super().requestDone(request)
@@ -311,15 +324,9 @@ class GuardedChannel(HTTPChannel):
         Answer the request whose headers just arrived (or whose body is being read) and end the
         connection without reading the rest: the body is never buffered, parsed or spooled.
         """
-        method = getattr(self, "_command", b"?")
-        uri = getattr(self, "_path", b"?")
-        log.warn(
-            "{method} {uri} -> {status}: {message}{hint} (refused before its body; connection closed)",
-            method=method.decode("latin-1"),
-            uri=redact_query(uri).decode("latin-1"),
-            status=refusal.status,
-            message=refusal.message,
-            hint=f" {refusal.hint}" if refusal.hint else "",
+        log_refusal(
+            getattr(self, "site", None), getattr(self, "_command", b"?"), getattr(self, "_path", b"?"), refusal,
+            " (refused before its body; connection closed)",
         )
         self._answer(refusal)
 

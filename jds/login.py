@@ -5,19 +5,21 @@ cookie, exactly as a Jupyter server's login would set its own.
 
 VS Code's flow: ``GET login?`` for an ``_xsrf`` cookie, ``POST login?`` with ``_xsrf`` and
 ``password`` expecting a 302 whose first ``Set-Cookie`` is the session, then ``Cookie`` plus
-``X-XSRFToken`` on every request.
+``X-XSRFToken`` on every request. So the session keeps the ``_xsrf`` its form carried; and so that
+value must be one this daemon made for that form, never one the client chose: a page on another
+local port can set cookies for 127.0.0.1, and a session whose ``_xsrf`` it knew would be its own.
 """
 
 from __future__ import annotations
 
 import html
-import secrets
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote_from_bytes
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from jds.auth import Credentials, cookies, xsrf_matches
+from jds.paths import query_args
 
 __all__ = ["MAX_FORM_BYTES", "LoginPage", "safe_next"]
 
@@ -39,6 +41,8 @@ _FORM = """<!DOCTYPE html>
 
 
 _URL_SPACE = bytes(range(0x00, 0x21))  # what the URL standard strips from either end
+# Kept as they are in a redirect; any other byte (non-ASCII, a control) is percent-encoded.
+_LOCATION_SAFE = "/?#[]@!$&'()*+,;=:%~-._"
 
 
 def safe_next(value: bytes | None) -> bytes:
@@ -53,7 +57,7 @@ def safe_next(value: bytes | None) -> bytes:
     path = value.strip(_URL_SPACE).translate(None, b"\t\r\n").replace(b"\\", b"/")
     if not path.startswith(b"/") or path.startswith(b"//"):
         return b"/"
-    return path
+    return quote_from_bytes(path, safe=_LOCATION_SAFE).encode("ascii")
 
 
 def _form_fields(request: Request) -> dict[bytes, bytes]:
@@ -67,7 +71,7 @@ def _form_fields(request: Request) -> dict[bytes, bytes]:
     content.seek(0)
     body = content.read(MAX_FORM_BYTES)
     content.seek(0)
-    return {name: values[0] for name, values in parse_qs(body, keep_blank_values=True).items()}
+    return {name: values[0] for name, values in query_args(body).items()}
 
 
 class LoginPage(Resource):
@@ -78,11 +82,12 @@ class LoginPage(Resource):
         self.credentials = credentials
 
     def _xsrf(self, request: Request) -> str:
-        jar = cookies(request.requestHeaders.getRawHeaders(b"cookie", []))
-        value = jar.get("_xsrf")
-        if not value:
-            value = secrets.token_hex(16)
-            request.addCookie(b"_xsrf", value.encode(), path=b"/", sameSite=b"strict")
+        """
+        A new ``_xsrf`` for every form, never the one the request's cookie holds: that cookie may
+        have been set by another page, which would then know the ``_xsrf`` of the session.
+        """
+        value = self.credentials.sessions.issue_xsrf()
+        request.addCookie(b"_xsrf", value.encode(), path=b"/", sameSite=b"strict")
         return value
 
     def _form(self, request: Request, notice: str = "") -> bytes:
@@ -91,7 +96,7 @@ class LoginPage(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return _FORM.format(
             notice=html.escape(notice),
-            next=html.escape(quote(next_path.decode("latin-1"), safe="/")),
+            next=html.escape(quote_from_bytes(next_path, safe="/")),
             xsrf=html.escape(self._xsrf(request)),
         ).encode("utf-8")
 
@@ -104,13 +109,14 @@ class LoginPage(Resource):
         presented = form.get(b"_xsrf", b"").decode("latin-1")
         password = form.get(b"password", b"")
         self.credentials.refresh()
-        if not xsrf_matches(jar.get("_xsrf"), presented):
+        issued = self.credentials.sessions.issued_xsrf(presented)
+        if not issued or not xsrf_matches(jar.get("_xsrf"), presented):
             request.setResponseCode(403)
             return self._form(request, "The form expired ('_xsrf' missing or wrong); try again. ")
         if not self.credentials.is_local_token(password.strip()):
             request.setResponseCode(403)
             return self._form(request, "That is not the local token. ")
-        # The session keeps the _xsrf this form proved: VS Code sends that one from now on.
+        # The session keeps the _xsrf this daemon made for the form: VS Code sends that one from now on.
         for cookie in self.credentials.start_session(presented):
             request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         request.redirect(safe_next((request.args.get(b"next") or [b"/"])[0]))

@@ -1,4 +1,13 @@
 """
+Where the log goes and what a line may hold: twistd's text format or ``--log-format json``, in a
+file only the user can read, of bounded size, with bounded quotes and bursts.
+
+A log file outlives the terminal and is read by tools and people, and a client with no token at
+all decides what the proxy logs about it: so every log file the daemon writes is created mode 600
+(rotated ones too), rotates at ``LOG_ROTATE_BYTES`` and keeps ``LOG_FILES_KEPT`` old files; a line
+quotes at most ``QUOTE_LIMIT`` characters of anything a client sent (:func:`clip`); and a burst of
+identical lines is its first few lines plus one with its count (:class:`RepeatCounter`).
+
 ``--log-format json``: one JSON object per log event, for log shippers and ``jq``.
 
 The text format is twistd's own (``TIME [NAMESPACE#LEVEL] message``, one line per event). JSON
@@ -14,16 +23,103 @@ import datetime
 import json
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 from twisted.python.logfile import LogFile
 
-__all__ = ["event_record", "json_line", "json_observer_for", "text_observer_for"]
+__all__ = [
+    "LOG_FILES_KEPT", "LOG_ROTATE_BYTES", "QUOTE_LIMIT", "RepeatCounter", "clip", "event_record", "json_line",
+    "json_observer_for", "private_log_file", "text_observer_for",
+]
+
+# twistd's own rotation size; with the files kept, the log folder holds at most about 11 MB.
+LOG_ROTATE_BYTES = 1_000_000
+LOG_FILES_KEPT = 10
+# What a line quotes of one thing a client sent (a path with its query, a header value).
+QUOTE_LIMIT = 1024
 
 # Keys of legacy (twisted.python.log) events that repeat what the record already says.
 _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure", "printed"})
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, saying how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more]"
+
+
+class RepeatCounter:
+    """
+    Collapses a burst of identical lines. The first ``shown`` of a kind within ``window`` seconds
+    are written (a user who tries twice sees both); more of the same kind in that window are only
+    counted, and when the window closes one line says how many there were (``summary(count,
+    seconds)``). A burst that goes on gets one such line per window; a kind quiet for a whole window
+    starts over. ``clock`` is a reactor (``seconds``, ``callLater``).
+    """
+
+    def __init__(self, clock: Any, window: float = 10.0, shown: int = 3, max_kinds: int = 256) -> None:
+        self.clock = clock
+        self.window = window
+        self.shown = shown
+        self.max_kinds = max_kinds
+        self._kinds: dict[Hashable, _Burst] = {}
+
+    def first(self, kind: Hashable, summary: Callable[[int, float], None]) -> bool:
+        """Whether to write this line; if not, it is counted into a later ``summary`` line."""
+        now = self.clock.seconds()
+        burst = self._kinds.get(kind)
+        if burst is None or (burst.count == 0 and now - burst.since >= self.window):
+            if burst is None and len(self._kinds) >= self.max_kinds:
+                self._forget(now)
+            self._kinds[kind] = _Burst(now, summary)
+            return True
+        if burst.count == 0 and burst.written < self.shown:
+            burst.written += 1
+            return True
+        burst.count += 1
+        burst.summary = summary
+        if burst.timer is None:
+            burst.timer = self.clock.callLater(max(burst.since + self.window - now, 0), self._close, kind)
+        return False
+
+    def _close(self, kind: Hashable) -> None:
+        burst = self._kinds.get(kind)
+        if burst is None:
+            return
+        now = self.clock.seconds()
+        count, seconds = burst.count, now - burst.since
+        # the burst goes on being counted until it has been quiet for a whole window
+        burst.count, burst.since, burst.timer, burst.written = 0, now, None, self.shown
+        if count:
+            burst.summary(count, seconds)
+
+    def _forget(self, now: float) -> None:
+        """Room for a new kind: quiet ones go; if all are busy, their counts are written now."""
+        for kind, burst in list(self._kinds.items()):
+            if burst.count == 0 and now - burst.since >= self.window:
+                del self._kinds[kind]
+        if len(self._kinds) < self.max_kinds:
+            return
+        for kind, burst in list(self._kinds.items()):
+            if burst.timer is not None and burst.timer.active():
+                burst.timer.cancel()
+            burst.timer = None
+            self._close(kind)
+        self._kinds.clear()
+
+
+class _Burst:
+    __slots__ = ("count", "since", "summary", "timer", "written")
+
+    def __init__(self, since: float, summary: Callable[[int, float], None]) -> None:
+        self.since = since
+        self.summary = summary
+        self.written = 1
+        self.count = 0
+        self.timer: Any = None
 
 
 def event_record(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,9 +201,20 @@ def _observer_for(
     name = config.get("logfile")
     if name == "-" or (not name and config.get("nodaemon")):
         return FileLogObserver(sys.stdout, line)
-    logfile = LogFile.fromFullPath(name or "twistd.log")
+    return FileLogObserver(private_log_file(name or "twistd.log"), line)
+
+
+def private_log_file(path: str) -> LogFile:
+    """
+    The log file at ``path`` (twistd's ``--logfile``, or its ``twistd.log`` when a daemon has none):
+    mode 600 whatever the umask, an existing one made so too, every rotated one as well (Twisted
+    creates each with the mode given here), and at most ``LOG_FILES_KEPT`` rotated files.
+    """
+    logfile = LogFile.fromFullPath(
+        path, rotateLength=LOG_ROTATE_BYTES, defaultMode=0o600, maxRotatedFiles=LOG_FILES_KEPT
+    )
     _rotate_on_sigusr1(logfile)
-    return FileLogObserver(logfile, line)
+    return logfile
 
 
 def _rotate_on_sigusr1(logfile: LogFile) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "map_response_body",
     "map_set_cookie",
     "listen_address",
+    "query_args",
     "parse_root",
     "path_into_root",
     "path_out_of_root",
@@ -256,9 +257,7 @@ def _normalise(raw_path: bytes, floored: bool = False) -> list[bytes]:
                     400, "The request path climbs above the server root with '..'.", "bad-path"
                 )
             if floored and _at_folder_top(out):
-                raise Refusal(
-                    400, "The request path climbs out of the --root folder with '..'.", "outside-root"
-                )
+                raise _outside_root()
             out.pop()
             if last:
                 out.append(b"")
@@ -267,11 +266,37 @@ def _normalise(raw_path: bytes, floored: bool = False) -> list[bytes]:
         # separator is how traversal slips past proxies that decode later than we do.
         parts = decoded.replace(b"\\", b"/").split(b"/")
         if len(parts) > 1 and (b".." in parts or b"." in parts):
+            if floored and _leaves_folder(out, parts):
+                raise _outside_root()
             raise Refusal(
                 400, "The request path hides '..' behind an escaped slash or backslash.", "bad-path"
             )
         out.append(_reencode(segment))
     return out
+
+
+def _outside_root() -> Refusal:
+    return Refusal(400, "The request path climbs out of the --root folder with '..'.", "outside-root")
+
+
+def _leaves_folder(out: list[bytes], parts: list[bytes]) -> bool:
+    """
+    Whether ``parts`` (a segment split at its escaped slashes and backslashes), read as segments
+    after ``out``, climb out of the --root folder. Such a path is refused either way; with --root
+    the IDE's user is told what it would have meant (``outside-root``, widen --root), as for a
+    plain ``..``, rather than only that it was written strangely (``bad-path``).
+    """
+    resolved = list(out)
+    for part in parts:
+        if part == b"..":
+            if not resolved:
+                return False  # above the server's root: a bad path, --root or not
+            if _at_folder_top(resolved):
+                return True
+            resolved.pop()
+        elif part != b".":
+            resolved.append(quote(part, safe="").encode("ascii"))
+    return False
 
 
 def _reencode(segment: bytes) -> bytes:
@@ -445,6 +470,25 @@ def split_token(query: bytes) -> tuple[bytes, bytes | None]:
             continue
         kept.append(param)
     return b"&".join(kept), token
+
+
+def query_args(query: bytes) -> dict[bytes, list[bytes]]:
+    """
+    A query string (or urlencoded form) as bytes names to bytes values, blanks kept, bytes as sent.
+
+    ``urllib.parse.parse_qs`` given bytes decodes them as ASCII and encodes its result back the same
+    way, so ``?q=%C3%A9`` or ``?next=/lab%ff`` raised in the middle of a request and the client's
+    connection was dropped unanswered; a proxy has no reason to read any character set into them.
+    """
+    args: dict[bytes, list[bytes]] = {}
+    for field in query.split(b"&"):
+        if not field:
+            continue
+        name, _, value = field.partition(b"=")
+        args.setdefault(unquote_to_bytes(name.replace(b"+", b" ")), []).append(
+            unquote_to_bytes(value.replace(b"+", b" "))
+        )
+    return args
 
 
 def redact_query(uri: bytes) -> bytes:

@@ -9,13 +9,13 @@ the site (assembled in :mod:`jds.site`) listening and announcing its URL, the st
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -40,7 +40,7 @@ from jds.reconnect import ReconnectPolicy
 from jds.sessions import Sessions
 from jds.site import LocalSite, build_site
 from jds.token_expiry import TokenExpiryWatch
-from jds.tokens import make_private_file, url_file_path, write_private
+from jds.tokens import url_file_path, write_private
 
 log = Logger(namespace="jds")
 
@@ -59,19 +59,24 @@ class ListenError(Exception):
 
 
 class _ProxyListener(StreamServerEndpointService):
-    """Listens, then says (once, in the log) which URL to paste into the IDE, with the real port."""
+    """
+    Listens, then says (once) where the IDE connects, with the real port. The local token is in the
+    URL file (mode 600) and, in the foreground on a terminal, printed there; never in the log, which
+    a daemon writes to a file others may read (twistd's ``twistd.log``), or hands to ``--logger``,
+    ``--syslog`` or systemd's journal.
+    """
 
     _raiseSynchronously = True
 
     def __init__(
         self, endpoint, factory, description: str, token: str | None, url_file: Path | None = None,
-        to_log_file: bool = False,
+        terminal: TextIO | None = None,
     ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.token = token
         self.url_file = url_file
-        self.to_log_file = to_log_file
+        self.terminal = terminal
 
     def privilegedStartService(self) -> None:
         try:
@@ -91,42 +96,43 @@ class _ProxyListener(StreamServerEndpointService):
             guard.listening(host, getattr(address, "port", None))
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        host = authority(host)
-        url = f"http://{host}:{address.port}/?token={self.token or '<YOUR_HUB_API_TOKEN>'}"
-        if self.token and self.url_file is not None:
-            write_private(self.url_file, url + "\n")
-        if self.token and self.to_log_file and self.url_file is not None:
-            # A log file outlives the terminal and is read by tools and people; the token stays in
-            # files only the user can read.
-            log.info(
-                "The URL to paste into your IDE as an existing Jupyter server is in {path} "
-                "(readable only by you; it holds the local token).",
-                path=str(self.url_file),
-            )
+        base = f"http://{authority(host)}:{address.port}/"
+        if not self.token:
+            # Pass-through mode: the URL holds no secret, the IDE brings its own hub token.
+            log.info("Paste this URL into your IDE as an existing Jupyter server: {url}", url=f"{base}?token=<YOUR_HUB_API_TOKEN>")
             return port
-        # In the foreground the local token is printed on purpose (the user pastes it); hub tokens never are.
-        log.info("Paste this URL into your IDE as an existing Jupyter server: {url}", url=url)
+        url = f"{base}?token={self.token}"
+        if self.url_file is not None:
+            write_private(self.url_file, url + "\n")
+            log.info(
+                "Listening on {url}. The URL to paste into your IDE as an existing Jupyter server, with the "
+                "local token, is in {path} (readable only by you).",
+                url=base, path=str(self.url_file),
+            )
+        else:
+            log.info("Listening on {url}; every request needs the local token.", url=base)
+        if self.terminal is not None:
+            # The one place the token is shown: the terminal the user started the daemon in.
+            with contextlib.suppress(OSError, ValueError):  # a terminal closed meanwhile
+                self.terminal.write(f"Paste this URL into your IDE as an existing Jupyter server: {url}\n")
+                self.terminal.flush()
         return port
 
 
-def _logs_kept(options: Options) -> bool:
+def _terminal(options: Options) -> TextIO | None:
     """
-    Whether the log is kept where others may read it: a ``--logfile``, or systemd's journal (it sets
-    ``JOURNAL_STREAM`` for a unit's output; the admin groups read the journal).
+    The terminal the daemon runs in, when it runs in the foreground in one (``twistd -n``, the
+    ``jupyter-dev-server`` command): taken now, before twistd sends standard output to the log.
+    A daemon's standard output is /dev/null, and one that is a file or a pipe is a log.
     """
-    return _log_file(options) is not None or bool(os.environ.get("JOURNAL_STREAM"))
-
-
-def _log_file(options: Options) -> str | None:
-    """The file twistd logs to (``--logfile``), made private before twistd opens it; else ``None``."""
     parent = getattr(options, "parent", None)
-    logfile = parent.get("logfile") if parent is not None and hasattr(parent, "get") else None
-    if not logfile or logfile == "-":
+    if parent is not None and hasattr(parent, "get") and not parent.get("nodaemon"):
         return None
-    make_private_file(logfile)
-    # twistd's rotation creates the next file later, with the process umask.
-    os.umask(0o077)
-    return logfile
+    stream = sys.stdout
+    try:
+        return stream if stream is not None and stream.isatty() else None
+    except (AttributeError, ValueError):
+        return None
 
 
 def make_service(options: Options, reactor: Any = None) -> service.IService:
@@ -177,7 +183,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     token_path = options.get("local-token-path")
     _ProxyListener(
         endpoint, factory, options["listen"], options["local-token"],
-        url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
+        url_file=url_file_path(token_path) if token_path else None, terminal=_terminal(options),
     ).setServiceParent(top)
     # The checks get a policy of their own (no spare connections, the via shared: options.via() makes one).
     _LaunchChecks(options, starter, reactor).setServiceParent(top)

@@ -5,6 +5,8 @@ The cookie holds a random value that means something only to this process (kept 
 restart logs every browser out), for ``--cookie-max-age`` seconds. Its ``_xsrf`` is fixed when the
 session starts and checked against it, so holding the cookie is not enough to choose an ``_xsrf``:
 a page on another local port can set cookies for 127.0.0.1, but cannot learn the session's value.
+Nor choose it at login: a login form's ``_xsrf`` is made (and signed) by this process for that form
+(:meth:`Sessions.issue_xsrf`), and a session starts only with one of those.
 A new local token (``jupyter-dev-server rotate-token``) ends every session.
 """
 
@@ -59,6 +61,20 @@ class Sessions:
         while len(self._live) > MAX_SESSIONS:
             self._live.popitem(last=False)
         return session
+
+    def issue_xsrf(self) -> str:
+        """A fresh ``_xsrf`` for a login form, signed so that :meth:`issued_xsrf` knows it for ours."""
+        nonce = secrets.token_hex(16)
+        return nonce + self._xsrf_mac(nonce)
+
+    def issued_xsrf(self, value: str | None) -> bool:
+        """Whether ``value`` came from :meth:`issue_xsrf` (of this process), not from a client."""
+        if not value or len(value) != 64:
+            return False
+        return hmac.compare_digest(value[32:], self._xsrf_mac(value[:32]))
+
+    def _xsrf_mac(self, nonce: str) -> str:
+        return hmac.new(self._key, b"login-xsrf:" + nonce.encode("latin-1"), hashlib.sha256).hexdigest()[:32]
 
     def find(self, value: str | None) -> Session | None:
         if not value:

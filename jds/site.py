@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,7 +21,8 @@ from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard
 from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.login import MAX_FORM_BYTES, LoginPage
-from jds.paths import HubTarget, map_request_path, redact_query
+from jds.logs import RepeatCounter, clip
+from jds.paths import HubTarget, map_request_path, query_args, redact_query
 from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
 from jds.refusal import Refusal
@@ -84,8 +84,19 @@ class _TimedRequest(Request):
             self.content.seek(0, 0)
         self.method, self.uri, self.clientproto = command, path, version
         self.path, sep, query = path.partition(b"?")
-        self.args = parse_qs(query, 1) if sep else {}
+        self.args = query_args(query) if sep else {}
         self.process()
+
+    def write(self, data: bytes) -> None:
+        """
+        The first write sends the headers: when the channel will close the connection after this
+        answer (the client asked with ``Connection: close``, or spoke HTTP/1.0), they say so (RFC
+        9112 9.6). Without it a pooling client (python-requests) keeps the connection and its next
+        request fails on it. Whatever wrote the headers (the hub's, a refusal's) gets it.
+        """
+        if not self.startedWriting and not getattr(self.channel, "persistent", True):
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
         channel = self.channel
@@ -169,6 +180,7 @@ class LocalSite(Site):
         self.credentials = credentials if credentials is not None else Credentials()
         self.target = target
         self.limits = limits if limits is not None else Limits()
+        self.repeats = RepeatCounter(self.reactor)  # bursts of one refusal (jds.errors.log_refusal)
 
     def protocol(self) -> GuardedChannel:  # type: ignore[override]
         channel = GuardedChannel()
@@ -220,14 +232,14 @@ class LocalSite(Site):
     def log(self, request: Request) -> None:
         if getattr(request, "relayed", False):
             self.stats.http_finished(getattr(request, "received", 0), request.sentLength)
-        if not self.access_log:
-            return
+        if not self.access_log or getattr(request, "refused", False):
+            return  # a refusal has had its line (jds.errors.log_refusal)
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
         log.info(
             "{method} {uri} {status} {bytes}B {ms:.1f}ms",
             method=request.method.decode("latin-1"),
-            uri=redact_query(request.uri).decode("latin-1"),
+            uri=clip(redact_query(request.uri).decode("latin-1")),
             status=request.code,
             bytes=request.sentLength,
             ms=elapsed,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "TokenFileError", "default_hub_token_path", "default_local_token_path", "load_local_token",
-    "make_private_file", "read_hub_token", "rotate_local_token", "rotate_main", "url_file_path", "write_private",
+    "read_hub_token", "rotate_local_token", "rotate_main", "url_file_path", "write_private",
 ]
 
 
@@ -93,15 +93,6 @@ def load_local_token(path: str | os.PathLike[str]) -> str:
     token = secrets.token_hex(24)
     write_private(token_path, token + "\n")
     return token
-
-
-def make_private_file(path: str | os.PathLike[str]) -> None:
-    """Create ``path`` (a log file) readable only by its owner, or make an existing one so."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 def url_file_path(token_path: str | os.PathLike[str]) -> Path:

@@ -199,11 +199,13 @@ class JupyterHubProcess(_demohub.JupyterHubProcess):
 class ProxyProcess:
     """The proxy under test, run as ``twistd -n jupyter-dev-server ...`` in its own directory.
 
-    ``start()`` waits for the ``http://127.0.0.1:<port>/?token=...`` line the proxy prints for
-    the IDE; ``spawn()`` + ``wait_exit()`` are for runs expected to fail on bad options.
+    ``start()`` waits for the line that says where the IDE connects (see :func:`ready_address`);
+    ``spawn()`` + ``wait_exit()`` are for runs expected to fail on bad options.
     """
 
-    READY_LINE = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=(\S*)")
+    READY_LINE = re.compile(
+        r"http://127\.0\.0\.1:(\d+)/(?:\?token=(\S*)|\. The URL to paste .*? is in (\S+) \(readable only by you\))"
+    )
     # How for_hub() hands the user's hub token to the proxy: the standard JupyterHub variable.
     TOKEN_ENV = "JUPYTERHUB_API_TOKEN"
 
@@ -302,7 +304,7 @@ class ProxyProcess:
             return "proxy log:\n" + tail(self.log_text())
 
         match = poll(ready, timeout, "the proxy to print its URL", 0.1, describe)
-        self.port, self.token = int(match.group(1)), match.group(2)
+        self.port, self.token = ready_address(match)
         return self
 
     def wait_checked(self, timeout: float = 60) -> ProxyProcess:
@@ -338,6 +340,18 @@ class ProxyProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def ready_address(match: re.Match[str]) -> tuple[int, str]:
+    """
+    The port and token of a :attr:`ProxyProcess.READY_LINE`: in pass-through mode the line has the
+    whole URL (its token is a placeholder); in managed mode the local token is never in the log,
+    which names the URL file (mode 600) it is in instead.
+    """
+    port, token, url_file = int(match.group(1)), match.group(2), match.group(3)
+    if url_file is not None:
+        token = Path(url_file).read_text(encoding="utf-8").strip().partition("?token=")[2]
+    return port, token or ""
 
 
 class ProxyFactory:

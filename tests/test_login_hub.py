@@ -21,7 +21,16 @@ from pathlib import Path
 import hub
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyProcess, clean_environ, poll, stop_pid, tail, venv_script
+from hub import (
+    JupyterHubProcess,
+    ProxyProcess,
+    clean_environ,
+    poll,
+    ready_address,
+    stop_pid,
+    tail,
+    venv_script,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,7 +146,8 @@ def test_password_login_writes_a_private_token_the_daemon_runs_with(
     try:
         ready = poll(lambda: ProxyProcess.READY_LINE.search(log.read_text()) or _exited(daemon, log),
                      60, "the daemon's URL", 0.2, lambda: tail(log.read_text()))  # fmt: skip
-        base, local = f"http://127.0.0.1:{ready.group(1)}", ready.group(2)
+        port, local = ready_address(ready)
+        base = f"http://127.0.0.1:{port}"
         assert local and local != token
         hub.start_server(USER)
         listing = requests.get(f"{base}/api/contents", headers={"Authorization": f"token {local}"}, timeout=60)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,16 @@ from twisted.logger import FileLogObserver, Logger, LogLevel, eventAsText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from jds.logs import event_record, json_line, json_observer_for
+from jds.logs import (
+    LOG_FILES_KEPT,
+    LOG_ROTATE_BYTES,
+    QUOTE_LIMIT,
+    clip,
+    event_record,
+    json_line,
+    json_observer_for,
+    text_observer_for,
+)
 from jds.options import Options
 
 
@@ -97,3 +108,34 @@ def test_proxy_logs_json(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
     assert record["message"].startswith("GET /api/status 200 ")
     assert all(set(r) >= {"time", "level", "namespace", "message"} for r in records())
     assert hub.alice_token not in running.log_text()
+
+
+def test_log_files_are_private_and_bounded(tmp_path: Path) -> None:
+    """
+    Issue 20 (1, 8): twistd's ``twistd.log`` or a ``--logfile``, under umask 022, is mode 600, and
+    so is every rotated file; at most ``LOG_FILES_KEPT`` of those stay, old ones from before too.
+    """
+    path = tmp_path / "jds.log"
+    path.write_text("from an older run\n")
+    path.chmod(0o644)
+    for number in range(1, 31):  # what an older version left: rotated files never deleted
+        (tmp_path / f"jds.log.{number}").write_text("old\n")
+    (event,) = capture(lambda log: log.info("{line}", line="x" * 500))
+    old_umask = os.umask(0o022)
+    try:
+        for observer_for in (text_observer_for, json_observer_for):
+            observer = observer_for({"nodaemon": False, "logfile": str(path)})
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, "an existing log is made private too"
+            for _ in range(3 * LOG_ROTATE_BYTES // 500 + 10):
+                observer(event)
+    finally:
+        os.umask(old_umask)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == LOG_FILES_KEPT + 1, [f.name for f in files]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files if f.read_text() != "old\n"} == {0o600}
+    assert sum(f.stat().st_size for f in files) <= (LOG_FILES_KEPT + 1) * (LOG_ROTATE_BYTES + 2048)
+
+
+def test_clip_says_how_much_it_left_out() -> None:
+    assert clip("abc", 5) == "abc"
+    assert clip("a" * 1500) == "a" * QUOTE_LIMIT + f"...[{1500 - QUOTE_LIMIT} more]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from urllib.parse import quote, unquote
+from urllib.parse import quote, quote_from_bytes, unquote
 
 import pytest
 from hypothesis import example, given, settings
@@ -30,6 +30,7 @@ from jds.paths import (
     parse_root,
     path_into_root,
     path_out_of_root,
+    query_args,
     redact_query,
     request_body_kind,
     response_body_kind,
@@ -342,9 +343,13 @@ def test_root_request_paths(local: bytes, hub: bytes) -> None:
         (b"/files/d/../../secret", "outside-root"),
         (b"/nbconvert/html/..", "outside-root"),
         (b"/tree/..", "outside-root"),
-        (b"/api/contents/..%2Fsecret", "bad-path"),
-        (b"/api/contents/d%2F..%2F..%2Fsecret", "bad-path"),
-        (b"/files/..%5csecret", "bad-path"),
+        # behind an escaped slash or backslash, a climb out of the folder is still that (issue 20, 13)
+        (b"/api/contents/..%2Fsecret", "outside-root"),
+        (b"/api/contents/d%2F..%2F..%2Fsecret", "outside-root"),
+        (b"/files/..%5csecret", "outside-root"),
+        (b"/api/contents%2F..", "outside-root"),
+        # one that stays inside the folder is still refused, for how it is written
+        (b"/api/contents/d%2F..%2Fa.ipynb", "bad-path"),
     ],
 )
 def test_root_escapes_are_refused(path: bytes, reason: str) -> None:
@@ -584,3 +589,14 @@ def test_model_head() -> None:
     # a head that never reaches "content" is given up at the limit, and passes as it came
     endless = b'{"name": "' + b"n" * MODEL_HEAD_LIMIT
     assert streamed(endless, [100] * 10) == endless
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=8), st.binary(max_size=8)), max_size=6))
+def test_query_args_are_the_bytes_sent(pairs: list[tuple[bytes, bytes]]) -> None:
+    """Issue 20 (7): any escapes, ASCII text or not, come back as the bytes they stand for."""
+    query = b"&".join(quote_from_bytes(n).encode() + b"=" + quote_from_bytes(v).encode() for n, v in pairs)
+    expected: dict[bytes, list[bytes]] = {}
+    for name, value in pairs:
+        expected.setdefault(name, []).append(value)
+    assert query_args(query) == expected
+    assert query_args(b"a=%C3%A9&b=%ff+x&c") == {b"a": [b"\xc3\xa9"], b"b": [b"\xff x"], b"c": [b""]}
