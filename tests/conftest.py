@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,16 @@ import pytest
 from hub import JupyterHubProcess, ProxyFactory, TestCA
 
 _timings: dict[str, float] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """
+    Every process a test starts, and this one, gets a config and state folder of the run's own:
+    ``login`` saves profiles and the daemon its local token there, never in the developer's home
+    (a profile left there would change what the next bare command does).
+    """
+    for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME"):
+        os.environ[name] = tempfile.mkdtemp(prefix=f"jds-test-{name.lower()}-")
 
 
 @pytest.fixture(scope="session")

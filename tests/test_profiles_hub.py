@@ -24,7 +24,16 @@ from typing import Any
 import hub
 import pytest
 import requests
-from hub import JupyterHubProcess, ProxyProcess, clean_environ, poll, stop_pid, tail, venv_script
+from hub import (
+    JupyterHubProcess,
+    ProxyProcess,
+    clean_environ,
+    poll,
+    ready_address,
+    stop_pid,
+    tail,
+    venv_script,
+)
 
 from jds.options import NO_HUB
 
@@ -127,7 +136,8 @@ class Daemon:
             return ProxyProcess.READY_LINE.search(self.text())
 
         found = poll(printed, 60, "the daemon's URL", 0.2, lambda: tail(self.text()))
-        return f"http://127.0.0.1:{found.group(1)}", found.group(2)
+        port, token = ready_address(found)
+        return f"http://127.0.0.1:{port}", token
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shlex
 import socket
 import subprocess
 import textwrap
@@ -37,6 +36,11 @@ from hub import (
 )
 from test_faults_hub import start_kernel
 from test_reconnect_hub import Fault, forty_lines_through, kernel_socket
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 FAR_NAME = "hub.cluster.invalid"
 USER, PASSWORD = "jds", "pa:ss@w%rd"
@@ -360,19 +364,22 @@ def test_login_token_expiry_and_spawning_go_through_the_via(
     """
     via = f"socks5://127.0.0.1:{socks_proxy.port}"
     token_file = tmp_path / "hub-token"
+    config_home = tmp_path / "config"
     done = subprocess.run(
         [venv_script("jupyter-dev-server"), "login", *_hub_args(hub), "--via", via, "--password-stdin",
          "--token-file", str(token_file), "--expires-in", "2d"],
-        input="any password\n", capture_output=True, text=True, timeout=120, env=clean_environ(),
+        input="any password\n", capture_output=True, text=True, timeout=120,
+        env=clean_environ({"XDG_CONFIG_HOME": str(config_home)}),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    printed = next(line.strip() for line in done.stdout.splitlines() if "--token-file" in line)
-    assert f"--via {via}" in printed and f"--hub https://{FAR_NAME}:{hub.port}" in printed
+    with (config_home / "jupyter-dev-server" / "config.toml").open("rb") as saved:
+        profile = tomllib.load(saved)["profiles"]["default"]
+    assert profile["via"] == via and profile["hub"] == f"https://{FAR_NAME}:{hub.port}", profile
 
     hub.stop_server("alice")
     try:
-        args = shlex.split(printed)[1:]  # the printed command, run under twistd as the harness runs it
-        daemon = proxy(*args, "--spawn-timeout", "90")
+        # the saved profile, run under twistd as the harness runs it (its --listen beats the profile's)
+        daemon = proxy("--spawn-timeout", "90", env={"XDG_CONFIG_HOME": str(config_home)})
         poll(lambda: "The hub token this proxy holds expires" in daemon.log_text() or None, 60,
              "the token-expiry warning", 0.2, lambda: tail(daemon.log_text()))  # fmt: skip
         local = {"Authorization": f"token {daemon.token}"}
