@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 LAYERS: list[tuple[str, set[str]]] = [
     ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions"}),
     ("hub side", {"jds.tls", "jds.spares", "jds.retry", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry"}),
-    ("web resources", {"jds.guard", "jds.login", "jds.upload", "jds.proxy", "jds.relay", "jds.status"}),
+    ("web resources", {"jds.guard", "jds.connections", "jds.login", "jds.upload", "jds.proxy", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
     ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),

@@ -243,3 +243,46 @@ def test_check_verifies_the_folder(hub: JupyterHubProcess, tmp_path: Path, folde
     # without a hub token check cannot list it: said, not passed
     code, steps = run_check(hub, *args, "--root", "work/nowhere", token=None, state=tmp_path)
     assert steps["root"]["ok"] is None and "not checked" in steps["root"]["detail"], steps
+
+
+def padded(document: dict) -> bytes:
+    """``document`` as JSON over 9 MiB: more than the proxy maps in memory (8 MiB)."""
+    return json.dumps({**document, "pad": "x" * (9 << 20)}).encode()
+
+
+def test_a_body_too_large_to_map_is_refused_never_passed(
+    hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path
+) -> None:
+    """A body whose paths the proxy must put into the folder and cannot (too large) gets 413: passed
+    unmapped, its server-root paths would copy a file in from outside, move one out, start a terminal
+    outside the folder."""
+    headers = {**auth(hub.alice_token), "Content-Type": "application/json"}
+    terminals = requests.get(f"{rooted.url}/api/terminals", headers=headers).json()
+    attempts = [
+        ("POST", "/api/contents/", padded({"copy_from": "work/secret.txt"})),
+        ("PATCH", "/api/contents/data.csv", padded({"path": "work/moved.csv"})),
+        ("POST", "/api/terminals", padded({})),
+    ]
+    for method, path, body in attempts:
+        answer = requests.request(method, f"{rooted.url}{path}", data=body, headers=headers, timeout=120)
+        assert answer.status_code == 413, (path, dump(answer))
+        assert answer.json()["reason"] == "body-too-large" and "--root" in answer.json()["message"]
+    assert not [p.name for p in folder.iterdir() if "secret" in p.name], "a file was copied in from outside"
+    assert (folder / "data.csv").exists() and not (folder.parent / "moved.csv").exists()
+    assert requests.get(f"{rooted.url}/api/terminals", headers=headers).json() == terminals
+
+
+def test_a_kernels_path_is_put_into_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    escape = requests.post(f"{rooted.url}/api/kernels", json={"name": "python3", "path": "../.."}, headers=headers)
+    assert escape.status_code == 400, dump(escape)
+    assert escape.json()["reason"] == "outside-root"
+    for body, where in (({"name": "python3"}, folder), ({"name": "python3", "path": "sub"}, folder / "sub")):
+        started = requests.post(f"{rooted.url}/api/kernels", json=body, headers=headers, timeout=120)
+        assert started.status_code == 201, dump(started)
+        kernel = started.json()["id"]
+        try:
+            cwd = execute_in_kernel(rooted.url, hub.alice_token, kernel, "import os\nprint(os.getcwd())")
+            assert os.path.realpath(cwd.strip()) == os.path.realpath(where)
+        finally:
+            requests.delete(f"{rooted.url}/api/kernels/{kernel}", headers=headers, timeout=60)
