@@ -372,11 +372,16 @@ def test_a_stalled_body_is_dropped_with_408(hub: JupyterHubProcess, proxy: Proxy
 
 
 def test_connections_per_client_are_bounded(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """Four connections that showed the token fill the client's share; a fifth is told which option to
+    raise (silent connections would have made room instead: see section 7)."""
     managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-connections-per-client", "4"])
     held = [connect(managed) for _ in range(4)]
     try:
+        for sock in held:
+            sock.sendall(head(managed, "GET /api/status HTTP/1.1"))
+            assert read_response(sock)[0] == 200
         with connect(managed) as extra:
-            extra.sendall(f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n\r\n".encode())
+            extra.sendall(head(managed, "GET /api/status HTTP/1.1"))
             status, _, body = read_response(extra)
         assert status == 503, body
         assert "--max-connections-per-client" in json.loads(body)["message"]
