@@ -416,6 +416,9 @@ class GuardedChannel(HTTPChannel):
         if refused_body is not None:
             refused_body(Failure(refusal))  # a request rendered before its body: it answers nothing now
         answered = request is not None and getattr(request, "startedWriting", False)
+        content = getattr(request, "content", None)
+        if content is not None and not answered:
+            content.close()  # a body being read whole, cut short: its buffer or file goes with the answer
         stats = getattr(getattr(self, "site", None), "stats", None)
         if stats is not None:
             stats.error(status, message, reason)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ import requests
 import websocket
 from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, dump, execute_in_kernel, poll, venv_script
 from test_managed_hub import run_check
+from test_security_hub import MiB, read_response, send_all_you_can, spool_files
 
 ROOT = "work/proj"
 
@@ -286,3 +288,26 @@ def test_a_kernels_path_is_put_into_the_folder(hub: JupyterHubProcess, rooted: P
             assert os.path.realpath(cwd.strip()) == os.path.realpath(where)
         finally:
             requests.delete(f"{rooted.url}/api/kernels/{kernel}", headers=headers, timeout=60)
+
+
+def test_a_body_read_whole_goes_with_its_answer(hub: JupyterHubProcess, rooted: ProxyProcess) -> None:
+    """The bodies the proxy reads whole to map them are spooled past 100 KB; the file is closed by the
+    time the answer is read, whether the hub answered or the proxy cut the body off at 8 MiB."""
+    pid = rooted.proc.pid
+    body = json.dumps({"path": "renamed.csv", "pad": "x" * (2 << 20)}).encode()
+    missing = f"missing-{uuid.uuid4().hex[:8]}.csv"
+    answer = requests.patch(
+        f"{rooted.url}/api/contents/{missing}", data=body, timeout=60,
+        headers={**auth(hub.alice_token), "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert answer.status_code == 404, dump(answer)
+    assert spool_files(pid) == []
+    with socket.create_connection(("127.0.0.1", rooted.port), timeout=15) as sock:
+        sock.sendall(
+            f"PATCH /api/contents/{missing} HTTP/1.1\r\nHost: 127.0.0.1:{rooted.port}\r\n"
+            f"Authorization: token {hub.alice_token}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        send_all_you_can(sock, 9 * MiB, b"%x\r\n" % MiB + b"x" * MiB + b"\r\n")  # past 8 MiB, within the 4 MiB read after a refusal
+        status, _, sent = read_response(sock)
+        assert (status, json.loads(sent)["reason"]) == (413, "body-too-large"), sent
+        assert spool_files(pid) == []
