@@ -34,8 +34,8 @@ log = Logger(namespace="jds")
 
 # Descriptors kept for the daemon itself: log and token files, the listening socket, spare hub connections.
 _RESERVED_DESCRIPTORS = 64
-# At most one log line this often about connections dropped to make room (a flood would fill the log).
-_DROPPED_LINE_SECONDS = 10.0
+# At most one log line this often about connections dropped or refused (a flood would fill the log).
+_LINE_SECONDS = 10.0
 
 
 def connection_cap(requested: int, descriptors: int) -> int:
@@ -105,6 +105,24 @@ class ConnectionSlot(ProtocolWrapper):
             self.factory.unprotected(self)
 
 
+class _Occasional:
+    """At most one log line a while for what a flood of connections may make happen thousands of times."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._unsaid = 0
+        self._last = float("-inf")
+
+    def happened(self, say: Callable[[int], None]) -> None:
+        """Count it; ``say(count)`` when the last line is old enough, with how many since."""
+        self._unsaid += 1
+        now = self._clock()
+        if now - self._last >= _LINE_SECONDS:
+            say(self._unsaid)
+            self._unsaid = 0
+            self._last = now
+
+
 class _TooMany(Protocol):
     """Answers a connection over a limit with a 503 and closes it, reading nothing."""
 
@@ -112,7 +130,6 @@ class _TooMany(Protocol):
         self.message = message
 
     def connectionMade(self) -> None:
-        log.warn("Refused a connection: {message}", message=self.message)
         body = error_body(self.message, "too-many-connections")
         self.transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=UTF-8\r\n"
@@ -139,22 +156,21 @@ class ConnectionLimit(WrappingFactory):
         self.held = 0
         # Unprotected connections, the one unprotected longest first (dicts keep insertion order).
         self._droppable: dict[ConnectionSlot, None] = {}
-        self._clock = clock
-        self._dropped_unsaid = 0
-        self._last_line = float("-inf")
+        self._drops = _Occasional(clock)
+        self._refusals = _Occasional(clock)
         self.guard = getattr(site, "guard", None)  # the listener tells it the port
 
     def buildProtocol(self, addr: Any) -> Any:
         host = getattr(addr, "host", None)
         if host is not None and self.per_client and self.open.get(host, 0) >= self.per_client:
             if not self._make_room(host):
-                return _TooMany(
+                return self._refuse(
                     f"Too many open connections from {host} (the limit is {self.per_client}, all of them "
                     "in use by requests that showed the local token); close some, or start "
                     "jupyter-dev-server with a larger --max-connections-per-client."
                 )
         if self.total and self.held >= self.total and not self._make_room(None):
-            return _TooMany(
+            return self._refuse(
                 f"Too many open connections (the limit is {self.total}, all of them in use by requests "
                 "that showed the local token); close some, or start jupyter-dev-server with a larger "
                 "--max-connections."
@@ -207,16 +223,16 @@ class ConnectionLimit(WrappingFactory):
         self._uncount(victim)  # now, not when the reactor reports it closed: the next arrival counts right
         if victim.transport is not None:
             victim.transport.abortConnection()
-        self._dropped_unsaid += 1
-        now = self._clock()
-        if now - self._last_line >= _DROPPED_LINE_SECONDS:
-            log.warn(
-                "Dropped {count} connection(s) that had not shown the local token (or, in pass-through "
-                "mode, were between requests) to make room for new ones (--max-connections-per-client "
-                "{per_client}, --max-connections {total}); a process on this machine may be holding "
-                "connections open.",
-                count=self._dropped_unsaid, per_client=self.per_client, total=self.total,
-            )
-            self._dropped_unsaid = 0
-            self._last_line = now
+        self._drops.happened(lambda count: log.warn(
+            "Dropped {count} connection(s) that had not shown the local token (or, in pass-through mode, "
+            "were between requests) to make room for new ones (--max-connections-per-client {per_client}, "
+            "--max-connections {total}); a process on this machine may be holding connections open.",
+            count=count, per_client=self.per_client, total=self.total,
+        ))
         return True
+
+    def _refuse(self, message: str) -> _TooMany:
+        self._refusals.happened(
+            lambda count: log.warn("Refused {count} connection(s): {message}", count=count, message=message)
+        )
+        return _TooMany(message)

@@ -368,10 +368,15 @@ class GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def _idle_too_long(self) -> None:
-        """Between requests nothing is owed to the client: the connection just ends, as twisted.web ends it."""
+        """
+        Between requests nothing is owed to the client: the connection just ends, as twisted.web ends
+        it, and is aborted if what is still to be written to it has not gone in ``abortTimeout`` more.
+        """
         self._idle_deadline = None
         if self.transport is not None:
             self.transport.loseConnection()
+            if self.abortTimeout is not None:
+                self._idle_deadline = self.callLater(self.abortTimeout, self.transport.abortConnection)
 
     def _cancel_idle_deadline(self) -> None:
         if self._idle_deadline is not None and self._idle_deadline.active():

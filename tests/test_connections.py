@@ -10,6 +10,7 @@ import json
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -127,6 +128,19 @@ class ManagedModeTests(Limited):
         # a closed connection frees its place
         own[0].protocol.connectionLost(None)
         self.assertEqual(self.status(self.open(send=WITH_TOKEN)), b"HTTP/1.1 200 OK")
+
+
+    def test_a_flood_is_one_log_line_a_while(self) -> None:
+        now = [0.0]
+        self.limited = ConnectionLimit(self.site, 2, clock=lambda: now[0])
+        with capturedLogs() as events:
+            for _ in range(100):
+                self.open()
+            now[0] += 10
+            self.open()
+        lines = [formatEvent(e) for e in events if "to make room" in formatEvent(e)]
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(lines[0].startswith("Dropped 1 connection(s)") and lines[1].startswith("Dropped 98 "), lines)
 
 
 class PassThroughModeTests(Limited):
