@@ -655,3 +655,27 @@ def test_every_stalled_body_gets_its_408(hub: JupyterHubProcess, proxy: ProxyFac
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_deadlines_past_a_minute_still_answer_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """
+    twisted.web's own idle timeout (60 s, restarted by every byte) used to end a connection first,
+    with no answer, whenever --body-timeout or --header-timeout was as long or longer: 175 of 256 stalled
+    bodies at the default 60 s. Here both are 70 s, and each stalled connection gets its 408 at 70 s.
+    """
+    hub.start_server("alice")
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--body-timeout", "70", "--header-timeout", "70"])
+    began = time.monotonic()
+    with connect(managed, timeout=100) as body, connect(managed, timeout=100) as headers:
+        body.sendall(head(managed, "PUT /api/contents/stalled.txt HTTP/1.1", "Content-Length: 100") + b"x")
+        headers.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for sock, reason in ((body, "body-timeout"), (headers, None)):
+            try:
+                status, _, sent = read_response(sock)
+            except (AssertionError, OSError) as exc:
+                raise AssertionError(f"dropped with no answer after {time.monotonic() - began:.0f} s: {exc!r}") from None
+            assert status == 408, sent
+            if reason is not None:
+                assert json.loads(sent)["reason"] == reason
+    waited = time.monotonic() - began
+    assert 69 <= waited < 95, f"answered after {waited:.0f} s"
