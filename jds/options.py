@@ -231,8 +231,8 @@ class Options(HubOptions):
          "a larger one gets 503 'retry' instead."],
         ["max-connections-per-client", None, "256",
          "Open connections (WebSockets included) one client address may hold. At the limit a new one "
-         "takes the place of the oldest that has not shown the local token (in pass-through mode: that "
-         "is between requests); only when every one has, it gets 503."],
+         "takes the place of the oldest that has not shown the local token (in pass-through mode: the "
+         "oldest not being served); only when there is none does it get 503."],
         ["max-connections", None, "512",
          "Open connections of all clients together, bounded as per client; 0: as many as the open-files "
          "limit (ulimit -n) allows, which also caps it (each connection may need a second one to the hub)."],

@@ -584,7 +584,7 @@ def body_too_large_to_map(size: int | None) -> Refusal:
         f"With --root the proxy puts the paths in this request's JSON body into the folder, and it reads "
         f"such a body whole, up to {MAX_REWRITTEN_BODY} bytes; this one is larger{declared}.",
         "body-too-large",
-        "A rename, copy, session, kernel or terminal request needs no large body: what sent it?",
+        "Renames, copies, sessions, kernels and terminals carry a few paths; check the client that sent this one.",
     )
 
 
