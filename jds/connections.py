@@ -89,6 +89,7 @@ class ConnectionSlot(ProtocolWrapper):
     host: str | None = None
     protected = False
     for_good = False
+    vouched_by: str | None = None  # the local token it showed (managed mode)
     counted = False
 
     def protect(self, for_good: bool = False) -> None:
@@ -103,6 +104,12 @@ class ConnectionSlot(ProtocolWrapper):
         if self.protected and not self.for_good:
             self.protected = False
             self.factory.unprotected(self)
+
+    def revoke(self) -> None:
+        """The token it was protected for good by has been replaced (``rotate-token``)."""
+        self.for_good = False
+        self.vouched_by = None
+        self.unprotect()
 
 
 class _Occasional:

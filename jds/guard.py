@@ -297,16 +297,21 @@ class GuardedChannel(HTTPChannel):
         or in pass-through mode (no local token) while this request is served.
         """
         slot = self.slot
-        if slot is None or slot.for_good:
+        if slot is None:
             return
         credentials = getattr(getattr(self, "site", None), "credentials", None)
         if credentials is None or not credentials.managed:
             slot.protect()
             return
+        if slot.for_good and slot.vouched_by == credentials.local_token:
+            return  # shown before, and not replaced since (rotate-token)
         headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
         query = self._path.partition(b"?")[2]
         if credentials.check(self._command, query, headers, effects=False).allowed:
             slot.protect(for_good=True)
+            slot.vouched_by = credentials.local_token
+        else:
+            slot.revoke()  # the token it showed was replaced: it holds nothing now
 
     def _start_body_deadline(self) -> None:
         if self.limits.body_timeout and self._body_deadline is None:

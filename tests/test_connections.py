@@ -130,6 +130,16 @@ class ManagedModeTests(Limited):
         self.assertEqual(self.status(self.open(send=WITH_TOKEN)), b"HTTP/1.1 200 OK")
 
 
+    def test_a_replaced_token_protects_nothing(self) -> None:
+        """After rotate-token, a connection that showed the old token is protected no more."""
+        self.limit(per_client=2)
+        old = self.open(send=WITH_TOKEN)
+        self.site.credentials.local_token = "rotated-token"
+        old.protocol.dataReceived(WITH_TOKEN)  # the old token now: refused by the proxy, and unprotected
+        self.open()
+        self.open()
+        self.assertTrue(old.disconnected)
+
     def test_a_flood_is_one_log_line_a_while(self) -> None:
         now = [0.0]
         self.limited = ConnectionLimit(self.site, 2, clock=lambda: now[0])
