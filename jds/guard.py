@@ -12,9 +12,17 @@ requests to ``127.0.0.1:8000``. Two checks stop a page from using it:
 The channel decides as soon as a request's headers are complete, before reading its body: a refused
 request (Host, Origin, local token, path, size) is answered and its connection closed, so a web page's
 96 MiB form post costs nothing but the bytes the kernel already buffered. It also bounds what a
-client can hold: headers and bodies that trickle (slowloris), bodies over ``--max-body-size``, and
-connections per client address; and it says in the log when it refuses a malformed request, which
-twisted.web does silently, answering with the same JSON as every other refusal.
+client can hold: headers and bodies that trickle (slowloris), bodies over ``--max-body-size`` and
+bodies where none is taken (a WebSocket upgrade's, the daemon's own pages'); and it says in the log
+when it refuses a malformed request, which twisted.web does silently, answering with the same JSON
+as every other refusal. How many connections the port holds is :mod:`jds.connections`' business; the
+channel tells it when a connection is the token holder's (its ``slot``).
+
+Each phase of a connection has one deadline, the channel's own: the headers (``--header-timeout``,
+then 408), a body's pauses (``--body-timeout``, then 408), the wait between requests (twisted.web's
+idle timeout, then a quiet close). twisted.web's idle timer, which restarts with every byte, is not
+used: it raced the body's deadline and dropped stalled bodies with no answer, and it dropped a body
+the proxy itself had stopped reading because the hub was slow.
 
 Header lines are judged here before twisted.web sees them: Twisted before 26.10 stores a header value
 holding CR, LF or NUL as it came (a client could smuggle a second header line through to the hub),
@@ -26,20 +34,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
 from jds.errors import error_body, log_refusal
-from jds.paths import split_authority
+from jds.paths import MAX_REWRITTEN_BODY, body_too_large_to_map, split_authority
 from jds.refusal import Refusal
 
 __all__ = [
-    "LOOPBACK_NAMES", "ConnectionLimit", "GuardedChannel", "Limits", "LocalGuard", "header_problem", "is_loopback",
+    "LOOPBACK_NAMES", "GuardedChannel", "Limits", "LocalGuard", "body_not_taken", "header_problem", "is_loopback",
     "origin_refusal", "request_line_problem",
 ]
 
@@ -95,6 +102,7 @@ class Limits:
     held_body: int = 1 << 20  # --held-body-size: a body kept to be sent again once the server is up
     body_timeout: float = 60.0  # --body-timeout: longest pause within a request body
     connections_per_client: int = 256  # --max-connections-per-client
+    connections: int = 512  # --max-connections: all clients together (see jds.connections)
     max_message: int = 256 << 20  # --max-message-size: one WebSocket message (then 1009)
 
     def body_refusal(self, length: int) -> Refusal | None:
@@ -106,6 +114,21 @@ class Limits:
                 "body-too-large",
             )
         return None
+
+
+def body_not_taken(raw_path: bytes, request: Request) -> Refusal | None:
+    """
+    A request that never has a body, refused from its headers when it declares one: a WebSocket
+    upgrade (autobahn would never read it, and it would lie on the disk while the socket lives) and
+    the daemon's own pages under ``/_jds/`` (twisted.web finds them by the unquoted first segment).
+    """
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
+    if any(value.strip().lower() == b"websocket" for value in upgrade):
+        return Refusal(400, "A WebSocket upgrade request carries no body; this one declares one.", "body-not-allowed")
+    if unquote_to_bytes(raw_path[1:].partition(b"/")[0]) == b"_jds":
+        return Refusal(413, "jupyter-dev-server's own pages (/_jds/) take no request body.", "body-too-large")
+    return None
+
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -189,14 +212,20 @@ class GuardedChannel(HTTPChannel):
     minute holds a connection for ever; here the headers as a whole have a deadline, and a body may
     pause at most ``limits.body_timeout``. Once the headers are complete the site judges the request
     (:meth:`LocalSite.refusal_before_body`); a refusal is answered at once and the body never read.
+    Between requests the connection may idle for ``idle_timeout`` (twisted.web's ``timeOut``, which
+    the channel takes over: see the module docstring).
     """
 
     header_timeout = HEADER_TIMEOUT
     limits = Limits()
+    slot: Any = None  # jds.connections.ConnectionSlot, when the port's connections are counted
+    idle_timeout: float | None = None
     _awaiting_headers = True
     _header_deadline = None
     _body_deadline = None
+    _idle_deadline = None
     _body_seen = 0
+    _body_cap = 0  # a body read whole (not streamed to the hub) is at most this; 0: no such bound
     _in_body = False
     _refused = False
     _dropped = 0
@@ -204,6 +233,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         """The clock starts at once: a client that connects and says nothing is a slowloris too."""
+        self.idle_timeout, self.timeOut = self.timeOut, None  # twisted.web's own timer never starts
         super().connectionMade()
         self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
 
@@ -214,6 +244,7 @@ class GuardedChannel(HTTPChannel):
                 self.transport.abortConnection()
             return
         if self._awaiting_headers and self._header_deadline is None:
+            self._cancel_idle_deadline()
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
 
@@ -241,19 +272,46 @@ class GuardedChannel(HTTPChannel):
             self._bad_header = None
             self.malformed(problem)
             return
+        request = self.requests[-1]
         judge = getattr(getattr(self, "site", None), "refusal_before_body", None)
-        refusal = judge(self._command, self._path, self.requests[-1], self.length) if judge else None
+        refusal = judge(self._command, self._path, request, self.length) if judge else None
         if refusal is not None:
             self.refuse(refusal)
             return
+        self._protect(request)
         super().allHeadersReceived()
         self._body_seen = 0
+        # Read whole only to be mapped (--root) or a login form, bounded from the headers already.
+        self._body_cap = 0 if getattr(request, "body", None) is not None else MAX_REWRITTEN_BODY
         self._in_body = self.length != 0
         if self._in_body:
             self._start_body_deadline()
         accepted = getattr(self.requests[-1], "headers_accepted", None)
         if accepted is not None:
             accepted(self._command, self._path, self._version)
+
+    def _protect(self, request: Request) -> None:
+        """
+        Tell the connection count that this connection is the token holder's, so that it is never
+        dropped to make room (:mod:`jds.connections`): for good once a request showed the local token,
+        or in pass-through mode (no local token) while this request is served.
+        """
+        slot = self.slot
+        if slot is None:
+            return
+        credentials = getattr(getattr(self, "site", None), "credentials", None)
+        if credentials is None or not credentials.managed:
+            slot.protect()
+            return
+        if slot.for_good and slot.vouched_by == credentials.local_token:
+            return  # shown before, and not replaced since (rotate-token)
+        headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
+        query = self._path.partition(b"?")[2]
+        if credentials.check(self._command, query, headers, effects=False).allowed:
+            slot.protect(for_good=True)
+            slot.vouched_by = credentials.local_token
+        else:
+            slot.revoke()  # the token it showed was replaced: it holds nothing now
 
     def _start_body_deadline(self) -> None:
         if self.limits.body_timeout and self._body_deadline is None:
@@ -287,6 +345,8 @@ class GuardedChannel(HTTPChannel):
         """Called by the request for each piece of its body: a chunked body has no length up front."""
         self._body_seen += size
         refusal = self.limits.body_refusal(self._body_seen)
+        if refusal is None and self._body_cap and self._body_seen > self._body_cap:
+            refusal = body_too_large_to_map(None)
         if refusal is not None and not self._refused:
             self.refuse(refusal)
 
@@ -311,13 +371,35 @@ class GuardedChannel(HTTPChannel):
         return version == b"HTTP/1.1" and b"close" not in tokens
 
     def requestDone(self, request: Request) -> None:
+        """Answered: the connection holds nothing now, and may idle until the next request."""
         self._awaiting_headers = True
-        super().requestDone(request)
+        if self.slot is not None:
+            self.slot.unprotect()
+        if self.idle_timeout and self.persistent and self.transport is not None:
+            self._idle_deadline = self.callLater(self.idle_timeout, self._idle_too_long)
+        super().requestDone(request)  # may read a request that was sent meanwhile: its headers' clock then runs
 
     def connectionLost(self, reason) -> None:
         self._cancel_deadline()
         self._cancel_body_deadline()
+        self._cancel_idle_deadline()
         super().connectionLost(reason)
+
+    def _idle_too_long(self) -> None:
+        """
+        Between requests nothing is owed to the client: the connection just ends, as twisted.web ends
+        it, and is aborted if what is still to be written to it has not gone in ``abortTimeout`` more.
+        """
+        self._idle_deadline = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+            if self.abortTimeout is not None:
+                self._idle_deadline = self.callLater(self.abortTimeout, self.transport.abortConnection)
+
+    def _cancel_idle_deadline(self) -> None:
+        if self._idle_deadline is not None and self._idle_deadline.active():
+            self._idle_deadline.cancel()
+        self._idle_deadline = None
 
     def refuse(self, refusal: Refusal) -> None:
         """
@@ -351,6 +433,9 @@ class GuardedChannel(HTTPChannel):
         if refused_body is not None:
             refused_body(Failure(refusal))  # a request rendered before its body: it answers nothing now
         answered = request is not None and getattr(request, "startedWriting", False)
+        content = getattr(request, "content", None)
+        if content is not None and not answered:
+            content.close()  # a body being read whole, cut short: its buffer or file goes with the answer
         stats = getattr(getattr(self, "site", None), "stats", None)
         if stats is not None:
             stats.error(status, message, reason)
@@ -417,63 +502,3 @@ class GuardedChannel(HTTPChannel):
             "a bad request line, header or chunking, or headers over "
             f"{self.totalHeadersSize} bytes or {self.maxHeaders} lines."
         )
-
-
-class _TooMany(Protocol):
-    """Answers a connection over the per-client limit with a 503 and closes it, reading nothing."""
-
-    def __init__(self, host: str, limit: int) -> None:
-        self.host = host
-        self.limit = limit
-
-    def connectionMade(self) -> None:
-        message = (
-            f"Too many open connections from {self.host} (the limit is {self.limit}); "
-            "close some, or start jupyter-dev-server with a larger --max-connections-per-client."
-        )
-        log.warn("Refused a connection: {message}", message=message)
-        body = error_body(message, "too-many-connections")
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=UTF-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.transport.loseConnection()
-
-
-class ConnectionLimit(WrappingFactory):
-    """
-    Wraps the site to count open connections per client address, WebSockets included (the relay
-    takes a connection over from the HTTP channel, but it stays this wrapper's connection).
-    """
-
-    protocol = ProtocolWrapper
-    noisy = False
-
-    def __init__(self, site: Any, per_client: int) -> None:
-        super().__init__(site)
-        self.per_client = per_client
-        self.open: dict[str, int] = {}
-        self.guard = getattr(site, "guard", None)  # the listener tells it the port
-
-    def buildProtocol(self, addr: Any) -> Any:
-        host = getattr(addr, "host", None)
-        if host is not None and self.per_client and self.open.get(host, 0) >= self.per_client:
-            return _TooMany(host, self.per_client)
-        return super().buildProtocol(addr)
-
-    def registerProtocol(self, p: ProtocolWrapper) -> None:
-        super().registerProtocol(p)
-        host = getattr(p.transport.getPeer(), "host", None) if p.transport is not None else None
-        p._jds_host = host  # type: ignore[attr-defined]
-        if host is not None:
-            self.open[host] = self.open.get(host, 0) + 1
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
-        host = getattr(p, "_jds_host", None)
-        if host is not None:
-            left = self.open.get(host, 1) - 1
-            if left > 0:
-                self.open[host] = left
-            else:
-                self.open.pop(host, None)

@@ -310,7 +310,12 @@ class Options(HubOptions):
          "Largest request body kept while your server starts, to send it once the server is up; "
          "a larger one gets 503 'retry' instead."],
         ["max-connections-per-client", None, "256",
-         "Open connections (WebSockets included) one client address may hold; more get 503."],
+         "Open connections (WebSockets included) one client address may hold. At the limit a new one "
+         "takes the place of the oldest that has not shown the local token (in pass-through mode: the "
+         "oldest not being served); only when there is none does it get 503."],
+        ["max-connections", None, "512",
+         "Open connections of all clients together, bounded as per client; 0: as many as the open-files "
+         "limit (ulimit -n) allows, which also caps it (each connection may need a second one to the hub)."],
         ["max-message-size", None, "256M",
          "Largest WebSocket message relayed (each is held whole); a larger one closes the socket with 1009."],
         ["cookie-max-age", None, str(7 * 24 * 3600),
@@ -352,7 +357,8 @@ class Options(HubOptions):
         self["reconnect-buffer"] = int(_seconds(self["reconnect-buffer"], "reconnect-buffer", "MiB") * (1 << 20))
         for name in ("max-body-size", "held-body-size", "max-message-size"):
             self[name] = parse_size(self[name], name)
-        self["max-connections-per-client"] = _count(self["max-connections-per-client"], "max-connections-per-client")
+        for name in ("max-connections-per-client", "max-connections"):
+            self[name] = _count(self[name], name)
         if self["max-message-size"] == 0:
             raise usage.UsageError("--max-message-size must be above 0: every WebSocket message is held whole.")
         self.setdefault("allow-origin", [])

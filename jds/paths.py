@@ -612,8 +612,24 @@ def map_kernelspecs_body(body: bytes, target: HubTarget) -> bytes:
 
 # -- --root: contents paths inside JSON bodies -------------------------------------------------
 
-# Bodies are rewritten in memory; anything larger passes untouched (see the proxy).
+# Bodies are rewritten in memory. A larger answer streams, its leading members mapped on the way
+# (ModelHeadMapper); a larger request body that needs mapping is refused (body_too_large_to_map).
 MAX_REWRITTEN_BODY = 8 * 1024 * 1024
+
+
+def body_too_large_to_map(size: int | None) -> Refusal:
+    """
+    The 413 for a request body whose paths must go into the --root folder but that is too large to
+    be read whole: passed unmapped, its server-root paths would reach outside the folder.
+    """
+    declared = f" ({size} bytes)" if size is not None else ""
+    return Refusal(
+        413,
+        f"With --root the proxy puts the paths in this request's JSON body into the folder, and it reads "
+        f"such a body whole, up to {MAX_REWRITTEN_BODY} bytes; this one is larger{declared}.",
+        "body-too-large",
+        "Renames, copies, sessions, kernels and terminals carry a few paths; check the client that sent this one.",
+    )
 
 
 def parse_root(text: str) -> str:
@@ -676,15 +692,19 @@ def request_body_kind(method: bytes, local: bytes) -> str | None:
     """
     Which request bodies carry contents paths (local path in the IDE's view): a rename
     (``PATCH /api/contents``, ``path``) or copy (``POST``, ``copy_from``), a session's ``path``
-    (``POST/PATCH /api/sessions``), a new terminal's ``cwd``.
+    (``POST/PATCH /api/sessions``), a new terminal's ``cwd``, a new kernel's ``path`` (where
+    jupyter_server starts it).
     """
     segments = [_decoded(s) for s in _segments(local)]
     if segments[:2] == [b"api", b"contents"] and method in (b"POST", b"PATCH"):
         return "contents"
     if segments[:2] == [b"api", b"sessions"] and method in (b"POST", b"PATCH"):
         return "sessions"
-    if segments[:2] == [b"api", b"terminals"] and segments[2:] in ([], [b""]) and method == b"POST":
-        return "terminals"
+    if method == b"POST" and segments[2:] in ([], [b""]):
+        if segments[:2] == [b"api", b"terminals"]:
+            return "terminals"
+        if segments[:2] == [b"api", b"kernels"]:
+            return "kernels"
     return None
 
 
@@ -728,10 +748,12 @@ def _map_fields(document: object, kind: str, into: bool, root: str) -> bool:
         elif kind == "sessions":
             field(item, "path")
             field(item.get("notebook"), "path")
-        elif kind == "terminals":
-            if "cwd" not in item:
-                item["cwd"] = ""
-            field(item, "cwd")
+        elif kind in ("terminals", "kernels"):
+            # where it starts: without one (or with null) the server's root, outside the folder
+            where = "cwd" if kind == "terminals" else "path"
+            if item.get(where) is None:
+                item[where] = ""
+            field(item, where)
     return changed
 
 
@@ -740,11 +762,11 @@ def map_request_body(kind: str, body: bytes, target: HubTarget) -> bytes:
     A request body of :func:`request_body_kind` with its paths put under the folder. A body that
     is not the JSON object expected passes unchanged (the server then says what is wrong); a path
     that climbs out of the folder raises :class:`Refusal`. A terminal without ``cwd`` gets the
-    folder as its ``cwd``.
+    folder as its ``cwd``, a kernel without ``path`` the folder as its ``path``.
     """
     if not target.root:
         return body
-    if kind == "terminals" and not body.strip():
+    if kind in ("terminals", "kernels") and not body.strip():
         body = b"{}"
     try:
         document = json.loads(body)

@@ -45,6 +45,7 @@ from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
     ModelHeadMapper,
+    body_too_large_to_map,
     in_ide_view,
     is_kernel_start,
     local_path,
@@ -745,19 +746,27 @@ class HubProxyResource(ReverseProxyResource):
         return request_body_kind(method, local_path(hub_path, self.target) or b"") is None
 
     def _map_request_body(self, request: Request, hub_path: bytes) -> None:
-        """With --root, the paths in a session's, terminal's or rename's JSON body go under the folder."""
+        """
+        With --root, the paths in a session's, kernel's, terminal's, rename's or copy's JSON body go
+        under the folder. One too large to map is refused (the channel refuses it before reading it;
+        this is the last word): passed as it came, its paths would be the server's, outside the folder.
+        """
         kind = request_body_kind(request.method, local_path(hub_path, self.target) or b"")
-        if kind is None or request.content is None:
+        if kind is None:
             return
-        size = request.content.seek(0, 2)
-        request.content.seek(0)
+        content = request.content
+        if content is None:  # a streamed body: only one that needs no mapping is ever streamed
+            return
+        size = content.seek(0, 2)
+        content.seek(0)
         if size > MAX_REWRITTEN_BODY:
-            return
-        body = request.content.read()
-        request.content.seek(0)
+            raise body_too_large_to_map(size)
+        body = content.read()
+        content.seek(0)
         mapped = map_request_body(kind, body, self.target)
         if mapped != body:
             request.content = BytesIO(mapped)
+            content.close()  # a spooled body's file goes now, not when the request is collected
 
     def _refuse(self, request: Request, raw_path: bytes, query: bytes, verdict, websocket: bool) -> bytes:
         """

@@ -29,7 +29,8 @@ from jds import __version__
 from jds.auth import Credentials
 from jds.check import run_checks
 from jds.commands import login_command
-from jds.guard import ConnectionLimit, Limits, LocalGuard, is_loopback
+from jds.connections import ConnectionLimit, total_connections
+from jds.guard import Limits, LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
 from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
@@ -147,7 +148,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     limits = Limits(
         max_body=options["max-body-size"], held_body=options["held-body-size"],
         body_timeout=options["body-timeout"], connections_per_client=options["max-connections-per-client"],
-        max_message=options["max-message-size"],
+        connections=total_connections(options["max-connections"]), max_message=options["max-message-size"],
     )
     # Both modes start a stopped server: managed mode with the token it holds, pass-through mode
     # (no hub token here) with the token the IDE's request carries.
@@ -179,7 +180,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         top.log_observer = json_observer_for(getattr(options, "parent", None))
     else:
         top.log_observer = text_observer_for(getattr(options, "parent", None))
-    factory = ConnectionLimit(site, limits.connections_per_client)
+    factory = ConnectionLimit(site, limits.connections_per_client, limits.connections)
     token_path = options.get("local-token-path")
     _ProxyListener(
         endpoint, factory, options["listen"], options["local-token"],

@@ -17,12 +17,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from jds.auth import Credentials, missing_xsrf, needs_local_token
-from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard
+from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard, body_not_taken
 from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.login import MAX_FORM_BYTES, LoginPage
 from jds.logs import RepeatCounter, clip
-from jds.paths import HubTarget, map_request_path, query_args, redact_query
+from jds.paths import (
+    MAX_REWRITTEN_BODY,
+    HubTarget,
+    body_too_large_to_map,
+    map_request_path,
+    query_args,
+    redact_query,
+)
 from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
 from jds.refusal import Refusal
@@ -194,7 +201,8 @@ class LocalSite(Site):
         """
         A :class:`Refusal` when a request must be refused on its headers alone: Host and Origin
         (every path, the login page and status included), and for a request with a body also the
-        path, the local token and the body's declared size. A bodiless request costs nothing to
+        path, a body where none is taken (``body_not_taken``), the local token and the body's
+        declared size (and, with --root, whether it can be mapped). A bodiless request costs nothing to
         serve, so the resources answer it as before (a page without the token is redirected to the
         login, for instance).
         """
@@ -209,6 +217,9 @@ class LocalSite(Site):
                 map_request_path(raw_path, self.target)
             except Refusal as refused:
                 return refused
+        refusal = body_not_taken(raw_path, request)
+        if refusal is not None:
+            return refusal
         if raw_path == b"/login" and self.credentials.managed:
             if length is None or length > MAX_FORM_BYTES:
                 return Refusal(413, f"A login form is at most {MAX_FORM_BYTES} bytes.", "body-too-large")
@@ -222,7 +233,12 @@ class LocalSite(Site):
             if verdict.reason == "xsrf":
                 return missing_xsrf()
             return needs_local_token("The request, with a body, carried no valid local token.")
-        return self.limits.body_refusal(length) if length is not None else None
+        if length is None:
+            return None  # a chunked body is bounded as it arrives (GuardedChannel.body_received)
+        refusal = self.limits.body_refusal(length)
+        if refusal is None and length > MAX_REWRITTEN_BODY and not self.streams_body(method, uri, request):
+            refusal = body_too_large_to_map(length)  # --root: a body to be mapped is read whole
+        return refusal
 
     def streams_body(self, method: bytes, uri: bytes, request: Request) -> bool:
         """Whether this request's body goes to the hub as it arrives (see :class:`_TimedRequest`)."""

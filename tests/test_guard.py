@@ -148,6 +148,19 @@ class GuardTests(SynchronousTestCase):
             self.assertEqual(status, b"HTTP/1.1 400 Bad Request", head)
             self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["reason"], "malformed-request")
 
+    def test_a_header_deadline_longer_than_twisteds_idle_timeout_still_answers_408(self) -> None:
+        """--header-timeout past twisted.web's own idle timeout (60 s): one deadline, and a 408 at its end."""
+        self.site.header_timeout = 90
+        channel = self.site.buildProtocol(None)  # with twisted.web's idle timeout, as in the daemon
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(61)
+        self.assertEqual((transport.value(), transport.disconnecting), (b"", False))
+        self.clock.advance(29.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408"))
+        self.assertTrue(transport.disconnecting)
+
     def test_silent_connection_is_cut_off(self) -> None:
         channel, transport = self.connect()
         self.clock.advance(4.9)

@@ -474,7 +474,10 @@ def test_path_out_of_root_outside_the_folder() -> None:
         (b"PATCH", b"/api/contents/work/a.txt", "contents"),
         (b"POST", b"/api/contents/work", "contents"),
         (b"PUT", b"/api/contents/work/a.txt", None),
-        (b"POST", b"/api/kernels", None),
+        (b"POST", b"/api/kernels", "kernels"),
+        (b"POST", b"/api/kernels/", "kernels"),
+        (b"POST", b"/api/kernels/k1/restart", None),
+        (b"GET", b"/api/kernels", None),
     ],
 )
 def test_request_body_kind(method: bytes, local: bytes, kind: str | None) -> None:
@@ -516,6 +519,15 @@ def test_request_bodies() -> None:
     assert (refused.value.status, refused.value.reason) == (400, "outside-root")
     with pytest.raises(Refusal):
         map_request_body("terminals", b'{"cwd": "a/../.."}', ROOTED)
+    # a kernel starts where its path says, inside the folder; without one, in the folder itself
+    assert json.loads(map_request_body("kernels", b'{"name": "python3", "path": "sub"}', ROOTED)) == {
+        "name": "python3", "path": "work/my proj/sub"}
+    assert json.loads(map_request_body("kernels", b"", ROOTED)) == {"path": "work/my proj"}
+    assert json.loads(map_request_body("kernels", b'{"name": "python3"}', ROOTED)) == {
+        "name": "python3", "path": "work/my proj"}
+    with pytest.raises(Refusal) as refused:
+        map_request_body("kernels", b'{"name": "python3", "path": "../.."}', ROOTED)
+    assert refused.value.reason == "outside-root"
 
 
 def test_response_bodies() -> None:

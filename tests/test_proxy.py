@@ -409,6 +409,49 @@ class RootedProxyTests(SynchronousTestCase):
         _, _, _, producer, _ = self.request(b"POST", b"/api/terminals", b'{"cwd": "sub"}')
         self.assertEqual(json.loads(self.body_of(producer)), {"cwd": "work/proj/sub"})
 
+    def test_a_body_too_large_to_map_is_refused_not_passed(self) -> None:
+        """A body whose paths must be mapped and cannot be (over 8 MiB) never reaches the hub unmapped."""
+        for method, path in ((b"POST", b"/api/contents/"), (b"PATCH", b"/api/contents/data.csv"),
+                             (b"POST", b"/api/terminals"), (b"POST", b"/api/sessions"), (b"POST", b"/api/kernels")):
+            self.connect()
+            head = method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            self.channel.dataReceived(head + b"Content-Length: %d\r\n\r\n" % (MAX_REWRITTEN_BODY + 1))
+            status, _, sent = self.transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(status.startswith(b"HTTP/1.1 413 "), (path, status))
+            self.assertEqual(json.loads(sent)["reason"], "body-too-large")
+            self.assertIn(b"--root", sent)
+            self.assertIsNone(self.channel.requests[-1].content, "refused from the headers: nothing spooled")
+        # a chunked one is cut once it passes the bound, before any of it goes to the hub
+        self.connect()
+        self.channel.dataReceived(
+            b"POST /api/contents/ HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        piece = b'{"copy_from": "../secret.txt", "pad": "' + b"x" * (1 << 20)
+        self.channel.dataReceived(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        filler = b"x" * (1 << 20)
+        for _ in range(8):
+            self.channel.dataReceived(b"%x\r\n" % len(filler) + filler + b"\r\n")
+        status, _, sent = self.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(status.startswith(b"HTTP/1.1 413 "), status)
+        self.assertEqual(self.agent.calls, [])
+
+    def test_a_kernels_path_goes_into_the_folder(self) -> None:
+        _, _, _, producer, _ = self.request(b"POST", b"/api/kernels", b'{"name": "python3", "path": "sub"}')
+        self.assertEqual(json.loads(self.body_of(producer)), {"name": "python3", "path": "work/proj/sub"})
+        _, _, _, producer, _ = self.request(b"POST", b"/api/kernels", b'{"name": "python3"}')
+        self.assertEqual(json.loads(self.body_of(producer)), {"name": "python3", "path": "work/proj"})
+        for body in (b'{"name": "python3", "path": "../.."}', b'{"path": "sub/../../x"}'):
+            self.connect()
+            self.channel.dataReceived(
+                b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+            status, _, sent = self.transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(status.startswith(b"HTTP/1.1 400 "), (body, status))
+            self.assertEqual(json.loads(sent)["reason"], "outside-root")
+        self.assertEqual(self.agent.calls, [])
+
     def test_bad_json_goes_as_it_came(self) -> None:
         _, _, _, producer, _ = self.request(b"POST", b"/api/sessions", b"{not json")
         self.assertEqual(self.body_of(producer), b"{not json")

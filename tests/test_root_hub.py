@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ import requests
 import websocket
 from hub import JupyterHubProcess, ProxyFactory, ProxyProcess, dump, execute_in_kernel, poll, venv_script
 from test_managed_hub import run_check
+from test_security_hub import MiB, read_response, send_all_you_can, spool_files
 
 ROOT = "work/proj"
 
@@ -243,3 +245,69 @@ def test_check_verifies_the_folder(hub: JupyterHubProcess, tmp_path: Path, folde
     # without a hub token check cannot list it: said, not passed
     code, steps = run_check(hub, *args, "--root", "work/nowhere", token=None, state=tmp_path)
     assert steps["root"]["ok"] is None and "not checked" in steps["root"]["detail"], steps
+
+
+def padded(document: dict) -> bytes:
+    """``document`` as JSON over 9 MiB: more than the proxy maps in memory (8 MiB)."""
+    return json.dumps({**document, "pad": "x" * (9 << 20)}).encode()
+
+
+def test_a_body_too_large_to_map_is_refused_never_passed(
+    hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path
+) -> None:
+    """A body whose paths the proxy must put into the folder and cannot (too large) gets 413: passed
+    unmapped, its server-root paths would copy a file in from outside, move one out, start a terminal
+    outside the folder."""
+    headers = {**auth(hub.alice_token), "Content-Type": "application/json"}
+    terminals = requests.get(f"{rooted.url}/api/terminals", headers=headers).json()
+    attempts = [
+        ("POST", "/api/contents/", padded({"copy_from": "work/secret.txt"})),
+        ("PATCH", "/api/contents/data.csv", padded({"path": "work/moved.csv"})),
+        ("POST", "/api/terminals", padded({})),
+    ]
+    for method, path, body in attempts:
+        answer = requests.request(method, f"{rooted.url}{path}", data=body, headers=headers, timeout=120)
+        assert answer.status_code == 413, (path, dump(answer))
+        assert answer.json()["reason"] == "body-too-large" and "--root" in answer.json()["message"]
+    assert not [p.name for p in folder.iterdir() if "secret" in p.name], "a file was copied in from outside"
+    assert (folder / "data.csv").exists() and not (folder.parent / "moved.csv").exists()
+    assert requests.get(f"{rooted.url}/api/terminals", headers=headers).json() == terminals
+
+
+def test_a_kernels_path_is_put_into_the_folder(hub: JupyterHubProcess, rooted: ProxyProcess, folder: Path) -> None:
+    headers = auth(hub.alice_token)
+    escape = requests.post(f"{rooted.url}/api/kernels", json={"name": "python3", "path": "../.."}, headers=headers)
+    assert escape.status_code == 400, dump(escape)
+    assert escape.json()["reason"] == "outside-root"
+    for body, where in (({"name": "python3"}, folder), ({"name": "python3", "path": "sub"}, folder / "sub")):
+        started = requests.post(f"{rooted.url}/api/kernels", json=body, headers=headers, timeout=120)
+        assert started.status_code == 201, dump(started)
+        kernel = started.json()["id"]
+        try:
+            cwd = execute_in_kernel(rooted.url, hub.alice_token, kernel, "import os\nprint(os.getcwd())")
+            assert os.path.realpath(cwd.strip()) == os.path.realpath(where)
+        finally:
+            requests.delete(f"{rooted.url}/api/kernels/{kernel}", headers=headers, timeout=60)
+
+
+def test_a_body_read_whole_goes_with_its_answer(hub: JupyterHubProcess, rooted: ProxyProcess) -> None:
+    """The bodies the proxy reads whole to map them are spooled past 100 KB; the file is closed by the
+    time the answer is read, whether the hub answered or the proxy cut the body off at 8 MiB."""
+    pid = rooted.proc.pid
+    body = json.dumps({"path": "renamed.csv", "pad": "x" * (2 << 20)}).encode()
+    missing = f"missing-{uuid.uuid4().hex[:8]}.csv"
+    answer = requests.patch(
+        f"{rooted.url}/api/contents/{missing}", data=body, timeout=60,
+        headers={**auth(hub.alice_token), "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert answer.status_code == 404, dump(answer)
+    assert spool_files(pid) == []
+    with socket.create_connection(("127.0.0.1", rooted.port), timeout=15) as sock:
+        sock.sendall(
+            f"PATCH /api/contents/{missing} HTTP/1.1\r\nHost: 127.0.0.1:{rooted.port}\r\n"
+            f"Authorization: token {hub.alice_token}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        send_all_you_can(sock, 9 * MiB, b"%x\r\n" % MiB + b"x" * MiB + b"\r\n")  # past 8 MiB, within the 4 MiB read after a refusal
+        status, _, sent = read_response(sock)
+        assert (status, json.loads(sent)["reason"]) == (413, "body-too-large"), sent
+        assert spool_files(pid) == []

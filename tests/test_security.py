@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from jds.auth import Credentials
-from jds.guard import ConnectionLimit, Limits, LocalGuard
+from jds.connections import ConnectionLimit
+from jds.guard import Limits, LocalGuard
 from jds.login import safe_next
 from jds.paths import HubTarget, upstream_request_headers
 from jds.sessions import Sessions
@@ -37,12 +38,28 @@ class Echo(Resource):
 
 
 class Transport(StringTransport):
-    """A StringTransport that can half-close, as TCP can."""
+    """A StringTransport that can half-close, as TCP can, and remembers what was written before it closed."""
 
     write_closed = False
+    before_close: bytes | None = None
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True
+        if self.before_close is None:
+            self.before_close = self.value()
+
+    def loseConnection(self) -> None:
+        if self.before_close is None:
+            self.before_close = self.value()
+        super().loseConnection()
+
+
+class Creeping(MemoryReactorClock):
+    """A clock on which time passes while code runs, as it does on a real one (a microsecond a look)."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-6
+        return self.rightNow
 
 
 class ChannelTests(SynchronousTestCase):
@@ -124,7 +141,77 @@ class ChannelTests(SynchronousTestCase):
         status, body = self.answer(transport)
         self.assertEqual((status, body["reason"]), (b"HTTP/1.1 408 Request Time-out", "body-timeout"))
 
+    def test_no_body_where_none_is_taken_and_nothing_spooled(self) -> None:
+        """In pass-through mode too: a WebSocket upgrade with a body, and any body to /_jds/, are refused
+        from the headers, before a byte of the body is read or written anywhere."""
+        guard = LocalGuard.build([], [])
+        guard.listening("127.0.0.1", 8000)
+        self.site = LocalSite(Echo(), guard=guard, reactor=self.clock, target=TARGET)
+        upgrade = (b"GET /api/kernels/k1/channels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+        status_page = b"POST /_jds/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        for head, expected in (
+            (upgrade + b"Content-Length: 100663296\r\n\r\n", (b"HTTP/1.1 400 Bad Request", "body-not-allowed")),
+            (upgrade + b"Transfer-Encoding: chunked\r\n\r\n", (b"HTTP/1.1 400 Bad Request", "body-not-allowed")),
+            (status_page + b"Content-Length: 100663296\r\n\r\n", (b"HTTP/1.1 413 Request Entity Too Large", "body-too-large")),
+            (status_page + b"Transfer-Encoding: chunked\r\n\r\n", (b"HTTP/1.1 413 Request Entity Too Large", "body-too-large")),
+        ):
+            channel, transport = self.send(head + b"x" * 1000)
+            status, body = self.answer(transport)
+            self.assertEqual((status, body["reason"]), expected, head)
+            self.assertIsNone(channel.requests[-1].content, "no buffer or spool file was made")
+            self.assertTrue(transport.write_closed)
+
+    def stalled(self, body_timeout: float, head: bytes = b"PUT /api/contents/a HTTP/1.1") -> tuple[object, Transport]:
+        """A request whose body stops after one byte, on a site built as the daemon builds it."""
+        guard = LocalGuard.build([], [])
+        guard.listening("127.0.0.1", 8000)
+        site = LocalSite(
+            Echo(), guard=guard, reactor=self.clock, credentials=Credentials("hub-token", TOKEN),
+            target=TARGET, limits=Limits(body_timeout=body_timeout),
+        )
+        channel = site.buildProtocol(None)  # with twisted.web's own idle timeout (60 s), as in the daemon
+        transport = Transport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            head + b"\r\nHost: 127.0.0.1:8000\r\nAuthorization: token " + TOKEN.encode()
+            + b"\r\nContent-Length: 100\r\n\r\nx"
+        )
+        return channel, transport
+
+    def test_a_stalled_body_has_one_deadline_and_always_gets_its_408(self) -> None:
+        # --body-timeout longer than twisted.web's idle timeout: that one no longer drops it first
+        _, transport = self.stalled(90)
+        self.clock.advance(61)
+        self.assertEqual((transport.value(), transport.disconnecting), (b"", False))
+        self.clock.advance(29.5)
+        status, body = self.answer(transport)
+        self.assertEqual((status, body["reason"]), (b"HTTP/1.1 408 Request Time-out", "body-timeout"))
+        # the same length as twisted.web's (60 s, the default): every one of 256 stalled bodies is
+        # answered before its connection closes
+        self.clock = Creeping()
+        stalled = []
+        for _ in range(256):
+            stalled.append(self.stalled(60)[1])
+            self.clock.advance(0.01)
+        self.clock.advance(61)
+        answers = [(t.before_close or b"still open")[:30] for t in stalled]
+        self.assertEqual(answers, [b"HTTP/1.1 408 Request Time-out\r"] * 256)
+
+    def test_an_idle_keep_alive_connection_is_still_closed(self) -> None:
+        """Between requests no deadline of the guard runs: the idle timeout (60 s) closes the connection."""
+        channel, transport = self.send(
+            b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAuthorization: token " + TOKEN.encode() + b"\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
     def test_connections_per_client(self) -> None:
+        """Bounded per client; when every connection showed the token, the next one is told why (see
+        test_connections for the connections that make room)."""
         limited = ConnectionLimit(self.site, 2)
         peer = IPv4Address("TCP", "127.0.0.1", 5000)
         held = []
@@ -132,6 +219,9 @@ class ChannelTests(SynchronousTestCase):
             protocol = limited.buildProtocol(peer)
             transport = Transport(peerAddress=peer)
             protocol.makeConnection(transport)
+            protocol.dataReceived(
+                b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAuthorization: token " + TOKEN.encode() + b"\r\n\r\n"
+            )
             held.append(protocol)
         refused = limited.buildProtocol(peer)
         transport = Transport(peerAddress=peer)

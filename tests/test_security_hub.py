@@ -439,11 +439,16 @@ def test_a_stalled_body_is_dropped_with_408(hub: JupyterHubProcess, proxy: Proxy
 
 
 def test_connections_per_client_are_bounded(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """Four connections that showed the token fill the client's share; a fifth is told which option to
+    raise (silent connections would have made room instead: see section 7)."""
     managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--max-connections-per-client", "4"])
     held = [connect(managed) for _ in range(4)]
     try:
+        for sock in held:
+            sock.sendall(head(managed, "GET /api/status HTTP/1.1"))
+            assert read_response(sock)[0] == 200
         with connect(managed) as extra:
-            extra.sendall(f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{managed.port}\r\n\r\n".encode())
+            extra.sendall(head(managed, "GET /api/status HTTP/1.1"))
             status, _, body = read_response(extra)
         assert status == 503, body
         assert "--max-connections-per-client" in json.loads(body)["message"]
@@ -598,3 +603,147 @@ def test_host_port_must_be_a_number(managed: ProxyProcess, host: str) -> None:
     status, _, body = ask(managed, request)
     assert status == 403, body
     assert json.loads(body)["reason"] == "host-refused"
+
+
+# 7. The second audit (issue 20): the port cannot be filled, nothing is spooled before a request is
+#    accepted, and a stalled body always gets its 408
+
+
+def is_open(sock: socket.socket) -> bool:
+    """Whether the proxy still holds a connection it has sent nothing on (no EOF, no reset)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def half_open(proxy: ProxyProcess, count: int, sources: tuple[str, ...] = ("127.0.0.1",)) -> list[socket.socket]:
+    """``count`` connections that send ``GET /`` and nothing more, spread over ``sources``."""
+    held = []
+    for n in range(count):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=15, source_address=(sources[n % len(sources)], 0))
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        held.append(sock)
+    return held
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def timed(call) -> tuple[requests.Response, float]:
+    began = time.monotonic()
+    answer = call()
+    return answer, time.monotonic() - began
+
+
+def test_half_open_connections_never_keep_the_token_holder_out(managed: ProxyProcess) -> None:
+    held = half_open(managed, 300)
+    try:
+        answer, seconds = timed(
+            lambda: requests.get(f"{managed.url}/api/status", headers=local(managed.token), timeout=30)
+        )
+        print(f"the IDE's request with 300 half-open connections held: {answer.status_code} in {seconds:.2f} s")
+        assert answer.status_code == 200, dump(answer)
+        assert seconds < 15, f"answered after {seconds:.1f} s"
+        still = sum(is_open(sock) for sock in held)
+        assert 200 <= still <= 256, f"{still} of the 300 are held (--max-connections-per-client is 256)"
+    finally:
+        for sock in held:
+            sock.close()
+    assert "to make room for new ones" in managed.log_text()
+
+
+def test_the_total_is_bounded_whatever_the_client_address(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """Pass-through mode (a connection counts as the token holder's once its headers are in), and
+    addresses besides 127.0.0.1: the total stays under --max-connections, and so do the descriptors."""
+    hub.start_server("alice")
+    passing = proxy.for_hub(hub, extra_args=["--max-connections", "100"])
+    pid = passing.proc.pid
+    before = open_descriptors(pid)
+    held = half_open(passing, 300, ("127.0.0.2", "127.0.0.3"))
+    try:
+        answer, seconds = timed(lambda: requests.get(
+            f"{passing.url}/api/status", headers={"Authorization": f"token {hub.alice_token}"}, timeout=30
+        ))
+        print(f"pass-through, --max-connections 100, 300 half-open: {answer.status_code} in {seconds:.2f} s")
+        assert answer.status_code == 200, dump(answer)
+        assert seconds < 15
+        still = sum(is_open(sock) for sock in held)
+        assert still <= 100, f"{still} half-open connections held past --max-connections 100"
+        grown = open_descriptors(pid) - before
+        assert grown <= 100 + 8, f"the proxy opened {grown} descriptors"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_no_body_is_spooled_before_a_request_is_accepted(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """Pass-through mode, no token: a WebSocket upgrade with a 96 MiB body and a body to /_jds/ are refused
+    from the headers; no file is opened for them, and the daemon keeps serving."""
+    hub.start_server("alice")
+    passing = proxy.for_hub(hub)
+    pid = passing.proc.pid
+    upgrade = (
+        f"GET /api/kernels/{uuid.uuid4()}/channels HTTP/1.1\r\nHost: 127.0.0.1:{passing.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: {96 * MiB}\r\n\r\n"
+    )
+    status_page = f"POST /_jds/status HTTP/1.1\r\nHost: 127.0.0.1:{passing.port}\r\nContent-Length: {96 * MiB}\r\n\r\n"
+    for head_bytes, expected in ((upgrade, (400, "body-not-allowed")), (status_page, (413, "body-too-large"))):
+        with connect(passing, timeout=10) as sock:
+            sock.sendall(head_bytes.encode())
+            status, _, body = read_response(sock)
+            assert (status, json.loads(body)["reason"]) == expected, body
+            send_all_you_can(sock, 96 * MiB)
+            assert spool_files(pid) == [], "a body went to disk before its request was accepted"
+            assert at_eof(sock)
+    assert requests.get(f"{passing.url}/_jds/status", timeout=30).status_code == 200
+
+
+def test_every_stalled_body_gets_its_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    hub.start_server("alice")
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--body-timeout", "2"])
+    stalled = []
+    try:
+        for n in range(200):
+            sock = connect(managed, timeout=30)
+            sock.sendall(head(managed, f"PUT /api/contents/stalled-{n}.txt HTTP/1.1", "Content-Length: 100") + b"x")
+            stalled.append(sock)
+        answers = []
+        for sock in stalled:
+            try:
+                answers.append(read_response(sock)[0])
+            except (AssertionError, OSError) as exc:
+                answers.append(repr(exc))
+        assert answers == [408] * 200, [a for a in answers if a != 408][:5]
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_deadlines_past_a_minute_still_answer_408(hub: JupyterHubProcess, proxy: ProxyFactory) -> None:
+    """
+    twisted.web's own idle timeout (60 s, restarted by every byte) used to end a connection first,
+    with no answer, whenever --body-timeout or --header-timeout was as long or longer: 175 of 256 stalled
+    bodies at the default 60 s. Here both are 70 s, and each stalled connection gets its 408 at 70 s.
+    """
+    hub.start_server("alice")
+    managed = proxy.for_hub(hub, token=hub.alice_token, extra_args=["--body-timeout", "70", "--header-timeout", "70"])
+    began = time.monotonic()
+    with connect(managed, timeout=100) as body, connect(managed, timeout=100) as headers:
+        body.sendall(head(managed, "PUT /api/contents/stalled.txt HTTP/1.1", "Content-Length: 100") + b"x")
+        headers.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for sock, reason in ((body, "body-timeout"), (headers, None)):
+            try:
+                status, _, sent = read_response(sock)
+            except (AssertionError, OSError) as exc:
+                raise AssertionError(f"dropped with no answer after {time.monotonic() - began:.0f} s: {exc!r}") from None
+            assert status == 408, sent
+            if reason is not None:
+                assert json.loads(sent)["reason"] == reason
+    waited = time.monotonic() - began
+    assert 69 <= waited < 95, f"answered after {waited:.0f} s"

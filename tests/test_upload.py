@@ -183,6 +183,18 @@ class StreamedRequestTests(SynchronousTestCase):
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
         self.assertEqual(len(self.failures), 1, "and its hub request ends")
 
+    def test_a_hub_slower_than_a_minute_does_not_drop_the_ide(self) -> None:
+        """While the hub cannot take more, no clock runs against the IDE: twisted.web's idle one neither."""
+        self.put()
+        producer, hub, _, _ = self.hub_reads()
+        self.channel.dataReceived(b"x" * 1000)
+        producer.pauseProducing()
+        self.reactor.advance(200)  # within --response-timeout (300 s)
+        self.assertEqual((self.transport.value(), self.transport.disconnecting), (b"", False))
+        producer.resumeProducing()
+        self.channel.dataReceived(b"y" * 299_000)
+        self.assertTrue(hub.ended)
+
     def test_an_early_answer_reads_the_rest_of_the_body_before_the_next_request(self) -> None:
         self.put(b"Content-Length: 60")
         _, hub, d, _ = self.hub_reads()
