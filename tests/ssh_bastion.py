@@ -109,7 +109,11 @@ class SSHBastion:
 
     @property
     def logins(self) -> int:
-        return self.logins_path.read_text().count("login ")
+        return sum(line.startswith("login ") for line in self.logins_path.read_text().splitlines())
+
+    @property
+    def commands(self) -> list[str]:
+        return [line[5:] for line in self.logins_path.read_text().splitlines() if line.startswith("exec ")]
 
     def log_text(self) -> str:
         try:

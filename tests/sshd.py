@@ -4,7 +4,7 @@ A small SSH bastion for the ``--via ssh://`` tests and the via benchmark, run as
 
 - Public-key logins only, against an ``authorized_keys`` file; each successful login appends a line
   to ``--logins`` (the tests count them).
-- Forwards (``direct-tcpip``) to any host, resolving ``--resolve NAME=ADDRESS`` itself: the site's DNS,
+- Commands run are appended there too (``exec ...``). Forwards (``direct-tcpip``) to any host, resolving ``--resolve NAME=ADDRESS`` itself: the site's DNS,
   which knows a hub name this machine cannot resolve. A refused or unresolvable destination fails the
   channel with the reason, as OpenSSH's sshd does.
 - ``cat`` and ``ls`` of the cluster CA folder, ``/cm/local/apps/jupyter/current/conf/certs/``, served
@@ -72,6 +72,8 @@ def _local(path: str, certs: str) -> str | None:
 def _session(options: argparse.Namespace):
     async def handle(process: asyncssh.SSHServerProcess) -> None:
         words = shlex.split(process.command or "")
+        with open(options.logins, "a") as out:
+            out.write(f"exec {process.command}\n")
         status = 127
         if words and words[0] in ("cat", "ls"):
             paths = [word for word in words[1:] if not word.startswith("-")]
