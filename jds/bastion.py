@@ -17,6 +17,7 @@ deadline; the stale file of a previous child is removed first.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import stat
@@ -144,15 +145,21 @@ class SSHVia:
     def __init__(
         self, reactor: Any, spec: Any, ssh_command: str = "ssh", ready_timeout: float = 30.0, connect_timeout: float = 10.0
     ) -> None:
-        """``spec``: anything with ``host``, ``user`` and ``port`` (the parsed ``--via``)."""
+        """
+        ``spec``: the parsed ``--via`` (:class:`jds.via.ViaSpec`). Port 22, the default of an
+        ``ssh://`` URL, is left to ssh, so that a ``Port`` line of the user's ssh config still applies.
+        """
         self.reactor = reactor
-        self.destination = SSHDestination(spec.host, getattr(spec, "user", None) or None, getattr(spec, "port", None) or None)
+        self.spec = spec
+        port = getattr(spec, "port", None)
+        self.destination = SSHDestination(spec.host, getattr(spec, "user", None) or None, port if port != 22 else None)
         self.base = base_command(ssh_command)
         self.ready_timeout = ready_timeout
         self.connect_timeout = connect_timeout
         self.manual = by_hand(self.base, self.destination)
         self.restarts = 0
-        self.state = "idle"  # idle, starting, up, down, stopped
+        self._state = "idle"
+        self._since: str | None = None  # when the state last changed, ISO 8601 UTC
         self.error: str | None = None  # the sentence of the last failure, until a session is up
         self._error_reason = "via-failed"
         self._dir: str | None = None
@@ -171,6 +178,17 @@ class SSHVia:
         self._timed_out: _SSHChild | None = None
         self._news_waiting: list[Any] = []
 
+    @property
+    def state(self) -> str:
+        """idle (nothing asked yet), starting, up, down (ended or failed), stopped."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            self._since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
     # the via interface -----------------------------------------------------------------------
 
     def endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
@@ -179,13 +197,17 @@ class SSHVia:
     def status(self) -> dict[str, Any]:
         child = self._child
         pid = getattr(getattr(child, "transport", None), "pid", None) if child is not None else None
+        url = getattr(self.spec, "url", None)
         return {
             "kind": self.kind,
+            "address": url() if callable(url) else f"ssh://{self.destination.display}",
+            "source": getattr(self.spec, "source", ""),
             "destination": self.destination.display,
             "state": self.state,
+            "since": self._since,
             "restarts": self.restarts,
             "pid": pid,
-            "error": self.error,
+            "last_error": self.error,
         }
 
     def explain(self, failure: Failure) -> Refusal | None:
@@ -202,11 +224,19 @@ class SSHVia:
             return Refusal(502, sentence, reason, hint="Check --hub from the bastion's side.")
         return None
 
-    def check(self) -> Deferred:
-        """Fires with the via line of ``check`` once the session is up; fails with :class:`SSHViaError`."""
-        return self._ensure_up().addCallback(
-            lambda _: f"ssh session to {self.destination.display} is up (pid {self.status()['pid']}); "
-            "hub connections go through it as channels, the hub's name resolved by the bastion"
+    def check(self, host: str, port: int) -> Deferred:
+        """``check``'s via line once the session forwards to ``host:port``; fails with the :class:`Refusal`."""
+
+        def failed(failure: Failure) -> Failure:
+            refusal = self.explain(failure)
+            return Failure(refusal) if refusal is not None else failure
+
+        return self._socket_for(host, port).addCallbacks(
+            lambda _: (
+                f"ssh to {self.destination.display} logged in (pid {self.status()['pid']}); "
+                f"forwarding to {host}:{port}, a name the bastion resolves"
+            ),
+            failed,
         )
 
     def stop(self) -> Deferred:
@@ -244,6 +274,7 @@ class SSHVia:
     # the session -------------------------------------------------------------------------------
 
     def _ensure_up(self) -> Deferred:
+        """The session, forwarding to the hub asked for first (``login``'s commands need only the session)."""
         key = next(iter(self._forwards), None)
         if key is None:
             return fail(SSHViaError("No hub address was asked for yet.", "via-failed"))

@@ -195,8 +195,11 @@ def test_one_ssh_child_carries_every_connection(via: SSHVia, monkeypatch: pytest
     assert via.status()["state"] == "starting"
     reactor.come_up(via.sockets)  # type: ignore[attr-defined]
     reactor.advance(0.5)
-    assert via.status() == {
-        "kind": "ssh", "destination": "login-node", "state": "up", "restarts": 0, "pid": 1000, "error": None,
+    status = via.status()
+    assert status["since"] is not None and status.pop("since")
+    assert status == {
+        "kind": "ssh", "address": "ssh://login-node", "source": "", "destination": "login-node", "state": "up",
+        "restarts": 0, "pid": 1000, "last_error": None,
     }  # fmt: skip
     later = [_connect(via) for _ in range(5)]
     assert len(reactor.spawned) == 1
@@ -214,7 +217,7 @@ def test_a_refused_login_fails_with_the_sentence_and_is_not_retried_by_itself(vi
     assert refusal is not None and refusal.status == 502 and refusal.reason == "via-login-refused"
     assert '"bastion-user@127.0.0.1: Permission denied (publickey)."' in refusal.message
     assert "'ssh -F cfg login-node'" in refusal.message
-    assert via.status()["state"] == "down" and via.status()["error"] == refusal.message
+    assert via.status()["state"] == "down" and via.status()["last_error"] == refusal.message
     reactor.advance(60)
     assert len(reactor.spawned) == 1  # no login attempts by itself
     # the next need tries again once the backoff allows (0.5 s after the first attempt: long past)
@@ -233,7 +236,7 @@ def test_a_session_that_dies_is_started_again_on_the_backoff(via: SSHVia) -> Non
     reactor.advance(0.1)
     assert via.status()["state"] == "up"
     reactor.exit(b"Connection to 127.0.0.1 closed by remote host.\n")
-    assert via.status()["state"] == "down" and "closed by remote host" in via.status()["error"]
+    assert via.status()["state"] == "down" and "closed by remote host" in via.status()["last_error"]
     waiting, failed = _connect(via)  # waits for the restart rather than failing
     assert not waiting and not failed
     reactor.advance(0.49)
@@ -244,7 +247,7 @@ def test_a_session_that_dies_is_started_again_on_the_backoff(via: SSHVia) -> Non
         s.close()
     reactor.come_up(via.sockets)  # type: ignore[attr-defined]
     reactor.advance(0.2)
-    assert via.status()["state"] == "up" and via.status()["error"] is None
+    assert via.status()["state"] == "up" and via.status()["last_error"] is None
     assert len(reactor.unixClients) == 2 and not failed
 
 
