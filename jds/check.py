@@ -2,7 +2,7 @@
 ``jupyter-dev-server check``: walk the chain an IDE's request takes and say, for the first link that
 fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
 
-address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
+the via (a proxy or bastion, when one is used) → address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
 server state → kernelspecs through the proxy's own mapping, served in-process over an in-memory
 connection → the --root folder, listed through that same mapping.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks, succeed
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.loopback import loopbackAsync
@@ -32,7 +32,9 @@ from jds.hubversions import OLDEST, START_SCOPES, UnsupportedHub, release_of
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.proxy import make_agent, quiet_pool
+from jds.refusal import Refusal
 from jds.site import build_site
+from jds.tls import HubTLSPolicy
 from jds.token_expiry import describe_expiry, held_token_life, renewal_warning
 
 __all__ = ["CheckOptions", "Step", "run_checks", "main"]
@@ -119,11 +121,17 @@ def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
 
 
 @inlineCallbacks
-def run_checks(reactor: Any, options: Options):
-    """The links in order, each a list of steps, up to the first step that is not a pass."""
-    chain = _Chain(reactor, options)
+def run_checks(reactor: Any, options: Options, policy: HubTLSPolicy | None = None):
+    """
+    The links in order, each a list of steps, up to the first step that is not a pass. The daemon
+    passes its own ``policy``, so its start-up check goes through the same via (one ssh session).
+    """
+    chain = _Chain(reactor, options, policy)
     steps: list[Step] = []
-    for link in (chain.connect, chain.tls, chain.hub, chain.token, chain.server, chain.kernelspecs):
+    links = (chain.connect, chain.tls, chain.hub, chain.token, chain.server, chain.kernelspecs)
+    if not chain.policy.via.spec.direct:
+        links = (chain.via, *links)
+    for link in links:
         found: list[Step] = yield link()
         steps.extend(found)
         if found[-1].ok is not True:
@@ -134,11 +142,11 @@ def run_checks(reactor: Any, options: Options):
 class _Chain:
     """One run of the checks: one method per link, and what a link learns that a later one needs."""
 
-    def __init__(self, reactor: Any, options: Options) -> None:
+    def __init__(self, reactor: Any, options: Options, policy: HubTLSPolicy | None = None) -> None:
         self.reactor = reactor
         self.options = options
         self.target: HubTarget = options["target"]
-        self.policy = options.hub_policy(reactor)
+        self.policy = policy if policy is not None else options.hub_policy(reactor)
         self.agent = make_agent(reactor, self.policy)
         self.api = HubAPI(self.agent, self.target, options["hub-token"] or "")
         self.hub_code = 0
@@ -147,18 +155,33 @@ class _Chain:
         self.release = OLDEST  # the hub's row in jds.hubversions, once the hub link has read its version
 
     @inlineCallbacks
+    def via(self):
+        """The proxy or bastion, in its own words: it opens a stream to the hub, or says why not."""
+        via = self.policy.via
+        try:
+            detail = yield via.check(self.target.host, self.target.port)
+        except Exception:
+            failure = Failure()
+            refusal = failure.value if failure.check(Refusal) else self.policy.explain(failure)
+            return [Step("via", False, refusal.message, refusal.hint)]
+        return [Step("via", True, detail)]
+
+    @inlineCallbacks
     def connect(self):
         target = self.target
         probe = Factory.forProtocol(_Probe)
         probe.noisy = False
-        endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.policy.connect_timeout)
         try:
-            protocol = yield endpoint.connect(probe)
+            protocol = yield self.policy.inner_endpoint().connect(probe)
         except Exception:
             refusal = self.policy.explain(Failure())
             return [Step("connect", False, refusal.message, refusal.hint)]
+        where = authority(target.host, target.port)
+        spec = self.policy.via.spec
+        if not spec.direct:
+            return [Step("connect", True, f"{where} answers through {spec.describe()}")]
         peer = protocol.transport.getPeer()
-        return [Step("connect", True, f"{authority(target.host, target.port)} answers (at {peer.host})")]
+        return [Step("connect", True, f"{where} answers (at {peer.host})")]
 
     @inlineCallbacks
     def tls(self):
@@ -312,6 +335,8 @@ def main(argv: list[str]) -> int:
     failed = parse_subcommand(options, argv, "check")
     if failed is not None:
         return failed
+    if options["via-warning"]:
+        print(f"jupyter-dev-server check: warning: {options['via-warning']}", file=sys.stderr)
     result: dict[str, int] = {}
 
     def go(reactor_: Any):

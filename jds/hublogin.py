@@ -207,6 +207,8 @@ def main(argv: list[str]) -> int:
     failed = parse_subcommand(options, argv, "login")
     if failed is not None:
         return failed
+    if options["via-warning"]:
+        print(f"jupyter-dev-server login: warning: {options['via-warning']}", file=sys.stderr)
     result: dict[str, Any] = {}
 
     def go(reactor: Any):

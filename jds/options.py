@@ -20,8 +20,10 @@ from twisted.python import usage
 
 from jds.guard import is_loopback
 from jds.paths import HubTarget, listen_address, parse_root
+from jds.reach import make_via
 from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
 from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
+from jds.via import Via, choose_via
 
 __all__ = ["HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
 
@@ -124,13 +126,23 @@ HUB_PARAMETERS = [
      "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
      "certificate. [env JUPYTER_CLUSTER_CA_CERT; default: the system trust store]"],
     ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
+    ["via", None, None,
+     "How to reach the hub: direct, http://[USER:PASSWORD@]HOST:PORT or https://... (an HTTP proxy's "
+     "CONNECT), socks5://HOST:PORT (the proxy resolves the hub's name; e.g. ssh -D 1080), or "
+     "ssh://[USER@]HOST[:PORT] (an SSH bastion). Put a proxy password in HTTPS_PROXY, not here: "
+     "command lines are visible in ps. [env JUPYTER_DEV_SERVER_VIA; default: HTTPS_PROXY, then "
+     "ALL_PROXY, unless NO_PROXY names the hub; else direct]"],
+    ["ssh-command", None, None,
+     "The ssh program, with options, for --via ssh:// (like git's core.sshCommand), e.g. "
+     "\"ssh -F ~/work/ssh_config\". [env JUPYTER_DEV_SERVER_SSH_COMMAND; default: ssh]"],
 ]
 
 
 def hub_target(options: usage.Options, environ: Mapping[str, str], server: str = "") -> HubTarget:
     """
     The hub, user and TLS name from ``options`` (as :data:`HUB_PARAMETERS` defines them), each
-    falling back to its environment variable; also settles ``ca-cert`` and ``connect-timeout``.
+    falling back to its environment variable; also settles ``ca-cert``, ``connect-timeout``, ``via``
+    (a :class:`ViaSpec`; ``via-warning`` a sentence to show, or "") and ``ssh-command``.
     """
 
     def env(name: str) -> str | None:
@@ -156,6 +168,12 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
     except TLSConfigError as exc:
         raise usage.UsageError(str(exc)) from None
     options["connect-timeout"] = _seconds(options["connect-timeout"], "connect-timeout")
+    if options["via"]:
+        choice = choose_via(options["via"], environ, host)
+    else:
+        choice = choose_via(env("JUPYTER_DEV_SERVER_VIA"), environ, host, "JUPYTER_DEV_SERVER_VIA")
+    options["via"], options["via-warning"] = choice.spec, choice.warning
+    options["ssh-command"] = options["ssh-command"] or env("JUPYTER_DEV_SERVER_SSH_COMMAND") or "ssh"
     return HubTarget(host=host, port=port, user=user, server=server, base_path=base, tls_name=tls_name)
 
 
@@ -171,7 +189,18 @@ class HubOptions(usage.Options):
         return HubTLSPolicy(
             reactor, target.host, target.port, target.verify_name, self["ca-cert"],
             connect_timeout=self["connect-timeout"], spares=spares, spare_seconds=spare_seconds,
+            via=self.via(reactor),
         )
+
+    def via(self, reactor: Any) -> Via:
+        """
+        The via these options name, made once: every policy built from the same options shares it,
+        so the daemon and its start-up check use one ssh session, not two.
+        """
+        made = getattr(self, "_via", None)
+        if made is None:
+            made = self._via = make_via(reactor, self["via"], self["ssh-command"], self["connect-timeout"])
+        return made
 
 
 class Options(HubOptions):

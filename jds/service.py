@@ -172,7 +172,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         endpoint, factory, options["listen"], options["local-token"],
         url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
     ).setServiceParent(top)
-    _LaunchChecks(options, starter, reactor).setServiceParent(top)
+    _LaunchChecks(options, starter, reactor, policy).setServiceParent(top)
+    _ViaStop(policy.via, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)
     if token_watch is not None:
         token_watch.setServiceParent(top)
@@ -183,15 +184,35 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
             "--allow-host (this machine's address or DNS name).",
             interface=options["interface"],
         )
+    if options.get("via-warning"):
+        log.warn("{warning}", warning=options["via-warning"])
     log.info(
-        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}",
+        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}; "
+        "reached {via}",
         version=__version__,
         url=target.server_url,
         user=target.user,
         name=target.verify_name,
         ca=policy.ca_source,
+        via=policy.via.spec.describe(),
     )
     return top
+
+
+class _ViaStop(service.Service):
+    """
+    The via ends with the daemon: an ssh process it started must not outlive it. It ends during
+    shutdown, after the requests in flight had their drain time (:class:`_GracefulStop`), since
+    they may still be using it.
+    """
+
+    def __init__(self, via: Any, reactor: Any) -> None:
+        self.via = via
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.addSystemEventTrigger("during", "shutdown", self.via.stop)
 
 
 class _Daemon(service.MultiService):
@@ -260,14 +281,15 @@ class _LaunchChecks(service.Service):
     (in pass-through mode there is no token yet to start it with: the IDE's first request will).
     """
 
-    def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any) -> None:
+    def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any, policy: Any = None) -> None:
         self.options = options
         self.starter = starter
         self.reactor = reactor
+        self.policy = policy
 
     def startService(self) -> None:
         super().startService()
-        d = run_checks(self.reactor, self.options)
+        d = run_checks(self.reactor, self.options, self.policy)
         d.addCallback(self._log_steps)
         d.addErrback(lambda failure: log.warn("Start-up check failed: {error}", error=failure.getErrorMessage()))
 

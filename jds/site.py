@@ -324,6 +324,7 @@ def build_site(
         stats, target, credentials, api=starter.api if starter is not None and starter.api.has_token else None,
         reactor=reactor,
         token_watch=token_watch,
+        via=policy.via,
     )
     return LocalSite(
         LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor, credentials, target, limits

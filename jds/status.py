@@ -47,8 +47,10 @@ class StatusResource(Resource):
         api: Any = None,
         reactor: Any = None,
         token_watch: Any = None,
+        via: Any = None,
     ) -> None:
         super().__init__()
+        self.via = via
         self.token_watch = token_watch
         self.stats = stats
         self.target = target
@@ -92,6 +94,7 @@ class StatusResource(Resource):
             "server_url": self.target.server_url,
             "root": self.target.root,
             "server_state": server_state,
+            **({"via": self.via.status()} if self.via is not None else {}),
             **(self.token_watch.report() if self.token_watch is not None else {}),
             **self.stats.snapshot(),
         }

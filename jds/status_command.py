@@ -68,6 +68,9 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"  open now:   {_plural(report['open_http'], 'HTTP request')}, "
         f"{_plural(report['open_websockets'], 'WebSocket')}",
     ]
+    via = report.get("via")
+    if via and via.get("kind") != "direct":
+        lines.append(f"  via:        {_via_line(via)}")
     link = report.get("hub_link")
     if link:
         outage = link.get("outage")
@@ -96,6 +99,25 @@ def describe(report: dict[str, Any], url: str) -> str:
     if report["server_state"] == "unknown" and report["mode"] == "pass-through":
         lines.append("  (the server's state is only known in managed mode, with --token-file)")
     return "\n".join(lines)
+
+
+def _via_line(via: dict[str, Any]) -> str:
+    """``http://proxy:3128 (from HTTPS_PROXY): up since ..., 12 tunnels`` (a via's status has no credentials)."""
+    source = f" (from {via['source']})" if via.get("source") and " " not in via["source"] else ""
+    state = via.get("state", "unknown")
+    if via.get("since"):
+        state += f" since {via['since']}"
+    parts = [state]
+    if via.get("pid"):
+        parts.append(f"pid {via['pid']}")
+    if via.get("restarts"):
+        parts.append(_plural(via["restarts"], "restart"))
+    if "tunnels" in via:
+        parts.append(_plural(via["tunnels"], "tunnel"))
+    line = f"{via.get('address', '')}{source}: {', '.join(parts)}"
+    if via.get("last_error"):
+        line += f"; last error: {via['last_error']}"
+    return line
 
 
 def endpoint_url(listen: str) -> str:

@@ -25,7 +25,6 @@ from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
@@ -44,8 +43,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jds.reach import DirectVia
 from jds.refusal import Refusal
 from jds.spares import SpareConnections
+from jds.via import Via
 
 __all__ = ["HubTLSPolicy", "PeerCertificate", "TLSConfigError", "explain_failure", "leaf_failures"]
 
@@ -387,9 +388,14 @@ class HubTLSPolicy:
         connect_timeout: float = 10.0,
         spares: int = 0,
         spare_seconds: float = 4.0,
+        via: Via | None = None,
     ) -> None:
-        """``spares``: connections opened ahead of need when the IDE becomes active (:mod:`jds.spares`)."""
+        """
+        ``spares``: connections opened ahead of need when the IDE becomes active (:mod:`jds.spares`);
+        ``via``: what carries the bytes (:mod:`jds.reach`; direct when not given).
+        """
         trust_root, self.ca_source = load_trust_root(ca_path)
+        self.via: Via = via if via is not None else DirectVia(reactor, connect_timeout=connect_timeout)
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -403,12 +409,20 @@ class HubTLSPolicy:
         Where hub connections come from. ``after_handshake``: connect only once TLS is established,
         so that a failure to connect means the hub saw none of what would have been written.
         """
-        tcp = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
-        hub_socket = _HubSocketEndpoint(tcp, self.reactor, self.connect_timeout)
+        hub_socket = _HubSocketEndpoint(self.inner_endpoint(), self.reactor, self.connect_timeout)
         tls = _UnbufferedTLSEndpoint(self.creator, hub_socket, after_handshake)
         return self.spares.endpoint(tls) if self.spares is not None else tls
 
+    def inner_endpoint(self) -> IStreamClientEndpoint:
+        """The stream to the hub under TLS, from the via: what ``check``'s connect step tries alone."""
+        return self.via.endpoint(self.host, self.port)
+
     def explain(self, failure: Failure) -> Refusal:
+        """The via's own sentence when the failure is the via's, else the hub connection's."""
+        for leaf in leaf_failures(failure):
+            refusal = self.via.explain(leaf)
+            if refusal is not None:
+                return refusal
         return explain_failure(failure, self.host, self.port, self.connect_timeout)
 
 
