@@ -289,14 +289,24 @@ class SSHVia:
         if self.state == "up":
             return succeed(self._forwards[key])
         if self.state == "stopped":
-            return fail(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
+            return self._fail_soon(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
         waiter: Deferred = Deferred(lambda d: self._waiters.remove((key, d)) if (key, d) in self._waiters else None)
         if self.state == "idle" or (self.state == "down" and "restart" not in self._calls):
             if self.reactor.seconds() < self._not_before and self.error is not None:
-                return fail(SSHViaError(self.error, self._error_reason))
+                return self._fail_soon(SSHViaError(self.error, self._error_reason))
             self._start()
         self._waiters.append((key, waiter))
         return waiter
+
+    def _fail_soon(self, error: SSHViaError) -> Deferred:
+        """
+        A failed connect, on the next reactor turn as a TCP connect's would be: the proxy's callers
+        were written for endpoints that never fail synchronously (a synchronous failure left a
+        kernelspecs request waiting for ever).
+        """
+        failing: Deferred = Deferred()
+        self.reactor.callLater(0, failing.errback, Failure(error))
+        return failing
 
     def _add_forward(self, key: tuple[str, int]) -> Deferred:
         path = self._forwards[key]

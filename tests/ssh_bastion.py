@@ -41,7 +41,8 @@ class SSHBastion:
         self.client_key = directory / "client_key"
         client_public = _keygen(self.client_key)
         self.authorized_keys = directory / "authorized_keys"
-        self.authorized_keys.write_text(client_public if authorise else "")
+        # not authorised: the file holds another key (asyncssh refuses an empty one)
+        self.authorized_keys.write_text(client_public if authorise else _keygen(directory / "other_key"))
         self.logins_path = directory / "logins"
         self.logins_path.write_text("")
         self.certs = certs
