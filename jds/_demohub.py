@@ -113,12 +113,18 @@ def configurable_http_proxy() -> str:
     return found
 
 
+_PROXY_VARIABLES = {"https_proxy", "http_proxy", "all_proxy", "no_proxy"}
+
+
 def clean_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without Jupyter settings that would leak into a child."""
+    """
+    This process's environment without Jupyter settings that would leak into a child, nor proxy
+    variables: everything here is on 127.0.0.1, and the daemon would send it through ``HTTPS_PROXY``.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("JUPYTERHUB_", "JUPYTER_", "CONFIGPROXY_"))
+        if not key.startswith(("JUPYTERHUB_", "JUPYTER_", "CONFIGPROXY_")) and key.lower() not in _PROXY_VARIABLES
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

@@ -249,7 +249,7 @@ class _Chain:
         renew = None
         if life is not None:
             now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
-            command = login_command(target, self.options["ca-cert"], self.options["token-file"])
+            command = login_command(target, self.options["ca-cert"], self.options["token-file"], self.options["via"])
             renew = renewal_warning(life.expires_at, now, command)
         problems = []
         if owner != target.user and me.get("kind") == "user" and not me.get("admin"):

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.python import usage
 
 from jds.paths import HubTarget, authority
+from jds.via import ViaSpec
 
 __all__ = ["daemon_command", "hub_arguments", "login_command", "parse_subcommand", "program"]
 
@@ -39,28 +40,36 @@ def program() -> str:
     return str(script.absolute()) if script.exists() else "jupyter-dev-server"
 
 
-def hub_arguments(target: HubTarget, ca_cert: str | None) -> list[str]:
-    """``--hub``, ``--user`` and the TLS options that reach ``target`` as the daemon reaches it."""
+def hub_arguments(target: HubTarget, ca_cert: str | None, via: ViaSpec | None = None) -> list[str]:
+    """
+    ``--hub``, ``--user`` and the TLS options that reach ``target`` as the daemon reaches it, and
+    ``--via`` when it was given on the command line; never its password (that one belongs in
+    ``HTTPS_PROXY``), and not a via the environment chose (the new shell has the same environment).
+    """
     base = "" if target.base == "/" else target.base
     args = ["--hub", f"https://{authority(target.host, target.port)}{base}", "--user", target.user]
     if ca_cert:
         args += ["--ca-cert", str(Path(ca_cert).absolute())]
     if target.verify_name != target.host.lower():
         args += ["--tls-name", target.verify_name]
+    if via is not None and via.source == "--via" and not via.password:
+        args += ["--via", via.url()]
     return args
 
 
-def daemon_command(target: HubTarget, ca_cert: str | None, token_file: str | Path) -> str:
+def daemon_command(target: HubTarget, ca_cert: str | None, token_file: str | Path, via: ViaSpec | None = None) -> str:
     """The daemon in managed mode with the hub token in ``token_file``."""
-    args = [program(), *hub_arguments(target, ca_cert)]
+    args = [program(), *hub_arguments(target, ca_cert, via)]
     if target.server:
         args += ["--server", target.server]
     return shlex.join([*args, "--token-file", str(Path(token_file).absolute())])
 
 
-def login_command(target: HubTarget, ca_cert: str | None, token_file: str | Path | None) -> str:
+def login_command(
+    target: HubTarget, ca_cert: str | None, token_file: str | Path | None, via: ViaSpec | None = None
+) -> str:
     """``login`` for the same hub and user, writing ``token_file`` (its default when ``None``)."""
-    args = [program(), "login", *hub_arguments(target, ca_cert)]
+    args = [program(), "login", *hub_arguments(target, ca_cert, via)]
     if token_file is not None:
         args += ["--token-file", str(Path(token_file).absolute())]
     return shlex.join(args)

@@ -148,7 +148,7 @@ class Demo:
         self.port = port
         self.proxy_args = [
             "--hub", hub.url, "--user", self.user, "--ca-cert", str(ca.ca_path),
-            "--tls-name", hub.tls_name, "--token-file", str(token_file),
+            "--tls-name", hub.tls_name, "--token-file", str(token_file), "--via", "direct",
             "--local-token-file", str(local_token_file),
         ]  # fmt: skip
         command = [

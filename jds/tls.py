@@ -3,7 +3,9 @@ The TLS policy for every connection to the hub: verified against the cluster CA,
 name that may differ from the address dialled, TLS 1.2 at least, and no way to turn verification off.
 
 HTTP and WebSocket traffic both get their connections from :meth:`HubTLSPolicy.endpoint`, so there is
-exactly one place where the hub's certificate is judged. Verification failures are turned into
+exactly one place where the hub's certificate is judged. What carries the bytes underneath is the
+policy's via (:mod:`jds.reach`: a TCP connection, a proxy's tunnel, an ssh channel); TLS is always on
+top of it, so the check is the same whatever the way in. Verification failures are turned into
 :class:`Refusal` with a sentence naming the option to change, because "certificate verify
 failed" alone sends users to the original tool's README.
 """
@@ -269,7 +271,8 @@ class _HubSocketEndpoint:
 
     def _check_handshake(self, tls_protocol) -> None:
         transport = getattr(tls_protocol, "transport", None)
-        if getattr(tls_protocol, "jds_verified", False) or transport is None or transport.disconnected:
+        # A via's transport may be another TLS connection (an https:// proxy), which has no ``disconnected``.
+        if getattr(tls_protocol, "jds_verified", False) or transport is None or getattr(transport, "disconnected", False):
             return
         tls_protocol.failVerification(
             Failure(

@@ -116,7 +116,7 @@ class _Handshake(Protocol):
 
     def __init__(self, tunnel: _TunnelEndpoint, factory: IProtocolFactory, done: Deferred) -> None:
         self.tunnel = tunnel
-        self.factory = factory
+        self.wanted = factory
         self.done = done
         self.buffer = b""
         self.wrapped: Any = None
@@ -150,7 +150,7 @@ class _Handshake(Protocol):
 
     def _open(self, rest: bytes) -> None:
         self._stop_deadline()
-        wrapped = self.factory.buildProtocol(self.transport.getPeer())
+        wrapped = self.wanted.buildProtocol(self.transport.getPeer())
         if wrapped is None:
             self.transport.loseConnection()
             self.done.errback(net_error.ConnectingCancelledError(self.transport.getPeer()))

@@ -218,3 +218,17 @@ def test_architecture_md_lists_the_same_layers() -> None:
         documented.append((cells[0], {f"jds.{name}" for name in re.findall(r"`(\w+)`", cells[1])}))
     expected = [(name, members - {"jds", "jds.__init__"}) for name, members in LAYERS]
     assert documented == expected
+
+
+def test_only_the_vias_open_sockets() -> None:
+    """
+    Every hub connection comes from ``HubTLSPolicy`` through its via: no other module dials a host
+    itself (a stray ``HostnameEndpoint`` would skip ``--via`` and the proxy variables).
+    """
+    dialling = re.compile(r"\b(HostnameEndpoint|TCP4ClientEndpoint|TCP6ClientEndpoint|clientFromString|connectTCP|connectSSL|create_connection)\s*\(")
+    found = {
+        path.name
+        for path in PACKAGE.glob("*.py")
+        if path.name != "_demohub.py" and dialling.search(path.read_text(encoding="utf-8"))
+    }
+    assert found == {"reach.py"}

@@ -17,6 +17,7 @@ from jds.hublogin import LoginOptions, parse_duration
 from jds.paths import HubTarget
 from jds.token_expiry import TokenExpiryWatch, parse_expiry, renewal_warning
 from jds.tokens import default_hub_token_path, write_private
+from jds.via import parse_via
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.timezone.utc)
 TARGET = HubTarget(host="10.0.0.5", port=8443, user="alice", base_path="/jh/", tls_name="hub.cluster")
@@ -102,6 +103,16 @@ def test_printed_commands_name_the_script_by_absolute_path(tmp_path: Path) -> No
     ]  # fmt: skip
     login = shlex.split(login_command(HubTarget(host="hub", port=8000, user="bob"), None, None))
     assert login[1:] == ["login", "--hub", "https://hub:8000", "--user", "bob"]
+
+
+def test_printed_commands_carry_a_via_given_on_the_command_line_but_no_password(tmp_path: Path) -> None:
+    bob = HubTarget(host="hub", port=8000, user="bob")
+    login = shlex.split(login_command(bob, None, None, parse_via("ssh://me@login-node")))
+    assert login[-2:] == ["--via", "ssh://me@login-node:22"]
+    direct = shlex.split(daemon_command(bob, None, tmp_path / "tok", parse_via("direct")))
+    assert direct[-4:-2] == ["--via", "direct"]
+    for via in (parse_via("http://u:secret@proxy:3128"), parse_via("http://proxy:3128", "HTTPS_PROXY")):
+        assert "--via" not in shlex.split(login_command(bob, None, None, via))
 
 
 def test_login_options_share_the_daemons_environment_defaults(tmp_path: Path) -> None:

@@ -166,6 +166,37 @@ def test_describe_counts_requests_retried_after_a_lost_hub_link() -> None:
     assert "0 WebSockets; 2 retried after a lost hub link" in describe(report, "http://127.0.0.1:8000")
 
 
+class _StubVia:
+    """A via's status as an ssh bastion's would read (the interface of jds.via.Via, status only)."""
+
+    def __init__(self, report: dict) -> None:
+        self.report = report
+
+    def status(self) -> dict:
+        return self.report
+
+
+def test_describe_shows_the_via_without_credentials() -> None:
+    direct = json.loads(StatusResource(Stats(), TARGET, Credentials(), via=_StubVia(
+        {"kind": "direct", "address": "", "source": "", "state": "direct", "restarts": 0})).document("unknown"))
+    assert direct["via"]["kind"] == "direct"
+    assert "via:" not in describe(direct, "http://127.0.0.1:8000")
+    proxy = json.loads(StatusResource(Stats(), TARGET, Credentials(), via=_StubVia({
+        "kind": "http", "address": "http://proxy:3128", "source": "HTTPS_PROXY", "state": "down",
+        "since": "2026-12-06T20:00:00Z", "restarts": 0, "tunnels": 3,
+        "last_error": "The HTTP proxy at proxy:3128 (from HTTPS_PROXY) wants credentials: it answered '407'.",
+    })).document("unknown"))
+    assert (
+        "  via:        http://proxy:3128 (from HTTPS_PROXY): down since 2026-12-06T20:00:00Z, 3 tunnels; "
+        "last error: The HTTP proxy at proxy:3128 (from HTTPS_PROXY) wants credentials: it answered '407'."
+    ) in describe(proxy, "http://127.0.0.1:8000").splitlines()
+    ssh = json.loads(StatusResource(Stats(), TARGET, Credentials(), via=_StubVia({
+        "kind": "ssh", "address": "ssh://me@login:22", "source": "--via", "state": "up", "restarts": 2, "pid": 4242,
+    })).document("unknown"))
+    assert "  via:        ssh://me@login:22 (from --via): up, pid 4242, 2 restarts" in describe(
+        ssh, "http://127.0.0.1:8000").splitlines()
+
+
 @pytest.mark.parametrize(
     ("listen", "url"),
     [
