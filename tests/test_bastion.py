@@ -226,6 +226,8 @@ def test_a_refused_login_fails_with_the_sentence_and_is_not_retried_by_itself(vi
     reactor.exit(b"bastion-user@127.0.0.1: Permission denied (publickey).\n")
     # a need right after that attempt gets the sentence at once, without a third login
     _, failed = _connect(via)
+    assert not failed  # on the next reactor turn, as a TCP connect's failure would be
+    reactor.advance(0)
     assert len(reactor.spawned) == 2 and failed and "Permission denied" in failed[0].getErrorMessage()
 
 
@@ -272,6 +274,28 @@ def test_a_channel_the_bastion_could_not_open_explains_the_closed_connection(via
     assert refusal is not None and refusal.reason == "via-hub-unreachable" and "hub.site:8000" in refusal.message
     reactor.advance(6)
     assert via.explain(Failure(ConnectionDone())) is None
+
+
+def test_port_22_is_left_to_the_ssh_config_and_check_names_the_forward(via: SSHVia) -> None:
+    assert SSHVia(via.reactor, Spec(port=22), "ssh").destination.args() == ["login-node"]
+    assert SSHVia(via.reactor, Spec(user="ada", port=2222), "ssh").destination.args() == ["-p", "2222", "ada@login-node"]
+    reactor: FakeSSHReactor = via.reactor
+    lines: list[str] = []
+    via.check("hub.site", 8000).addCallback(lines.append)
+    reactor.come_up(via.sockets)  # type: ignore[attr-defined]
+    reactor.advance(0.1)
+    assert lines == ["ssh to login-node logged in (pid 1000); forwarding to hub.site:8000, a name the bastion resolves"]
+
+
+def test_check_fails_with_the_refusal() -> None:
+    from jds.refusal import Refusal
+
+    reactor = FakeSSHReactor()
+    via = SSHVia(reactor, Spec(), "ssh")
+    failed: list[Failure] = []
+    via.check("hub.site", 8000).addErrback(failed.append)
+    reactor.exit(b"Host key verification failed.\n")
+    assert failed and failed[0].check(Refusal) and failed[0].value.reason == "via-host-key"
 
 
 def test_stop_ends_the_child() -> None:
