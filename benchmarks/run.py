@@ -444,8 +444,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.via_only:
             table = Table(["jds"])
-            summarise_via(table, run_via(fleet, plan["via"], kernels[0], _client))
+            via_result = run_via(fleet, plan["via"], kernels[0], _client)
+            summarise_via(table, via_result)
             print(table.render())
+            if args.json:
+                Path(args.json).write_text(json.dumps({"via": via_result, "plan": plan}, indent=1))
             failed = False
             return 0
         fleet.start_jds(pythonpath=args.jds_pythonpath)
