@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import socket
 import subprocess
 import textwrap
@@ -347,3 +348,37 @@ def test_an_https_proxy_is_spoken_to_over_tls(hub: JupyterHubProcess, proxy: Pro
         ), out
     finally:
         server.stop()
+
+
+def test_login_token_expiry_and_spawning_go_through_the_via(
+    hub: JupyterHubProcess, proxy: ProxyFactory, socks_proxy: ProxyServer, tmp_path: Path
+) -> None:
+    """
+    ``login`` gets a token through the SOCKS proxy (the test hub's DummyAuthenticator takes any password)
+    and prints a daemon command that keeps ``--via``; that daemon, in managed mode, checks the token's
+    expiry and starts the stopped server through it too.
+    """
+    via = f"socks5://127.0.0.1:{socks_proxy.port}"
+    token_file = tmp_path / "hub-token"
+    done = subprocess.run(
+        [venv_script("jupyter-dev-server"), "login", *_hub_args(hub), "--via", via, "--password-stdin",
+         "--token-file", str(token_file), "--expires-in", "2d"],
+        input="any password\n", capture_output=True, text=True, timeout=120, env=clean_environ(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = next(line.strip() for line in done.stdout.splitlines() if "--token-file" in line)
+    assert f"--via {via}" in printed and f"--hub https://{FAR_NAME}:{hub.port}" in printed
+
+    hub.stop_server("alice")
+    try:
+        args = shlex.split(printed)[1:]  # the printed command, run under twistd as the harness runs it
+        daemon = proxy(*args, "--spawn-timeout", "90")
+        poll(lambda: "The hub token this proxy holds expires" in daemon.log_text() or None, 60,
+             "the token-expiry warning", 0.2, lambda: tail(daemon.log_text()))  # fmt: skip
+        local = {"Authorization": f"token {daemon.token}"}
+        listing = requests.get(f"{daemon.url}/api/contents", headers=local, timeout=120)
+        assert listing.status_code == 200, dump(listing)
+        assert hub.server_model("alice") is not None
+        assert "check via: the SOCKS5 proxy at" in daemon.log_text()
+    finally:
+        hub.start_server("alice")
