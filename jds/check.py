@@ -249,7 +249,10 @@ class _Chain:
         renew = None
         if life is not None:
             now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
-            command = login_command(target, self.options["ca-cert"], self.options["token-file"], self.options["via"])
+            command = login_command(
+                target, self.options["ca-cert"], self.options["token-file"], self.options["via"],
+                self.options["ssh-command"],
+            )
             renew = renewal_warning(life.expires_at, now, command)
         problems = []
         if owner != target.user and me.get("kind") == "user" and not me.get("admin"):

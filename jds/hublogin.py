@@ -271,5 +271,5 @@ def main(argv: list[str]) -> int:
     target = options["target"]
     print(f"Saved a hub token for {target.user} ({describe_expiry(expires_at)}) in {path}.")
     print("Start jupyter-dev-server in managed mode with it (restart it if it runs):")
-    print(f"  {daemon_command(target, options['ca-cert'], path, options['via'])}")
+    print(f"  {daemon_command(target, options['ca-cert'], path, options['via'], options['ssh-command'])}")
     return 0

@@ -149,7 +149,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     )
     token_watch = None
     if credentials.managed:
-        renew = login_command(target, options["ca-cert"], options["token-file"], options["via"])
+        renew = login_command(target, options["ca-cert"], options["token-file"], options["via"], options["ssh-command"])
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
     timeouts = ResponseTimeouts(options["response-timeout"], options["kernel-start-timeout"])

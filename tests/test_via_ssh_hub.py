@@ -8,6 +8,8 @@ through the bastion: this machine cannot resolve it (``.invalid`` is reserved fo
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +206,11 @@ def test_login_reads_the_cluster_ca_over_the_session(hub: JupyterHubProcess, tmp
         assert any(c.startswith("ls ") for c in commands) and not any("hub.key" in c for c in commands), commands
         # one login for listing, reading and the token
         assert bastion.logins == 1
+        # the printed daemon command reaches the hub the same way, with the saved CA
+        printed = shlex.split(re.search(r"^  (\S*jupyter-dev-server --hub .*)$", done.stdout, re.MULTILINE).group(1))
+        assert printed[printed.index("--ca-cert") + 1] == str(saved)
+        assert printed[printed.index("--ssh-command") + 1] == bastion.ssh_command
+        assert printed[printed.index("--via") + 1].startswith(bastion.via)
         # the daemon and check find it there: check with no --ca-cert, the token file beside it
         check = subprocess.run(
             [venv_script("jupyter-dev-server"), "check", "--user", "dora", "--json", "--tls-name", hub.tls_name,
