@@ -171,8 +171,18 @@ def via():
     yield made
     for s in sockets:
         s.close()
-    made.stop()
+    finish(made)
+
+
+def finish(via: SSHVia) -> None:
+    """Stop the via and let its "ssh" exit, so that its socket directory is removed."""
+    reactor: FakeSSHReactor = via.reactor
+    done: list[object] = []
+    via.stop().addBoth(done.append)
+    if via._child is not None:
+        reactor.exit(b"", 0)
     reactor.advance(0)
+    assert done
 
 
 def _connect(via: SSHVia) -> tuple[list[Any], list[Failure]]:
@@ -296,6 +306,7 @@ def test_check_fails_with_the_refusal() -> None:
     via.check("hub.site", 8000).addErrback(failed.append)
     reactor.exit(b"Host key verification failed.\n")
     assert failed and failed[0].check(Refusal) and failed[0].value.reason == "via-host-key"
+    finish(via)
 
 
 def test_stop_ends_the_child() -> None:
@@ -307,6 +318,7 @@ def test_stop_ends_the_child() -> None:
     assert reactor.spawned[0][0].transport.signals == ["TERM"] and not done
     reactor.exit(b"", 0)
     assert done and via.status()["state"] == "stopped"
+    assert via._dir is None
 
 
 # the cluster CA -------------------------------------------------------------------------------
