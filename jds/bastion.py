@@ -215,13 +215,15 @@ class SSHVia:
         leaves = _leaves(failure)
         for leaf in leaves:
             if isinstance(leaf.value, SSHViaError):
-                return Refusal(502, leaf.value.sentence, leaf.value.reason, hint=f"Try '{self.manual}'.")
+                # the sentence already says what to run: no hint to repeat it in the log and in check
+                status = 503 if leaf.value.reason == "shutting-down" else 502
+                return Refusal(status, leaf.value.sentence, leaf.value.reason)
         if any(isinstance(leaf.value, Refusal) for leaf in leaves):
             return None
         recent = self._channel_failure
         if recent is not None and self.reactor.seconds() - recent[0] <= _CHANNEL_FRESH:
             sentence, reason = self._describe(recent[1], None)
-            return Refusal(502, sentence, reason, hint="Check --hub from the bastion's side.")
+            return Refusal(502, sentence, reason)
         return None
 
     def check(self, host: str, port: int) -> Deferred:

@@ -341,3 +341,64 @@ def test_only_ca_certificates_are_kept_from_the_folder(tmp_path: Path) -> None:
     assert picked.pem.count(b"BEGIN CERTIFICATE") == 1
     assert pick_ca([("n:/certs/hub.pem", leaf.cert_chain_pems[0].bytes())]) is None
     assert ca_beside(tmp_path / "conf" / "hub-token") == tmp_path / "conf" / "cluster-ca.pem"
+
+
+class FakeLoginNode:
+    """``run()`` of a via whose login node has ``files`` (path -> bytes); records every command."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.commands: list[list[str]] = []
+        self.destination = SSHDestination("login-node")
+
+    def run(self, argv: list[str]):
+        from twisted.internet.defer import succeed
+
+        self.commands.append(argv)
+        if argv[0] == "ls":
+            folder = argv[-1]
+            names = sorted(p[len(folder):] for p in self.files if p.startswith(folder))
+            if not names:
+                return succeed((b"", f"ls: cannot access '{folder}': No such file or directory\n".encode(), 2))
+            return succeed(("".join(f"{n}\n" for n in names).encode(), b"", 0))
+        path = argv[-1]
+        if path in self.files:
+            return succeed((self.files[path], b"", 0))
+        return succeed((b"", f"cat: {path}: No such file or directory\n".encode(), 1))
+
+
+def _fetched(node: FakeLoginNode, path: str | None = None) -> Any:
+    from jds.cluster_ca import fetch_cluster_ca
+
+    results: list[Any] = []
+    fetch_cluster_ca(node, path).addBoth(results.append)
+    return results[0]
+
+
+def test_the_ca_is_read_from_the_folder_without_reading_keys() -> None:
+    from jds.cluster_ca import CA_FOLDER, ClusterCA
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("hub.site")
+    node = FakeLoginNode({
+        CA_FOLDER + "ca.pem": ca.cert_pem.bytes(),
+        CA_FOLDER + "hub.pem": leaf.cert_chain_pems[0].bytes(),
+        CA_FOLDER + "hub.key": leaf.private_key_pem.bytes(),
+    })  # fmt: skip
+    found = _fetched(node)
+    assert isinstance(found, ClusterCA) and found.found[0][2] == f"login-node:{CA_FOLDER}ca.pem"
+    assert not any("hub.key" in " ".join(argv) for argv in node.commands)
+    assert node.commands[0] == ["ls", "-1", CA_FOLDER]
+
+
+def test_a_missing_folder_or_file_is_one_sentence() -> None:
+    from jds.cluster_ca import CA_FOLDER, ClusterCAError
+
+    failure = _fetched(FakeLoginNode({}))
+    assert isinstance(failure, Failure) and failure.check(ClusterCAError)
+    assert CA_FOLDER in str(failure.value) and "--ca-cert ssh:PATH" in str(failure.value)
+    failure = _fetched(FakeLoginNode({}), "/etc/site/ca.pem")
+    assert failure.check(ClusterCAError) and "Cannot read /etc/site/ca.pem on login-node" in str(failure.value)
+    only_leaf = FakeLoginNode({"/etc/site/hub.pem": trustme.CA().issue_cert("h").cert_chain_pems[0].bytes()})
+    failure = _fetched(only_leaf, "/etc/site/hub.pem")
+    assert failure.check(ClusterCAError) and "No CA certificate" in str(failure.value)
