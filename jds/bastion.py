@@ -29,7 +29,7 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -59,6 +59,9 @@ _CHANNEL_FRESH = 5.0
 # A hub connection closed within this many seconds may be a failed channel, whose reason ssh
 # writes to stderr separately; its end waits up to _CHANNEL_NEWS seconds for that line.
 _SHORT_LIVED = 1.0
+# How long check's probe waits for ssh to close a channel the bastion could not open.
+_PROBE = 1.0
+_AGAIN = "Once that works, the next request starts ssh again: no need to restart jupyter-dev-server."
 _CHANNEL_NEWS = 0.25
 
 
@@ -215,31 +218,46 @@ class SSHVia:
         leaves = _leaves(failure)
         for leaf in leaves:
             if isinstance(leaf.value, SSHViaError):
-                # the sentence already says what to run: no hint to repeat it in the log and in check
+                # the sentence says what to run; the hint, that the daemon need not be restarted after
                 status = 503 if leaf.value.reason == "shutting-down" else 502
-                return Refusal(status, leaf.value.sentence, leaf.value.reason)
+                return Refusal(status, leaf.value.sentence, leaf.value.reason, hint=_AGAIN)
         if any(isinstance(leaf.value, Refusal) for leaf in leaves):
             return None
         recent = self._channel_failure
         if recent is not None and self.reactor.seconds() - recent[0] <= _CHANNEL_FRESH:
             sentence, reason = self._describe(recent[1], None)
-            return Refusal(502, sentence, reason)
+            return Refusal(502, sentence, reason, hint="The hub's address is dialled by the bastion, not by this machine.")
         return None
 
     def check(self, host: str, port: int) -> Deferred:
-        """``check``'s via line once the session forwards to ``host:port``; fails with the :class:`Refusal`."""
+        """
+        ``check``'s via line once the session is up and the bastion has opened a channel to
+        ``host:port``; fails with the :class:`Refusal` (a channel ssh closes at once is named too:
+        ssh accepts on the socket before the bastion has tried the hub).
+        """
+
+        def closed(_: object) -> None:
+            refusal = self.explain(Failure(net_error.ConnectionDone()))
+            raise refusal or SSHViaError(
+                f"ssh to {self.destination.display} closed the connection to {host}:{port} at once.", "via-failed"
+            )
+
+        def probed(still_open: bool) -> str | Deferred:
+            if not still_open:  # ssh's reason may follow on stderr a moment later
+                news: Deferred = Deferred()
+                self._after_channel_news(lambda: news.callback(None))
+                return news.addCallback(closed)
+            return (
+                f"ssh to {self.destination.display} logged in (pid {self.status()['pid']}); "
+                f"its channel to {host}:{port} (a name the bastion resolves) is open"
+            )
 
         def failed(failure: Failure) -> Failure:
             refusal = self.explain(failure)
             return Failure(refusal) if refusal is not None else failure
 
-        return self._socket_for(host, port).addCallbacks(
-            lambda _: (
-                f"ssh to {self.destination.display} logged in (pid {self.status()['pid']}); "
-                f"forwarding to {host}:{port}, a name the bastion resolves"
-            ),
-            failed,
-        )
+        up = self._socket_for(host, port).addCallback(lambda path: _still_open(self.reactor, path, _PROBE))
+        return up.addCallback(probed).addErrback(failed)
 
     def stop(self) -> Deferred:
         """End the ssh child (SIGTERM, then SIGKILL after 5 s); fires once it has exited."""
@@ -389,8 +407,8 @@ class SSHVia:
             return
         self._stderr_lines.append(line)
         if line.startswith("channel ") and " open failed: " in line:
+            # not logged here: the request or socket it failed logs explain()'s sentence once
             self._channel_failure = (self.reactor.seconds(), line)
-            log.warn("via: {sentence}", sentence=self._describe(line, None)[0])
             self._channel_news()
 
     def _after_channel_news(self, then: Any) -> None:
@@ -471,6 +489,33 @@ class SSHVia:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+class _Probe(Protocol):
+    def __init__(self, closed: Deferred) -> None:
+        self.closed = closed
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
+        if not self.closed.called:
+            self.closed.callback(False)
+
+
+def _still_open(reactor: Any, path: str, seconds: float) -> Deferred:
+    """Whether a connection to the forward at ``path`` is still open after ``seconds`` (then closed)."""
+    closed: Deferred = Deferred()
+    factory = Factory.forProtocol(lambda: _Probe(closed))
+    factory.noisy = False
+
+    def connected(probe: _Probe) -> Deferred:
+        def waited() -> None:
+            if not closed.called:
+                closed.callback(True)
+                probe.transport.loseConnection()  # type: ignore[union-attr]
+
+        reactor.callLater(seconds, waited)
+        return closed
+
+    return UNIXClientEndpoint(reactor, path, timeout=seconds).connect(factory).addCallback(connected)
 
 
 def _executable(program: str) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import trustme
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from jds.bastion import SSHVia, SSHViaError
@@ -31,6 +32,7 @@ from jds.openssh import (
     master_command,
     remote_command,
 )
+from jds.refusal import Refusal
 
 DEST = SSHDestination("login-node", "ada", 2222)
 
@@ -276,8 +278,6 @@ def test_a_channel_the_bastion_could_not_open_explains_the_closed_connection(via
     _connect(via)
     reactor.come_up(via.sockets)  # type: ignore[attr-defined]
     reactor.advance(0.1)
-    from twisted.internet.error import ConnectionDone
-
     assert via.explain(Failure(ConnectionDone())) is None
     reactor.spawned[0][0].errReceived(b"channel 3: open failed: connect failed: Connection refused\n")
     refusal = via.explain(Failure(ConnectionDone()))
@@ -291,15 +291,28 @@ def test_port_22_is_left_to_the_ssh_config_and_check_names_the_forward(via: SSHV
     assert SSHVia(via.reactor, Spec(user="ada", port=2222), "ssh").destination.args() == ["-p", "2222", "ada@login-node"]
     reactor: FakeSSHReactor = via.reactor
     lines: list[str] = []
-    via.check("hub.site", 8000).addCallback(lines.append)
+    failed: list[Failure] = []
+    via.check("hub.site", 8000).addCallbacks(lines.append, failed.append)
     reactor.come_up(via.sockets)  # type: ignore[attr-defined]
     reactor.advance(0.1)
-    assert lines == ["ssh to login-node logged in (pid 1000); forwarding to hub.site:8000, a name the bastion resolves"]
+    # the probe: a connection through the forward that ssh keeps open (the bastion opened its channel)
+    probe = reactor.unixClients[-1][1].buildProtocol(None)
+    probe.makeConnection(StringTransport())
+    reactor.advance(1.0)
+    assert lines == [
+        "ssh to login-node logged in (pid 1000); its channel to hub.site:8000 (a name the bastion resolves) is open"
+    ]
+    # a channel the bastion could not open: ssh closes the probe and says why on stderr, a moment later
+    via.check("hub.site", 8000).addCallbacks(lines.append, failed.append)
+    probe = reactor.unixClients[-1][1].buildProtocol(None)
+    probe.makeConnection(StringTransport())
+    probe.connectionLost(Failure(ConnectionDone()))
+    reactor.spawned[0][0].errReceived(b"channel 4: open failed: connect failed: Name or service not known\n")
+    assert len(lines) == 1 and failed and failed[0].check(Refusal) and failed[0].value.reason == "via-hub-unreachable"
+    assert "Name or service not known" in failed[0].value.message
 
 
 def test_check_fails_with_the_refusal() -> None:
-    from jds.refusal import Refusal
-
     reactor = FakeSSHReactor()
     via = SSHVia(reactor, Spec(), "ssh")
     failed: list[Failure] = []
