@@ -228,3 +228,27 @@ def _leaf_of(hub: JupyterHubProcess) -> bytes:
     import ssl
 
     return ssl.get_server_certificate(("127.0.0.1", hub.port)).encode()
+
+
+def test_a_hub_the_bastion_cannot_reach_is_named_in_the_502_and_in_check(
+    hub: JupyterHubProcess, proxy: ProxyFactory, bastion: SSHBastion, tmp_path: Path
+) -> None:
+    """A hub name the bastion cannot resolve either: ssh logs in, and its channel to the hub fails."""
+    args = ["--hub", f"https://nowhere.cluster.invalid:{hub.port}", "--via", bastion.via,
+            "--ssh-command", bastion.ssh_command]  # fmt: skip
+    p = proxy.for_hub(hub, extra_args=args)
+    answer = requests.get(f"{p.url}/api/status", headers=auth(hub.alice_token), timeout=60)
+    assert answer.status_code == 502, dump(answer)
+    error = answer.json()
+    assert error["reason"] == "via-hub-unreachable", error
+    assert "open failed: connect failed: Name or service not known" in error["message"], error
+    assert "nowhere.cluster.invalid" in error["message"] and "--hub" in error["message"]
+    command = [
+        venv_script("jupyter-dev-server"), "check", "--user", "alice", "--json", "--ca-cert", str(hub.ca_path),
+        "--tls-name", hub.tls_name, *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=90,
+                            env=clean_environ({"XDG_STATE_HOME": str(tmp_path / "state")}))  # fmt: skip
+    steps = {step["name"]: step for step in json.loads(result.stdout or "[]")}
+    assert result.returncode != 0 and steps["via"]["ok"] is False, steps
+    assert "Name or service not known" in steps["via"]["detail"], steps
