@@ -310,12 +310,13 @@ class SSHVia:
             return succeed(self._forwards[key])
         if self.state == "stopped":
             return self._fail_soon(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
+        must_start = self.state == "idle" or (self.state == "down" and "restart" not in self._calls)
+        if must_start and self.reactor.seconds() < self._not_before and self.error is not None:
+            return self._fail_soon(SSHViaError(self.error, self._error_reason))
         waiter: Deferred = Deferred(lambda d: self._waiters.remove((key, d)) if (key, d) in self._waiters else None)
-        if self.state == "idle" or (self.state == "down" and "restart" not in self._calls):
-            if self.reactor.seconds() < self._not_before and self.error is not None:
-                return self._fail_soon(SSHViaError(self.error, self._error_reason))
-            self._start()
         self._waiters.append((key, waiter))
+        if must_start:
+            self._start()
         return waiter
 
     def _fail_soon(self, error: SSHViaError) -> Deferred:
@@ -331,7 +332,11 @@ class SSHVia:
     def _add_forward(self, key: tuple[str, int]) -> Deferred:
         path = self._forwards[key]
         command = forward_command(self.base, self.destination, self._control(), path, *key)
-        asked = getProcessOutputAndValue(_executable(command[0]), command[1:], env=_child_environment(), reactor=self.reactor)
+        try:
+            program = _executable(command[0])
+        except SSHViaError as exc:
+            return self._fail_soon(exc)
+        asked = getProcessOutputAndValue(program, command[1:], env=_child_environment(), reactor=self.reactor)
 
         def answered(result: tuple[bytes, bytes, int]) -> str:
             if result[2] != 0 or not _is_socket(path):
@@ -360,7 +365,8 @@ class SSHVia:
             self._child = None
             self.state = "down"
             message = exc.sentence if isinstance(exc, SSHViaError) else f"Cannot run {command[0]}: {exc}."
-            self._failed(message, "via-ssh-missing")
+            # on the next turn: the waiters must not fail synchronously (see _fail_soon)
+            self.reactor.callLater(0, self._failed, message, "via-ssh-missing")
             return
         if self._shutdown_trigger is None:
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
@@ -454,11 +460,12 @@ class SSHVia:
             self._start()
 
     def _failed(self, sentence: str, reason: str) -> None:
+        """A start that failed. Logged here only when no request or socket waits (they log it)."""
         self.error = sentence
         self._error_reason = reason
-        if sentence != self._logged:
+        if not self._waiters and sentence != self._logged:
             log.error("via: {sentence}", sentence=sentence)
-            self._logged = sentence
+        self._logged = sentence
         self._fail_waiters(SSHViaError(sentence, reason))
 
     def _fail_waiters(self, error: SSHViaError) -> None:

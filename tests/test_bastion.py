@@ -415,3 +415,13 @@ def test_a_missing_folder_or_file_is_one_sentence() -> None:
     only_leaf = FakeLoginNode({"/etc/site/hub.pem": trustme.CA().issue_cert("h").cert_chain_pems[0].bytes()})
     failure = _fetched(only_leaf, "/etc/site/hub.pem")
     assert failure.check(ClusterCAError) and "No CA certificate" in str(failure.value)
+
+
+def test_an_ssh_command_that_is_not_installed_is_named() -> None:
+    reactor = FakeSSHReactor()
+    via = SSHVia(reactor, Spec(), "no-such-ssh-program -F cfg")
+    _, failed = _connect(via)
+    assert not failed and not reactor.spawned
+    reactor.advance(0)
+    assert failed and "'no-such-ssh-program' (from --ssh-command) is not installed" in failed[0].getErrorMessage()
+    assert via.explain(failed[0]).reason == "via-ssh-missing"
