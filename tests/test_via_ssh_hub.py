@@ -8,9 +8,12 @@ through the bastion: this machine cannot resolve it (``.invalid`` is reserved fo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,3 +255,39 @@ def test_a_hub_the_bastion_cannot_reach_is_named_in_the_502_and_in_check(
     steps = {step["name"]: step for step in json.loads(result.stdout or "[]")}
     assert result.returncode != 0 and steps["via"]["ok"] is False, steps
     assert "Name or service not known" in steps["via"]["detail"], steps
+
+
+def test_a_silent_bastion_is_noticed_and_the_next_cell_runs_on_the_same_socket(
+    hub: JupyterHubProcess, proxy: ProxyFactory, bastion: SSHBastion, kernels: list[str]
+) -> None:
+    """
+    The bastion freezes (SIGSTOP: no FIN, no RST) between cells. ssh's ServerAlive notices (here every
+    1 s, twice: options given in --ssh-command come first, and ssh keeps the first value it reads),
+    the session is started again once the bastion is back, and the kernel socket carries on.
+
+    (Output a kernel sends *while* the link is silent goes into the hub side's old connection, which
+    jupyter_server still believes open, and is not replayed: as with any silent hub link.)
+    """
+    hub.start_server("alice")
+    args = via_args(hub, bastion)
+    args[-1] = f"{bastion.ssh_command} -o ServerAliveInterval=1 -o ServerAliveCountMax=2"
+    p = proxy.for_hub(hub, extra_args=args).wait_checked()
+    token = hub.alice_token
+    ide = kernel_socket(p, start_kernel(p.url, token, kernels), token)
+    watch = LogWatch(p)
+    assert bastion.proc is not None
+    pid = bastion.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        with pytest.raises(AssertionError, match="not done"):  # the IDE reads on meanwhile
+            ide.read_until(lambda msg: False, 6)
+        [ended] = watch.wait_for(r"the ssh session to login-node ended", timeout=1)
+        assert "not responding" in ended, ended
+        assert time.monotonic() - frozen < 10
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    watch.wait_for(r"reconnected after", timeout=60)
+    assert_next_cell_runs(ide)
+    assert status_document(p, token)["via"]["restarts"] >= 1
+    ide.ws.close()
