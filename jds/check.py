@@ -2,9 +2,9 @@
 ``jupyter-dev-server check``: walk the chain an IDE's request takes and say, for the first link that
 fails, the one thing to change. It replaces the original README's page of trial-and-error advice.
 
-the via (a proxy or bastion, when one is used) → address → TLS (which CA, which names, days left) → hub API → token (owner, scopes, expiry) →
-server state → kernelspecs through the proxy's own mapping, served in-process over an in-memory
-connection → the --root folder, listed through that same mapping.
+the via (a proxy or bastion, when one is used) → address → TLS (which CA, which names, days left) →
+hub API → token (owner, scopes, expiry) → server state → kernelspecs through the proxy's own mapping,
+served in-process over an in-memory connection → the --root folder, listed through that same mapping.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
 @inlineCallbacks
 def run_checks(reactor: Any, options: Options, policy: HubTLSPolicy | None = None):
     """
-    The links in order, each a list of steps, up to the first step that is not a pass. The daemon
-    passes its own ``policy``, so its start-up check goes through the same via (one ssh session).
+    The links in order, each a list of steps, up to the first step that is not a pass. Without a
+    ``policy``, the options make one; it shares their via with every other policy they make (one ssh
+    session for the daemon and its start-up check), but not the daemon's spare connections.
     """
     chain = _Chain(reactor, options, policy)
     steps: list[Step] = []

@@ -50,7 +50,7 @@ class DirectVia:
         return None
 
     def check(self, host: str, port: int) -> Deferred:
-        return succeed(f"direct to {host}:{port}, {self.spec.describe()}")
+        return succeed(f"{host}:{port} is dialled from this machine, {self.spec.describe()}")
 
     def stop(self) -> None:
         return None

@@ -172,7 +172,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         endpoint, factory, options["listen"], options["local-token"],
         url_file=url_file_path(token_path) if token_path else None, to_log_file=_logs_kept(options),
     ).setServiceParent(top)
-    _LaunchChecks(options, starter, reactor, policy).setServiceParent(top)
+    # The checks get a policy of their own (no spare connections, the via shared: options.via() makes one).
+    _LaunchChecks(options, starter, reactor).setServiceParent(top)
     _ViaStop(policy.via, reactor).setServiceParent(top)
     _GracefulStop(site, reactor).setServiceParent(top)
     if token_watch is not None:
@@ -187,14 +188,14 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     if options.get("via-warning"):
         log.warn("{warning}", warning=options["via-warning"])
     log.info(
-        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}; "
+        "jupyter-dev-server {version}: serving {url} for user {user}, verified as {name} by {ca}, "
         "reached {via}",
         version=__version__,
         url=target.server_url,
         user=target.user,
         name=target.verify_name,
         ca=policy.ca_source,
-        via=policy.via.spec.describe(),
+        via=policy.via.spec.how(),
     )
     return top
 
@@ -281,15 +282,14 @@ class _LaunchChecks(service.Service):
     (in pass-through mode there is no token yet to start it with: the IDE's first request will).
     """
 
-    def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any, policy: Any = None) -> None:
+    def __init__(self, options: Options, starter: ServerStarter | None, reactor: Any) -> None:
         self.options = options
         self.starter = starter
         self.reactor = reactor
-        self.policy = policy
 
     def startService(self) -> None:
         super().startService()
-        d = run_checks(self.reactor, self.options, self.policy)
+        d = run_checks(self.reactor, self.options)
         d.addCallback(self._log_steps)
         d.addErrback(lambda failure: log.warn("Start-up check failed: {error}", error=failure.getErrorMessage()))
 

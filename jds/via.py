@@ -77,14 +77,19 @@ class ViaSpec:
         return f"{self.kind}://{user}{self.address}"
 
     def describe(self) -> str:
-        """For a person: ``the HTTP proxy at proxy.example:3128 (from HTTPS_PROXY)``; no credentials."""
+        """For a person: ``the HTTP proxy at proxy.example:3128 (from HTTPS_PROXY)``, ``no proxy (from --via)``;
+        never a password."""
         origin = ""
         if self.source:
             origin = f" (from {self.source})" if " " not in self.source else f" ({self.source})"
         if self.direct:
-            return f"direct, no proxy{origin}"
+            return f"no proxy{origin}"
         where = f"{self.user}@{self.address}" if self.kind == "ssh" and self.user else self.address
         return f"the {_NAMES[self.kind]} at {where}{origin}"
+
+    def how(self) -> str:
+        """For the start-up line: ``directly (NO_PROXY exempts hub)``, ``through the SOCKS5 proxy at ...``."""
+        return "directly" + self.describe()[len("no proxy"):] if self.direct else f"through {self.describe()}"
 
     @property
     def name(self) -> str:

@@ -46,7 +46,10 @@ def test_describe() -> None:
     assert parse_via("ssh://me@login-node").describe() == "the SSH bastion at me@login-node:22 (from --via)"
     assert parse_via("socks5://127.0.0.1:1080").url() == "socks5://127.0.0.1:1080"
     assert parse_via("http://[::1]:8080").address == "[::1]:8080"
-    assert ViaSpec("direct", source="NO_PROXY exempts hub").describe() == "direct, no proxy (NO_PROXY exempts hub)"
+    assert ViaSpec("direct", source="NO_PROXY exempts hub").describe() == "no proxy (NO_PROXY exempts hub)"
+    assert ViaSpec("direct", source="NO_PROXY exempts hub").how() == "directly (NO_PROXY exempts hub)"
+    assert parse_via("direct").how() == "directly (from --via)"
+    assert parse_via("socks5://p:1").how() == "through the SOCKS5 proxy at p:1 (from --via)"
 
 
 @pytest.mark.parametrize(
@@ -123,7 +126,7 @@ def test_no_proxy_exempts_the_hub() -> None:
     assert proxy_from_environment(env, "hub.site").direct  # lower case wins
     assert proxy_from_environment(env, "hub.cluster.internal").kind == "http"
     exempt = proxy_from_environment({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*"}, "hub")
-    assert exempt.direct and "NO_PROXY exempts hub" in exempt.describe()
+    assert exempt.direct and exempt.describe() == "no proxy (NO_PROXY exempts hub)"
 
 
 def test_a_via_given_wins_over_the_proxy_variables() -> None:

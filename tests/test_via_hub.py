@@ -211,7 +211,7 @@ def test_http_proxy_from_the_environment_carries_rest_and_a_kernel(
     process = psutil.Process(daemon.proc.pid)
     command_lines = [" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)]]
     _assert_no_secret(daemon.log_text(), json.dumps(report), status.stdout, *command_lines)
-    assert "reached the HTTP proxy at 127.0.0.1" in daemon.log_text()
+    assert f"reached through the HTTP proxy at 127.0.0.1:{http_proxy.port} (from HTTPS_PROXY)" in daemon.log_text()
 
 
 def test_wrong_and_missing_credentials_are_named(
