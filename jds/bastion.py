@@ -302,14 +302,14 @@ class SSHVia:
 
     def _socket_for(self, host: str, port: int) -> Deferred:
         key = (host, port)
+        if self.state == "stopped":
+            return self._fail_soon(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
         if key not in self._forwards:
             self._forwards[key] = os.path.join(self._directory(), f"hub{len(self._forwards)}.sock")
             if self.state == "up":
                 return self._add_forward(key)
         if self.state == "up":
             return succeed(self._forwards[key])
-        if self.state == "stopped":
-            return self._fail_soon(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
         must_start = self.state == "idle" or (self.state == "down" and "restart" not in self._calls)
         if must_start and self.reactor.seconds() < self._not_before and self.error is not None:
             return self._fail_soon(SSHViaError(self.error, self._error_reason))

@@ -425,3 +425,4 @@ def test_an_ssh_command_that_is_not_installed_is_named() -> None:
     reactor.advance(0)
     assert failed and "'no-such-ssh-program' (from --ssh-command) is not installed" in failed[0].getErrorMessage()
     assert via.explain(failed[0]).reason == "via-ssh-missing"
+    finish(via)
