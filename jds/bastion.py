@@ -303,7 +303,7 @@ class SSHVia:
     def _socket_for(self, host: str, port: int) -> Deferred:
         key = (host, port)
         if self.state == "stopped":
-            return self._fail_soon(SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
+            return _fail_soon(self.reactor, SSHViaError("jupyter-dev-server is shutting down.", "shutting-down"))
         if key not in self._forwards:
             self._forwards[key] = os.path.join(self._directory(), f"hub{len(self._forwards)}.sock")
             if self.state == "up":
@@ -312,22 +312,12 @@ class SSHVia:
             return succeed(self._forwards[key])
         must_start = self.state == "idle" or (self.state == "down" and "restart" not in self._calls)
         if must_start and self.reactor.seconds() < self._not_before and self.error is not None:
-            return self._fail_soon(SSHViaError(self.error, self._error_reason))
+            return _fail_soon(self.reactor, SSHViaError(self.error, self._error_reason))
         waiter: Deferred = Deferred(lambda d: self._waiters.remove((key, d)) if (key, d) in self._waiters else None)
         self._waiters.append((key, waiter))
         if must_start:
             self._start()
         return waiter
-
-    def _fail_soon(self, error: SSHViaError) -> Deferred:
-        """
-        A failed connect, on the next reactor turn as a TCP connect's would be: the proxy's callers
-        were written for endpoints that never fail synchronously (a synchronous failure left a
-        kernelspecs request waiting for ever).
-        """
-        failing: Deferred = Deferred()
-        self.reactor.callLater(0, failing.errback, Failure(error))
-        return failing
 
     def _add_forward(self, key: tuple[str, int]) -> Deferred:
         path = self._forwards[key]
@@ -335,7 +325,7 @@ class SSHVia:
         try:
             program = _executable(command[0])
         except SSHViaError as exc:
-            return self._fail_soon(exc)
+            return _fail_soon(self.reactor, exc)
         asked = getProcessOutputAndValue(program, command[1:], env=_child_environment(), reactor=self.reactor)
 
         def answered(result: tuple[bytes, bytes, int]) -> str:
@@ -523,6 +513,17 @@ def _still_open(reactor: Any, path: str, seconds: float) -> Deferred:
         return closed
 
     return UNIXClientEndpoint(reactor, path, timeout=seconds).connect(factory).addCallback(connected)
+
+
+def _fail_soon(reactor: Any, error: SSHViaError) -> Deferred:
+    """
+    A failed connect, on the next reactor turn as a TCP connect's would be: the proxy's callers
+    were written for endpoints that never fail synchronously (a synchronous failure left a
+    kernelspecs request waiting for ever).
+    """
+    failing: Deferred = Deferred()
+    reactor.callLater(0, failing.errback, Failure(error))
+    return failing
 
 
 def _executable(program: str) -> str:
