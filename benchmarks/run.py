@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks.procfs import snapshot
 from benchmarks.servers import REPO, Fleet
+from benchmarks.via import run_via, summarise_via
 
 MiB = 1 << 20
 
@@ -41,6 +42,7 @@ PLAN = {
         "mixed": {"kernels": 10, "rounds": 2, "one_duration": 3.0, "many_duration": 6.0, "one_period": 0.02,
                   "many": 50, "per_process": 10, "many_period": 2.0},
         "wan": {"rounds": 7, "idle": 6.0, "notebook_bytes": 2 * MiB, "delay": 0.010},
+        "via": {"warmup": 30, "rounds": 7, "requests": 300, "ws_requests": 150},
     },
     "quick": {
         "rest": {"warmup": 20, "rounds": 3, "requests": 200},
@@ -51,6 +53,7 @@ PLAN = {
         "mixed": {"kernels": 4, "rounds": 1, "one_duration": 2.0, "many_duration": 3.0, "one_period": 0.02,
                   "many": 20, "per_process": 10, "many_period": 1.0},
         "wan": {"rounds": 2, "idle": 6.0, "notebook_bytes": 2 * MiB, "delay": 0.010},
+        "via": {"warmup": 10, "rounds": 3, "requests": 100, "ws_requests": 50},
     },
 }
 
@@ -439,6 +442,15 @@ def run(args: argparse.Namespace) -> int:
             _run_wan(fleet, plan, args, Table(["jds"] if args.no_chp else ["jds", "chp"]))
             failed = False
             return 0
+        if args.via_only:
+            table = Table(["jds"])
+            via_result = run_via(fleet, plan["via"], kernels[0], _client)
+            summarise_via(table, via_result)
+            print(table.render())
+            if args.json:
+                Path(args.json).write_text(json.dumps({"via": via_result, "plan": plan}, indent=1))
+            failed = False
+            return 0
         fleet.start_jds(pythonpath=args.jds_pythonpath)
         if not args.no_chp and fleet.start_chp() is None:
             print("configurable-http-proxy not installed (run `make test` once): no comparison column")
@@ -485,6 +497,8 @@ def run(args: argparse.Namespace) -> int:
              f"{plan['wan']['rounds']} rounds")
         table = Table(proxies)
         wan_result = _run_wan(fleet, plan, args, None)
+        step("through an SSH bastion: --via ssh:// against a hand-made ssh -L tunnel")
+        via_result = run_via(fleet, plan["via"], kernels[0], _client)
 
         summarise_rest(table, rest)
         summarise_ws(table, ws, {n: [rest["nodelay"].get(n), ws["nodelay"].get(n)] for n in proxies})
@@ -493,10 +507,11 @@ def run(args: argparse.Namespace) -> int:
         summarise_idle(table, idle, idle_rss, plan["idle"]["count"])
         summarise_mixed(table, mixed, m["many"])
         summarise_wan(table, wan_result, plan["wan"]["delay"])
+        summarise_via(table, via_result)
         table.add("proxy RSS after the whole run", "—",
                   {name: f"{kib / 1024:.1f} MiB" for name, kib in end_rss.items()})
         raw = {"rest": rest, "kernel_ws": ws, "download": down, "upload": up, "idle": idle,
-               "idle_rss_kib": idle_rss, "end_rss_kib": end_rss, "mixed": mixed, "wan": wan_result,
+               "idle_rss_kib": idle_rss, "end_rss_kib": end_rss, "mixed": mixed, "wan": wan_result, "via": via_result,
                "plan": plan}
         (directory / "results.json").write_text(json.dumps(raw, indent=1))
         if args.json:
@@ -540,6 +555,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, results.json)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results to FILE")
     parser.add_argument("--wan-only", action="store_true", help="run the WAN workload alone (~2 min)")
+    parser.add_argument("--via-only", action="store_true",
+                        help="run the via workload alone: --via ssh:// against an ssh -L tunnel (~1 min)")
     parser.add_argument("--jds-pythonpath", metavar="DIR",
                         help="benchmark the jds package in DIR (a scratch copy with a change) instead")
     args = parser.parse_args()

@@ -180,14 +180,15 @@ class Fleet:
 
     def start_jds(
         self, name: str = "jds", pythonpath: str | None = None, launcher: tuple[str, ...] | None = None,
-        hub_port: int | None = None,
+        hub_port: int | None = None, hub_host: str = "127.0.0.1", extra: tuple[str, ...] = (),
     ) -> Route:
         """
         jupyter-dev-server in pass-through mode, started as the README and the systemd unit start
         it (the ``jupyter-dev-server`` command: ``twistd -n jupyter-dev-server`` without twistd's
         plugin scan); ``pythonpath`` runs another copy of ``jds``, ``launcher`` runs twistd's
         arguments under another command instead (e.g. with a profiler around twistd),
-        ``hub_port`` puts something else (the WAN far end) in the server's place.
+        ``hub_port`` puts something else (the WAN far end) in the server's place, ``hub_host`` and
+        ``extra`` (more options) reach it another way (the via workload: a name only a bastion resolves).
 
         The package is byte-compiled first, as ``pip install`` leaves it: a process that compiles
         its modules from source at every start keeps the compiler's garbage (~1 MiB of RSS), and
@@ -198,11 +199,12 @@ class Fleet:
         command = [*launcher, "-n", "--pidfile=", "jupyter-dev-server"] if launcher else [str(BIN / "jupyter-dev-server")]
         argv = [
             *command,
-            "--hub", f"https://127.0.0.1:{hub_port or self.server_port}",
+            "--hub", f"https://{hub_host}:{hub_port or self.server_port}",
             "--user", self.user,
             "--ca-cert", str(self.ca_path),
             "--tls-name", TLS_NAME,
             "--listen", "tcp:0:interface=127.0.0.1",
+            *extra,
         ]
         proc = self._start(name, argv, {"PYTHONPATH": pythonpath} if pythonpath else None)
         pattern = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=")

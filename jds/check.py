@@ -256,7 +256,7 @@ class _Chain:
             now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
             command = login_command(
                 target, self.options["ca-cert"], self.options["token-file"], self.options.renewal_profile(),
-                self.options["via"],
+                self.options["via"], self.options["ssh-command"],
             )
             renew = renewal_warning(life.expires_at, now, command)
         problems = []

@@ -40,11 +40,14 @@ def program() -> str:
     return str(script.absolute()) if script.exists() else "jupyter-dev-server"
 
 
-def hub_arguments(target: HubTarget, ca_cert: str | None, via: ViaSpec | None = None) -> list[str]:
+def hub_arguments(
+    target: HubTarget, ca_cert: str | None, via: ViaSpec | None = None, ssh_command: str = "ssh"
+) -> list[str]:
     """
     ``--hub``, ``--user`` and the TLS options that reach ``target`` as the daemon reaches it, and
     ``--via`` when it was given on the command line; never its password (that one belongs in
     ``HTTPS_PROXY``), and not a via the environment chose (the new shell has the same environment).
+    An ``ssh://`` via keeps its ``--ssh-command`` (no secret: options and file names).
     """
     base = "" if target.base == "/" else target.base
     args = ["--hub", f"https://{authority(target.host, target.port)}{base}", "--user", target.user]
@@ -54,6 +57,8 @@ def hub_arguments(target: HubTarget, ca_cert: str | None, via: ViaSpec | None = 
         args += ["--tls-name", target.verify_name]
     if via is not None and via.source == "--via" and not via.password:
         args += ["--via", via.url()]
+        if via.kind == "ssh" and ssh_command != "ssh":
+            args += ["--ssh-command", ssh_command]
     return args
 
 
@@ -69,6 +74,7 @@ def login_command(
     token_file: str | Path | None,
     profile: str | None = None,
     via: ViaSpec | None = None,
+    ssh_command: str = "ssh",
 ) -> str:
     """
     ``login`` for the same hub and user, writing ``token_file`` (its default when ``None``); when
@@ -76,7 +82,7 @@ def login_command(
     """
     if profile:
         return profile_command(profile, "login")
-    args = [program(), "login", *hub_arguments(target, ca_cert, via)]
+    args = [program(), "login", *hub_arguments(target, ca_cert, via, ssh_command)]
     if token_file is not None:
         args += ["--token-file", str(Path(token_file).absolute())]
     return shlex.join(args)

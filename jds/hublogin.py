@@ -25,12 +25,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from jds.cluster_ca import ClusterCAError, ca_beside, fetch_cluster_ca, save_cluster_ca
 from jds.commands import parse_subcommand, profile_command
 from jds.hub import HubAPI
 from jds.options import ENVIRONMENT, HUB_PARAMETERS, HubOptions, Options, check_server_options, hub_target
@@ -45,6 +46,7 @@ from jds.profiles import (
     save_profile,
 )
 from jds.proxy import make_agent
+from jds.refusal import Refusal
 from jds.token_expiry import describe_expiry, held_token_life, parse_expiry
 from jds.tokens import TokenFileError, default_hub_token_path, write_private
 
@@ -269,6 +271,33 @@ def request_token(
     return token, life.expires_at if life is not None else None
 
 
+@inlineCallbacks
+def _cluster_ca(reactor: Any, options: LoginOptions):
+    """
+    With ``--via ssh://`` and no local ``--ca-cert``: the cluster CA read from the login node over
+    the same ssh session (:mod:`jds.cluster_ca`), saved beside the token, and used from here on.
+    """
+    via = options.via(reactor)
+    target: HubTarget = options["target"]
+    try:
+        yield via.check(target.host, target.port)
+        ca = yield fetch_cluster_ca(via, options["ca-cert-remote"] or None)
+    except Refusal as refusal:
+        raise LoginError(refusal.message) from None
+    except ClusterCAError as exc:
+        raise LoginError(str(exc)) from None
+    path = ca_beside(options["token-file"])
+    try:
+        save_cluster_ca(ca, path)
+    except OSError as exc:
+        raise LoginError(f"Cannot write the cluster CA to {path}: {exc.strerror}; choose another --token-file.") from None
+    print(f"The cluster CA, read over ssh from {via.destination.display} (ssh verified that host's key first):")
+    for found in ca.describe():
+        print("  " + found.replace("\n", "\n  "))
+    print(f"Saved it in {path}; the daemon, check and login use it from there.", flush=True)
+    options["ca-cert"] = str(path)
+
+
 def main(argv: list[str]) -> int:
     from twisted.internet.task import react
 
@@ -281,11 +310,12 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {}
 
     def go(reactor: Any):
-        d = request_token(
+        d = _cluster_ca(reactor, options) if options["ca-cert-remote"] is not None else succeed(None)
+        d.addCallback(lambda _: request_token(
             reactor, options.hub_policy(reactor), options["target"],
             options["expires-in"], lambda prompt: _secret(prompt, options["password-stdin"]),
             lambda text: print(text, file=sys.stderr, flush=True),
-        )
+        ))  # fmt: skip
         return d.addCallbacks(
             lambda obtained: result.__setitem__("token", obtained),
             lambda failure: result.__setitem__("failure", failure),

@@ -18,12 +18,20 @@ from urllib.parse import urlsplit
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from jds.cluster_ca import ca_beside
 from jds.guard import is_loopback
+from jds.openssh import base_command
 from jds.paths import HubTarget, listen_address, parse_root
 from jds.profiles import SERVER_OPTIONS, ProfiledOptions
 from jds.reach import make_via
 from jds.tls import HubTLSPolicy, TLSConfigError, load_trust_root
-from jds.tokens import TokenFileError, default_local_token_path, load_local_token, read_hub_token
+from jds.tokens import (
+    TokenFileError,
+    default_hub_token_path,
+    default_local_token_path,
+    load_local_token,
+    read_hub_token,
+)
 from jds.via import Via, choose_via
 
 __all__ = ["ENVIRONMENT", "HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
@@ -125,7 +133,9 @@ HUB_PARAMETERS = [
      "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
     ["ca-cert", None, None,
      "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
-     "certificate. [env JUPYTER_CLUSTER_CA_CERT; default: the system trust store]"],
+     "certificate; with --via ssh://, ssh:PATH reads it from the login node ('login' saves it beside "
+     "the token). [env JUPYTER_CLUSTER_CA_CERT; default: with --via ssh://, the CA 'login' saved "
+     "(cluster-ca.pem beside the token file), else the system trust store]"],
     ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
     ["via", None, None,
      "How to reach the hub: direct, http://[USER:PASSWORD@]HOST:PORT or https://... (an HTTP proxy's "
@@ -181,13 +191,6 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
         raise usage.UsageError("No user given: pass --user NAME or set JUPYTER_USERNAME.")
 
     tls_name = options["tls-name"] or env("JUPYTER_SERVER_NAME") or host
-    options["ca-cert"] = options["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT")
-    if options["ca-cert"]:
-        options["ca-cert"] = os.path.abspath(os.path.expanduser(options["ca-cert"]))
-    try:
-        load_trust_root(options["ca-cert"])
-    except TLSConfigError as exc:
-        raise usage.UsageError(str(exc)) from None
     options["connect-timeout"] = _seconds(options["connect-timeout"], "connect-timeout")
     if options["via"]:
         choice = choose_via(options["via"], environ, host)
@@ -195,6 +198,7 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
         choice = choose_via(env("JUPYTER_DEV_SERVER_VIA"), environ, host, "JUPYTER_DEV_SERVER_VIA")
     options["via"], options["via-warning"] = choice.spec, choice.warning
     options["ssh-command"] = options["ssh-command"] or env("JUPYTER_DEV_SERVER_SSH_COMMAND") or "ssh"
+    _settle_ca(options, environ, options["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT"))
     return HubTarget(host=host, port=port, user=user, server=server, base_path=base, tls_name=tls_name)
 
 
@@ -210,6 +214,39 @@ def check_server_options(options: dict[str, Any]) -> dict[str, Any]:
                 f"--server-options cannot set {reserved!r}: the hub reads that name as its own field."
             )
     return options
+
+
+def _settle_ca(options: usage.Options, environ: Mapping[str, str], given: str | None) -> None:
+    """
+    ``ca-cert``: the file given, or through an SSH bastion with none given, the cluster CA that
+    ``login`` read from the login node and saved beside the token file (:mod:`jds.cluster_ca`).
+    ``ca-cert-remote``: the login node's path of ``--ca-cert ssh:PATH`` ("" for its default folder
+    when none is given), for ``login`` to read; ``None`` when there is nothing to read over ssh.
+    """
+    over_ssh = options["via"].kind == "ssh"
+    options["ca-cert-remote"] = None
+    if over_ssh:
+        try:
+            base_command(options["ssh-command"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--ssh-command {options['ssh-command']!r}: {exc}") from None
+    if given and given.startswith("ssh:"):
+        if not over_ssh:
+            raise usage.UsageError(
+                f"--ca-cert {given}: reading the CA from the login node needs --via ssh://LOGIN-NODE."
+            )
+        options["ca-cert-remote"] = given[4:]
+        given = None
+    elif not given and over_ssh:
+        options["ca-cert-remote"] = ""
+    if not given and over_ssh:
+        saved = ca_beside(options.get("token-file") or default_hub_token_path(environ))
+        given = str(saved) if saved.exists() else None
+    options["ca-cert"] = os.path.abspath(os.path.expanduser(given)) if given else None
+    try:
+        load_trust_root(options["ca-cert"])
+    except TLSConfigError as exc:
+        raise usage.UsageError(str(exc)) from None
 
 
 class HubOptions(ProfiledOptions):

@@ -10,7 +10,6 @@ the last tunnel opened, and the last failure's sentence. ``ssh://`` is :mod:`jds
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Any
 
@@ -20,7 +19,6 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.python.usage import UsageError
 from zope.interface import implementer
 
 from jds.refusal import Refusal
@@ -158,12 +156,8 @@ def make_via(reactor: Any, spec: ViaSpec, ssh_command: str = "ssh", connect_time
     if spec.direct:
         return DirectVia(reactor, spec, connect_timeout)
     if spec.kind == "ssh":
-        if importlib.util.find_spec("jds.bastion") is None:
-            raise UsageError(
-                f"--via {spec.url()}: reaching the hub through an SSH bastion is not available yet in this version."
-            )
         # lazy load: the ssh kind's module (and its process machinery) only when --via ssh:// asks for it
-        from jds.bastion import SSHVia  # type: ignore[import-not-found,unused-ignore]
+        from jds.bastion import SSHVia
 
-        return SSHVia(reactor, spec, ssh_command)
+        return SSHVia(reactor, spec, ssh_command, connect_timeout=connect_timeout)
     return ProxyVia(reactor, spec, connect_timeout)

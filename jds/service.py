@@ -160,7 +160,8 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
     token_watch = None
     if credentials.managed:
         renew = login_command(
-            target, options["ca-cert"], options["token-file"], options.renewal_profile(), options["via"]
+            target, options["ca-cert"], options["token-file"], options.renewal_profile(), options["via"],
+            options["ssh-command"],
         )
         token_watch = TokenExpiryWatch(api, renew, reactor)
     guard = LocalGuard.build(options["allow-host"], options["allow-origin"])
