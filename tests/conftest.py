@@ -15,12 +15,20 @@ _timings: dict[str, float] = {}
 
 def pytest_configure(config: pytest.Config) -> None:
     """
-    Every process a test starts, and this one, gets a config and state folder of the run's own:
+    This process, and every process a test starts, gets config and state folders of the run's own:
     ``login`` saves profiles and the daemon its local token there, never in the developer's home
-    (a profile left there would change what the next bare command does).
+    (a profile left there would change what the next bare command does). Each test then gets its own
+    (:func:`own_config_folders`), so one test's saved profile never reaches the next one's daemon.
     """
     for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME"):
         os.environ[name] = tempfile.mkdtemp(prefix=f"jds-test-{name.lower()}-")
+
+
+@pytest.fixture(autouse=True)
+def own_config_folders(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("xdg")
+    for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, str(folder / name.lower()))
 
 
 @pytest.fixture(scope="session")

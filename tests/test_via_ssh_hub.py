@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import time
@@ -35,6 +33,11 @@ from hub import (
 from ssh_bastion import HUB_NAME, SSHBastion
 from test_faults_hub import LogWatch, auth, start_kernel, status_document
 from test_reconnect_hub import Fault, assert_next_cell_runs, forty_lines_through, kernel_socket
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 kernels = test_faults_hub.kernels
 
@@ -191,7 +194,8 @@ def test_login_reads_the_cluster_ca_over_the_session(hub: JupyterHubProcess, tmp
             "--password-stdin", "--token-file", str(token_file), *via_args(hub, bastion),
         ]  # fmt: skip
         done = subprocess.run(command, input="any\n", capture_output=True, text=True, timeout=120,
-                              env=clean_environ({"XDG_STATE_HOME": str(tmp_path / "state")}))  # fmt: skip
+                              env=clean_environ({"XDG_STATE_HOME": str(tmp_path / "state"),
+                                                 "XDG_CONFIG_HOME": str(tmp_path / "xdg-config")}))  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         saved = token_file.parent / "cluster-ca.pem"
         assert saved.read_bytes().count(b"BEGIN CERTIFICATE") == 1
@@ -209,11 +213,12 @@ def test_login_reads_the_cluster_ca_over_the_session(hub: JupyterHubProcess, tmp
         assert any(c.startswith("ls ") for c in commands) and not any("hub.key" in c for c in commands), commands
         # one login for listing, reading and the token
         assert bastion.logins == 1
-        # the printed daemon command reaches the hub the same way, with the saved CA
-        printed = shlex.split(re.search(r"^  (\S*jupyter-dev-server --hub .*)$", done.stdout, re.MULTILINE).group(1))
-        assert printed[printed.index("--ca-cert") + 1] == str(saved)
-        assert printed[printed.index("--ssh-command") + 1] == bastion.ssh_command
-        assert printed[printed.index("--via") + 1].startswith(bastion.via)
+        # the saved profile, which the bare command runs, reaches the hub the same way, with the saved CA
+        with (tmp_path / "xdg-config" / "jupyter-dev-server" / "config.toml").open("rb") as file:
+            profile = tomllib.load(file)["profiles"]["default"]
+        assert profile["ca-cert"] == str(saved)
+        assert profile["ssh-command"] == bastion.ssh_command
+        assert profile["via"].startswith(bastion.via)
         # the daemon and check find it there: check with no --ca-cert, the token file beside it
         check = subprocess.run(
             [venv_script("jupyter-dev-server"), "check", "--user", "dora", "--json", "--tls-name", hub.tls_name,
