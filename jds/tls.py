@@ -310,7 +310,7 @@ class _HubTLSProtocol(TLSMemoryBIOProtocol):
         """
         Every record decrypted from one socket read goes up in one ``dataReceived``; Twisted's hands
         up each 16 KiB record on its own, and each is then a trip through the HTTP client and the IDE's
-        response: on a 256 MiB download that cost 16 % of the proxy's CPU (``benchmarks/README.md``).
+        response: on a 256 MiB download that cost 16 % of the proxy's CPU (``benchmarks/HISTORY.md``).
         """
         chunks: list[bytes] = []
         while not self._lostTLSConnection:
@@ -353,7 +353,7 @@ class _UnbufferedTLSEndpoint:
     write back to the next reactor turn to merge small ones. The proxy's writes to the hub are
     already whole (a request head, a WebSocket frame, 64 KiB of a body), so holding them merges
     nothing and only adds a timer and a turn to each one: without it a small REST request costs
-    ~8 % less CPU and ~140 µs less latency, and uploads get faster (``benchmarks/README.md``).
+    ~8 % less CPU and ~140 µs less latency, and uploads get faster (``benchmarks/HISTORY.md``).
 
     With ``after_handshake`` the connection is handed over only once its TLS handshake is done, and a
     connection lost before then fails the connect: whoever writes on it knows that nothing was sent.
