@@ -21,6 +21,7 @@ from jds.auth import Credentials, missing_xsrf, needs_local_token
 from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard
 from jds.hub import ServerStarter
 from jds.login import MAX_FORM_BYTES, LoginPage
+from jds.logs import ACCESS_FORMAT
 from jds.paths import HubTarget, map_request_path, redact_query
 from jds.proxy import HubProxyResource, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
@@ -224,7 +225,7 @@ class LocalSite(Site):
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
         log.info(
-            "{method} {uri} {status} {bytes}B {ms:.1f}ms",
+            ACCESS_FORMAT,
             method=request.method.decode("latin-1"),
             uri=redact_query(request.uri).decode("latin-1"),
             status=request.code,
