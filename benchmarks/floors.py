@@ -8,24 +8,27 @@ through jds, and prints added p50 and CPU per request for each:
 - ``forwarder``: plain TCP in, pinned TLS (pyOpenSSL) out, bytes copied both ways with no HTTP
   parsing at all: the floor of *any* Twisted + pyOpenSSL proxy;
 - ``agent``: twisted.web + ``Agent`` over a pooled, pinned TLS endpoint, with no header mapping and
-  no log: the floor of the architecture jds uses.
+  no log: the floor of the architecture jds uses for REST;
+- ``wsrelay``: an autobahn WebSocket server on plain TCP whose every connection opens an autobahn
+  client over pinned TLS to the same path and relays each message as it is (no twisted.web, no jds
+  code): the floor of the kernel WebSocket relay.
 
-``python -m benchmarks.floors serve KIND PORT CA`` runs one of them (the runner does that).
+``make bench`` runs ``agent`` and ``wsrelay`` beside jds in the same rounds (:func:`start_floors`) and
+prints jds's cost above them. ``python -m benchmarks.floors serve KIND PORT CA`` runs one of them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from benchmarks.servers import REPO, TLS_NAME, Fleet, Route, _poll
+if TYPE_CHECKING:
+    from benchmarks.servers import Fleet, Route
+
+# The floor processes import only what their stack needs, as the daemon does: their idle RSS is the
+# floor of jds's, so nothing of the harness (trustme, the test helpers) is imported at module level.
+TLS_NAME = "hub.jds.test"  # benchmarks.servers.TLS_NAME
 
 _BODY = b'{"started": "2026-01-01T00:00:00.000000Z", "last_activity": "x", "connections": 0, "kernels": 1}'
 
@@ -124,6 +127,8 @@ def serve(kind: str, upstream_port: int, ca: str) -> None:
 
     if kind == "forwarder":
         factory = Factory.forProtocol(Downstream)
+    elif kind == "wsrelay":
+        factory = _ws_relay_factory(reactor, endpoint, upstream_port)
     else:
         factory = Site(Static() if kind == "static" else MinimalProxy())
         factory.log = lambda request: None
@@ -133,23 +138,143 @@ def serve(kind: str, upstream_port: int, ca: str) -> None:
     reactor.run()
 
 
+def _ws_relay_factory(reactor, endpoint, upstream_port: int):
+    """
+    The autobahn pair, relaying frame by frame with autobahn's own streaming API (as jds relays, but
+    with none of its code): the IDE's side answers its handshake only once the hub's side is open.
+    """
+    from urllib.parse import urlencode
+
+    from autobahn.twisted.websocket import (
+        WebSocketClientFactory,
+        WebSocketClientProtocol,
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
+    from twisted.internet.defer import Deferred
+
+    options = {"openHandshakeTimeout": 30, "closeHandshakeTimeout": 5, "tcpNoDelay": True,
+               "maxFramePayloadSize": 0, "maxMessagePayloadSize": 0}
+
+    class Frames:
+        """Each frame goes on as it arrives; a message that comes before the peer is open is held whole."""
+
+        peer = None
+        held: list | None = None
+
+        def connectionMade(self) -> None:  # noqa: N802
+            self.transport.setTcpNoDelay(True)  # autobahn's own tcpNoDelay is read before it is configured
+            self.early: list = []
+            super().connectionMade()
+
+        def onOpen(self) -> None:  # noqa: N802
+            for payload, is_binary in self.early:
+                self.sendMessage(payload, is_binary)
+            self.early.clear()
+
+        def onMessageBegin(self, is_binary: bool) -> None:  # noqa: N802
+            self.is_binary = is_binary
+            if self.peer is not None and self.peer.state == self.peer.STATE_OPEN:
+                self.held = None
+                self.peer.beginMessage(isBinary=is_binary)
+            else:
+                self.held = []
+
+        def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
+            if self.held is None:
+                self.peer.beginMessageFrame(length)
+
+        def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802
+            if self.held is None:
+                self.peer.sendMessageFrameData(payload)
+            else:
+                self.held.append(payload)
+
+        def onMessageFrameEnd(self) -> None:  # noqa: N802
+            pass
+
+        def onMessageEnd(self) -> None:  # noqa: N802
+            if self.held is None:
+                self.peer.endMessage()
+            else:
+                self.peer.early.append((b"".join(self.held), self.is_binary))
+
+        def onClose(self, was_clean, code, reason) -> None:  # noqa: N802
+            if self.peer is not None:
+                self.peer.sendClose()
+
+    class HubSide(Frames, WebSocketClientProtocol):
+        def onOpen(self) -> None:  # noqa: N802
+            super().onOpen()
+            self.factory.opened.callback(self)
+
+        def onClose(self, was_clean, code, reason) -> None:  # noqa: N802
+            if not self.factory.opened.called:
+                self.factory.opened.errback(ConnectionError(reason or "hub refused"))
+            super().onClose(was_clean, code, reason)
+
+    class IdeSide(Frames, WebSocketServerProtocol):
+        def onConnect(self, request):  # noqa: N802
+            query = urlencode({k: v[0] for k, v in request.params.items()})
+            hub = WebSocketClientFactory(f"wss://{TLS_NAME}:{upstream_port}{request.path}?{query}",
+                                         protocols=request.protocols,
+                                         headers={"Authorization": request.headers.get("authorization", "")})
+            hub.setProtocolOptions(**options)
+            hub.protocol, hub.noisy, hub.opened = HubSide, False, Deferred()
+            endpoint.connect(hub).addCallback(self._pair).addErrback(hub.opened.errback)
+
+            def chosen(side):
+                return side.websocket_protocol_in_use
+
+            return hub.opened.addCallback(chosen)
+
+        def _pair(self, side) -> None:
+            self.peer, side.peer = side, self
+
+    factory = WebSocketServerFactory()
+    factory.protocol = IdeSide
+    factory.setProtocolOptions(webStatus=False, **options)
+    return factory
+
+
+def start_floors(fleet: Fleet, kinds: tuple[str, ...] = ("agent", "wsrelay")) -> dict[str, Route]:
+    """Start each floor in front of ``fleet``'s server as a route named ``floor-KIND``."""
+    import re
+
+    from benchmarks.servers import REPO, Route, _poll
+
+    started = {}
+    for kind in kinds:
+        prefix = "" if kind in ("static", "agent") else "/user/alice"
+        name = f"floor-{kind}"
+        proc = fleet._start(name, [sys.executable, "-m", "benchmarks.floors", "serve", kind,
+                                   str(fleet.server_port), str(fleet.ca_path)], {"PYTHONPATH": str(REPO)})
+
+        def listening(proc=proc) -> int | None:
+            found = re.search(r"127\.0\.0\.1:(\d+)/", proc.log.read_text())
+            return int(found.group(1)) if found else None
+
+        port = _poll(listening, 20, f"the {kind} floor to listen", proc.log)
+        started[name] = fleet.paths[name] = Route(name, f"http://127.0.0.1:{port}", prefix, proc.popen.pid, None)
+    return started
+
+
 def main() -> int:
     if sys.argv[1:2] == ["serve"]:
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return 0
+    import json
+    import os
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+
+    from benchmarks.servers import REPO, Fleet
     fleet = Fleet(Path(tempfile.mkdtemp(prefix="jds-floors-")))
     try:
         fleet.start_jupyter_server()
-        for kind, prefix in (("static", ""), ("forwarder", "/user/alice"), ("agent", "")):
-            proc = fleet._start(kind, [sys.executable, "-m", "benchmarks.floors", "serve", kind,
-                                       str(fleet.server_port), str(fleet.ca_path)], {"PYTHONPATH": str(REPO)})
-
-            def listening(proc=proc) -> int | None:
-                found = re.search(r"127\.0\.0\.1:(\d+)/", proc.log.read_text())
-                return int(found.group(1)) if found else None
-
-            port = _poll(listening, 20, f"the {kind} floor to listen", proc.log)
-            fleet.paths[kind] = Route(kind, f"http://127.0.0.1:{port}", prefix, proc.popen.pid, None)
+        start_floors(fleet, ("static", "forwarder", "agent"))
         fleet.start_jds()
         routes = {name: route.as_dict() for name, route in fleet.paths.items()}
         job = {"workload": "rest", "routes": routes, "token": fleet.token, "warmup": 100, "rounds": 7,

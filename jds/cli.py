@@ -10,16 +10,40 @@ with the daemon in front, to try an IDE against).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 __all__ = ["main"]
 
 
+_HELPERS = ("check", "status", "login", "rotate-token", "demo")
+
+
+def leave_out_system_openssl() -> None:
+    """
+    The daemon does TLS with pyOpenSSL, whose cryptography wheel carries its own OpenSSL. The
+    standard library's ``ssl`` and ``_hashlib`` would map the system's libssl and libcrypto as well:
+    ``ssl`` comes in through asyncio (which ``twisted.internet.defer`` imports) and ``_hashlib``
+    through ``urllib.request`` (``twisted.python.compat``), and both only *try* those imports. Left
+    out, the idle daemon is ~5 MiB smaller (``benchmarks/HISTORY.md``). ``hashlib`` then uses
+    Python's own SHA-1 and SHA-256 (the WebSocket handshake and the XSRF value need no others), so
+    ``_hashlib`` stays when this Python was built without them. Call it before anything imports
+    Twisted; the helper commands do not (``demo`` runs JupyterHub, which needs ``ssl``).
+    """
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    builtin_sha256 = importlib.util.find_spec("_sha256") or importlib.util.find_spec("_sha2")
+    if "_hashlib" not in sys.modules and importlib.util.find_spec("_sha1") and builtin_sha256:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] not in [[name] for name in _HELPERS]:
+        leave_out_system_openssl()
     # lazy loads, here and below: each command imports only what it runs
     from jds.service import ListenError
 
-    args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["check"]:
         # lazy load: only for this command
         from jds.check import main as check

@@ -145,12 +145,12 @@ class HubTarget:
         # lower case: jupyter_server compares a lower-cased Origin with Host
         return (self.tls_name or self.host).lower()
 
-    @property
+    @cached_property  # built with hyperlink (~10 µs); every request needs it twice
     def netloc(self) -> str:
         """``Host`` value for the hub: the verified name, as a browser would send it."""
         return authority(self.verify_name, self.port, "https")
 
-    @property
+    @cached_property
     def origin(self) -> bytes:
         return f"https://{self.netloc}".encode("ascii")
 

@@ -21,7 +21,7 @@ from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard, body_n
 from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.login import MAX_FORM_BYTES, LoginPage
-from jds.logs import RepeatCounter, clip
+from jds.logs import ACCESS_FORMAT, RepeatCounter, clip
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -253,7 +253,7 @@ class LocalSite(Site):
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
         log.info(
-            "{method} {uri} {status} {bytes}B {ms:.1f}ms",
+            ACCESS_FORMAT,
             method=request.method.decode("latin-1"),
             uri=clip(redact_query(request.uri).decode("latin-1")),
             status=request.code,

@@ -237,13 +237,22 @@ def load_trust_root(ca_path: str | None) -> tuple[object, str]:
     return trustRootFromCertificates(certificates), f"the CA in {ca_path}"
 
 
+# Bytes read from a hub socket at once (Twisted reads 64 KiB). A large response then costs a quarter
+# of the socket reads, reactor turns and trips up through TLS, the HTTP client and the IDE's
+# response: a 128 MiB download took 12-30 % less of the proxy's CPU in three A/B runs, uploads
+# 10-20 % less (``benchmarks/HISTORY.md``). It is also the hub socket's write buffer before the
+# IDE's body is paused, so at most this much of an upload waits in the proxy.
+HUB_READ_SIZE = 2**18
+
+
 @implementer(IStreamClientEndpoint)
 class _HubSocketEndpoint:
     """
     The TCP side of every hub connection. Small kernel messages must not wait for a delayed ACK
-    (Nagle), so TCP_NODELAY is set; and a peer that takes the connection but never completes a TLS
-    handshake (a plain-HTTP port, a wedged load balancer) is dropped after ``timeout`` seconds with
-    that reason, instead of holding the request until some far larger timeout.
+    (Nagle), so TCP_NODELAY is set; reads take up to :data:`HUB_READ_SIZE`; and a peer that takes
+    the connection but never completes a TLS handshake (a plain-HTTP port, a wedged load balancer)
+    is dropped after ``timeout`` seconds with that reason, instead of holding the request until
+    some far larger timeout.
     """
 
     def __init__(self, inner: IStreamClientEndpoint, reactor: IReactorTime, timeout: float) -> None:
@@ -256,6 +265,7 @@ class _HubSocketEndpoint:
             transport = getattr(tls_protocol, "transport", None)
             if transport is not None and hasattr(transport, "setTcpNoDelay"):
                 transport.setTcpNoDelay(True)
+                transport.bufferSize = HUB_READ_SIZE
             deadline = self._reactor.callLater(self._timeout, self._check_handshake, tls_protocol)
             lost = tls_protocol.connectionLost
 
@@ -314,7 +324,7 @@ class _HubTLSProtocol(TLSMemoryBIOProtocol):
         """
         Every record decrypted from one socket read goes up in one ``dataReceived``; Twisted's hands
         up each 16 KiB record on its own, and each is then a trip through the HTTP client and the IDE's
-        response: on a 256 MiB download that cost 16 % of the proxy's CPU (``benchmarks/README.md``).
+        response: on a 256 MiB download that cost 16 % of the proxy's CPU (``benchmarks/HISTORY.md``).
         """
         chunks: list[bytes] = []
         while not self._lostTLSConnection:
@@ -357,7 +367,7 @@ class _UnbufferedTLSEndpoint:
     write back to the next reactor turn to merge small ones. The proxy's writes to the hub are
     already whole (a request head, a WebSocket frame, 64 KiB of a body), so holding them merges
     nothing and only adds a timer and a turn to each one: without it a small REST request costs
-    ~8 % less CPU and ~140 µs less latency, and uploads get faster (``benchmarks/README.md``).
+    ~8 % less CPU and ~140 µs less latency, and uploads get faster (``benchmarks/HISTORY.md``).
 
     With ``after_handshake`` the connection is handed over only once its TLS handshake is done, and a
     connection lost before then fails the connect: whoever writes on it knows that nothing was sent.

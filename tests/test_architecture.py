@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import hmac
 import json
 import re
 import subprocess
@@ -150,7 +152,8 @@ def _modules_after(code: str, everything: bool = False) -> dict[str, Any]:
         "import json, sys\n" + code + "\n"
         "print(json.dumps({'jds': sorted(m for m in sys.modules if m == 'jds' or m.startswith('jds.')),"
         " 'reactor': 'twisted.internet.reactor' in sys.modules"
-        + (", 'all': sorted(sys.modules)" if everything else "") + "}))"
+        + (", 'all': sorted(sys.modules),"
+           " 'loaded': sorted(m for m, v in sys.modules.items() if v is not None)" if everything else "") + "}))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -186,7 +189,8 @@ def test_the_daemon_imports_only_what_it_runs(tmp_path: Path) -> None:
     args = ["--nodaemon", "--pidfile=", "jupyter-dev-server", "--hub", "https://127.0.0.1:9", "--user", "alice",
             "--ca-cert", str(ca), "--listen", "tcp:0:interface=127.0.0.1"]
     loaded = _modules_after(
-        "from jds.cli import _server_options\n"
+        "from jds.cli import _server_options, leave_out_system_openssl\n"
+        "leave_out_system_openssl()\n"
         "config = _server_options()()\n"
         f"config.parseOptions({args!r})\n"
         "assert [c[0] for c in config.subCommands] == ['jupyter-dev-server'], list(config.subCommands)\n"
@@ -201,6 +205,43 @@ def test_the_daemon_imports_only_what_it_runs(tmp_path: Path) -> None:
     assert plugins == ["twisted.plugins.jds_plugin"]
     never = ("autobahn", "unittest", "twisted.trial", "twisted.conch", "twisted.words", "twisted.mail", "twisted.names")
     assert not [m for m in loaded["all"] if any(m == name or m.startswith(f"{name}.") for name in never)]
+    # the standard library's TLS and OpenSSL hashes: the system's libssl and libcrypto, ~5 MiB of RSS
+    assert not {"ssl", "_ssl", "_hashlib"} & set(loaded["loaded"])
+
+
+def _openssl_modules_after(argv: list[str]) -> dict[str, str]:
+    """What ``jupyter-dev-server ARGV`` leaves of ``ssl``, ``_ssl`` and ``_hashlib`` in a fresh interpreter."""
+    probe = (
+        "import json, sys\n"
+        "from jds.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps({m: 'absent' if m not in sys.modules else 'left out' if sys.modules[m] is None"
+        " else 'loaded' for m in ('ssl', '_ssl', '_hashlib')}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_daemon_leaves_out_the_system_openssl_and_the_helper_commands_keep_it() -> None:
+    """
+    The daemon's path through ``main`` (here ``--version``: twistd's own options, Twisted imported)
+    keeps the standard library's ``ssl`` and ``_hashlib`` out, and hashes still work with Python's
+    own SHA-1 and SHA-256; ``status`` (and the other helpers, ``demo`` runs JupyterHub) keep them.
+    """
+    assert _openssl_modules_after(["--version"]) == {"ssl": "left out", "_ssl": "absent", "_hashlib": "left out"}
+    assert _openssl_modules_after(["status", "--help"]) == {"ssl": "loaded", "_ssl": "loaded", "_hashlib": "loaded"}
+    probe = (
+        "from jds.cli import leave_out_system_openssl\n"
+        "leave_out_system_openssl()\n"
+        "import hashlib, hmac\n"
+        "print(hashlib.sha1(b'x').hexdigest(), hmac.new(b'k', b'm', hashlib.sha256).hexdigest())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    # the same digests as OpenSSL's, computed in this process (which has _hashlib)
+    assert done.stdout.split() == [hashlib.sha1(b"x").hexdigest(), hmac.new(b"k", b"m", hashlib.sha256).hexdigest()]
 
 
 def test_architecture_md_lists_the_same_layers() -> None:

@@ -55,6 +55,18 @@ class GuardTests(SynchronousTestCase):
         status, _ = self.ask(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nHost: evil.example\r\n\r\n")
         self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
 
+    def test_a_host_that_passed_is_judged_again_once_the_port_changes(self) -> None:
+        """Passed Host values are remembered (parsing one is most of the check's cost), never past a new port."""
+        for _ in range(2):
+            status, _ = self.ask(b"GET / HTTP/1.1\r\nHost: localhost:8000\r\n\r\n")
+            self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.site.guard.listening("127.0.0.1", 8001)
+        status, body = self.ask(b"GET / HTTP/1.1\r\nHost: localhost:8000\r\n\r\n")
+        self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
+        self.assertEqual(json.loads(body)["reason"], "host-refused")
+        status, _ = self.ask(b"GET / HTTP/1.1\r\nHost: localhost:8001\r\n\r\n")
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+
     def test_foreign_origin_is_refused(self) -> None:
         base = b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nOrigin: "
         for origin, expected in (

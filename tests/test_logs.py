@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import requests
 from hub import JupyterHubProcess, ProxyFactory, poll
-from twisted.logger import FileLogObserver, Logger, LogLevel, eventAsText
+from twisted.logger import FileLogObserver, Logger, LogLevel, eventAsText, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from jds.logs import (
+    ACCESS_FORMAT,
     LOG_FILES_KEPT,
     LOG_ROTATE_BYTES,
     QUOTE_LIMIT,
@@ -35,6 +36,23 @@ def capture(emit) -> list[dict]:
     events: list[dict] = []
     emit(Logger(namespace="jds.test", observer=events.append))
     return events
+
+
+def test_the_access_lines_fast_text_is_twisteds_own_line_byte_for_byte(tmp_path: Path) -> None:
+    """The access line skips string.Formatter; what it writes must not change."""
+    events = capture(lambda log: [
+        log.info(ACCESS_FORMAT, method="GET", uri="/api/contents/a%20b?token=[secret]", status=200, bytes=1234,
+                 ms=0.4567),
+        log.warn(ACCESS_FORMAT, method="PUT", uri="/files/x", status=502, bytes=0, ms=12345.0),
+        log.info(ACCESS_FORMAT, method="GET", uri="/", status=304, bytes=0, ms=1.0, log_system="other#x"),
+    ])
+    path = tmp_path / "jds.log"
+    observer = text_observer_for({"logfile": str(path)})
+    for event in events:
+        observer(event)
+    expected = "".join(formatEventAsClassicLogText(event) for event in events)
+    assert path.read_text() == expected
+    assert "GET /api/contents/a%20b?token=[secret] 200 1234B 0.5ms" in expected
 
 
 def test_one_line_per_event_with_level_and_fields() -> None:

@@ -28,7 +28,7 @@ from twisted.web.server import Site
 
 from jds.proxy import make_agent
 from jds.retry import never_sent
-from jds.tls import HubTLSPolicy
+from jds.tls import HUB_READ_SIZE, HubTLSPolicy
 
 NAME = "hub.jds.test"
 
@@ -186,6 +186,9 @@ class HubTLSFailureTests(TestCase):
                 closed.callback(None)
 
         client = yield policy.endpoint().connect(Factory.forProtocol(Client))
+        # the socket is read HUB_READ_SIZE at a time, not Twisted's 64 KiB
+        self.assertEqual(client.transport.transport.bufferSize, HUB_READ_SIZE)
+        self.assertGreater(HUB_READ_SIZE, 2**16)
         client.transport.write(b"GET / HTTP/1.0\r\nHost: hub\r\n\r\n")
         yield closed
         self.assertTrue(b"".join(pieces).endswith(b"\r\n\r\n" + body))
