@@ -263,9 +263,12 @@ class _HubSocketEndpoint:
     def connect(self, protocolFactory):  # noqa: N803 - interface name
         def connected(tls_protocol):
             transport = getattr(tls_protocol, "transport", None)
-            if transport is not None and hasattr(transport, "setTcpNoDelay"):
-                transport.setTcpNoDelay(True)
+            if transport is not None:
                 transport.bufferSize = HUB_READ_SIZE
+                try:
+                    transport.setTcpNoDelay(True)
+                except (AttributeError, OSError):  # the ssh forward's Unix socket: Twisted < 24 has the method there too
+                    pass
             deadline = self._reactor.callLater(self._timeout, self._check_handshake, tls_protocol)
             lost = tls_protocol.connectionLost
 

@@ -11,8 +11,14 @@ import json
 
 import pytest
 from twisted.internet import error as net_error
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -55,6 +61,41 @@ class FakeProxy:
         value = self.transport.value()
         self.transport.clear()
         return value
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class _LoopbackResolver:
+    """Every name is 127.0.0.1 at once, as Twisted 24's MemoryReactor resolves them."""
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):  # noqa: N802, N803
+        resolution = _Resolution(hostName)
+        receiver.resolutionBegan(resolution)
+        receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        receiver.resolutionComplete()
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class ResolvingReactor(MemoryReactorClock):
+    """A MemoryReactorClock that HostnameEndpoint dials at once with the oldest Twisted we support too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not hasattr(self, "nameResolver"):  # Twisted < 24: MemoryReactor has no resolver
+            self.nameResolver = _LoopbackResolver()
+
+    def installNameResolver(self, resolver):  # noqa: N802 - interface name
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous
 
 
 class Recorder(Protocol):
@@ -337,7 +378,7 @@ def test_an_http_proxy_given_as_socks5() -> None:
 
 
 def test_proxy_via_status_check_and_explain() -> None:
-    reactor = MemoryReactorClock()
+    reactor = ResolvingReactor()
     spec = parse_via("http://user:s3cr%25t%3Apw@127.0.0.1:3128", "HTTPS_PROXY")
     via = ProxyVia(reactor, spec, 5.0)
     assert via.status() == {
