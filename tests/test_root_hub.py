@@ -300,7 +300,8 @@ def test_a_body_read_whole_goes_with_its_answer(hub: JupyterHubProcess, rooted: 
         f"{rooted.url}/api/contents/{missing}", data=body, timeout=60,
         headers={**auth(hub.alice_token), "Content-Type": "application/json"},
     )  # fmt: skip
-    assert answer.status_code == 404, dump(answer)
+    # the server's own answer about that file: 404, or 500 from jupyter_server 1.x (JupyterHub 3.1's)
+    assert answer.status_code in (404, 500) and missing in answer.json()["message"], dump(answer)
     assert spool_files(pid) == []
     with socket.create_connection(("127.0.0.1", rooted.port), timeout=15) as sock:
         sock.sendall(

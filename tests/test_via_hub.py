@@ -380,8 +380,10 @@ def test_login_token_expiry_and_spawning_go_through_the_via(
     try:
         # the saved profile, run under twistd as the harness runs it (its --listen beats the profile's)
         daemon = proxy("--spawn-timeout", "90", env={"XDG_CONFIG_HOME": str(config_home)})
-        poll(lambda: "The hub token this proxy holds expires" in daemon.log_text() or None, 60,
-             "the token-expiry warning", 0.2, lambda: tail(daemon.log_text()))  # fmt: skip
+        # the expiry is read through the via; JupyterHub before 5 does not say which token asked
+        expiry = "The hub token this proxy holds expires" if hub.release.token_id else "expiry unknown (JupyterHub"
+        poll(lambda: expiry in daemon.log_text() or None, 60,
+             "the token-expiry check", 0.2, lambda: tail(daemon.log_text()))  # fmt: skip
         local = {"Authorization": f"token {daemon.token}"}
         listing = requests.get(f"{daemon.url}/api/contents", headers=local, timeout=120)
         assert listing.status_code == 200, dump(listing)
