@@ -193,7 +193,9 @@ def hub_target(options: usage.Options, environ: Mapping[str, str], server: str =
     tls_name = options["tls-name"] or env("JUPYTER_SERVER_NAME") or host
     options["connect-timeout"] = _seconds(options["connect-timeout"], "connect-timeout")
     if options["via"]:
-        choice = choose_via(options["via"], environ, host)
+        from_profile = getattr(options, "origins", {}).get("via", "").startswith("profile")
+        source = f"profile {options.profile_name}" if from_profile else "--via"
+        choice = choose_via(options["via"], environ, host, source)
     else:
         choice = choose_via(env("JUPYTER_DEV_SERVER_VIA"), environ, host, "JUPYTER_DEV_SERVER_VIA")
     options["via"], options["via-warning"] = choice.spec, choice.warning
