@@ -57,7 +57,7 @@ def stop_daemon(pid: int, timeout: float = 20) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll: a deadline loop for a process that is not our child
     if alive(pid):
         os.kill(pid, signal.SIGKILL)
         raise AssertionError(f"the daemon {pid} did not stop on SIGTERM within {timeout} s")
