@@ -17,7 +17,6 @@ deadline; the stale file of a previous child is removed first.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import stat
@@ -46,7 +45,8 @@ from jds.openssh import (
     remote_command,
 )
 from jds.reconnect import backoff
-from jds.refusal import Refusal
+from jds.refusal import Refusal, leaf_failures
+from jds.stats import iso_time
 
 __all__ = ["SSHVia", "SSHViaError"]
 
@@ -190,7 +190,7 @@ class SSHVia:
     def state(self, value: str) -> None:
         if value != self._state:
             self._state = value
-            self._since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            self._since = iso_time(self.reactor.seconds())
 
     # the via interface -----------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class SSHVia:
 
     def explain(self, failure: Failure) -> Refusal | None:
         """The 502 for a failure of ours: the session is not up, or the bastion could not reach the hub."""
-        leaves = _leaves(failure)
+        leaves = leaf_failures(failure)
         for leaf in leaves:
             if isinstance(leaf.value, SSHViaError):
                 # the sentence says what to run; the hint, that the daemon need not be restarted after
@@ -540,10 +540,3 @@ def _signal(child: _SSHChild, name: str) -> None:
         child.transport.signalProcess(name)  # type: ignore[union-attr]
     except (net_error.ProcessExitedAlready, AttributeError):
         pass
-
-
-def _leaves(failure: Failure) -> list[Failure]:
-    reasons = getattr(failure.value, "reasons", None)
-    if not reasons:
-        return [failure]
-    return [leaf for reason in reasons for leaf in _leaves(reason)]

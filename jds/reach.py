@@ -10,7 +10,6 @@ the last tunnel opened, and the last failure's sentence. ``ssh://`` is :mod:`jds
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -22,14 +21,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jds.refusal import Refusal
+from jds.stats import iso_time
 from jds.tunnels import HTTPConnectEndpoint, SOCKS5Endpoint, TunnelError, tunnel_refusal
 from jds.via import Via, ViaSpec
 
 __all__ = ["DirectVia", "ProxyVia", "make_via"]
-
-
-def _stamp(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class DirectVia:
@@ -126,7 +122,7 @@ class ProxyVia:
             "state": self.state, "restarts": 0, "tunnels": self.tunnels,
         }
         if self.since is not None:
-            report["since"] = _stamp(self.since)
+            report["since"] = iso_time(self.since)
         if self.last_error:
             report["last_error"] = self.last_error
         return report

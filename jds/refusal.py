@@ -9,7 +9,12 @@ a ``hint`` for the log line (which option or page fixes it). Pure, so :mod:`jds.
 
 from __future__ import annotations
 
-__all__ = ["Refusal"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing only: this module stays pure
+    from twisted.python.failure import Failure
+
+__all__ = ["Refusal", "leaf_failures"]
 
 
 class Refusal(Exception):
@@ -31,3 +36,14 @@ class Refusal(Exception):
         return (self.status, self.message, self.reason, self.hint) == (other.status, other.message, other.reason, other.hint)
 
     __hash__ = Exception.__hash__
+
+
+def leaf_failures(failure: Failure) -> list[Failure]:
+    """
+    The causes a failed hub connection is explained from: Agent wraps them in
+    ResponseNeverReceived / RequestTransmissionFailed lists (``reasons``), any number deep.
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if not reasons:
+        return [failure]
+    return [leaf for reason in reasons for leaf in leaf_failures(reason)]

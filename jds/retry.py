@@ -28,7 +28,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
-from jds.tls import leaf_failures
+from jds.refusal import leaf_failures
 
 __all__ = [
     "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "RetryPlan", "link_broken", "may_retry", "never_sent",

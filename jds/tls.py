@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jds.reach import DirectVia
-from jds.refusal import Refusal
+from jds.refusal import Refusal, leaf_failures
 from jds.spares import SpareConnections
 from jds.via import Via
 
@@ -440,17 +440,6 @@ class HubTLSPolicy:
             if refusal is not None:
                 return refusal
         return explain_failure(failure, self.host, self.port, self.connect_timeout)
-
-
-def leaf_failures(failure: Failure) -> list[Failure]:
-    """Agent wraps causes in ResponseNeverReceived / RequestTransmissionFailed lists."""
-    reasons = getattr(failure.value, "reasons", None)
-    if not reasons:
-        return [failure]
-    out: list[Failure] = []
-    for reason in reasons:
-        out.extend(leaf_failures(reason))
-    return out
 
 
 def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> Refusal:
