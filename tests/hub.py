@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -44,6 +45,11 @@ from jds._demohub import (
 )
 from jds.hubversions import HubRelease, release_of
 from jds.paths import escape_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 __all__ = [
     "ADMIN_SCOPES",
@@ -463,3 +469,9 @@ def _collect_stdout(ws: Any, msg_id: str, timeout: float) -> str:
         elif kind == "status" and content.get("execution_state") == "idle":
             return "".join(out)
     raise HarnessError(f"the kernel did not finish within {timeout:g} s; output so far: {''.join(out)!r}")
+
+
+def saved_profiles(config_home: Path) -> dict[str, dict[str, Any]]:
+    """The profiles ``login`` saved under ``config_home`` (an ``XDG_CONFIG_HOME``), read as TOML."""
+    with (config_home / "jupyter-dev-server" / "config.toml").open("rb") as file:
+        return tomllib.load(file)["profiles"]

@@ -14,7 +14,6 @@ import shlex
 import socket
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,15 +26,11 @@ from hub import (
     clean_environ,
     poll,
     ready_address,
+    saved_profiles,
     stop_pid,
     tail,
     venv_script,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PASSWORD = "correct horse battery staple"
 USER = "carol"
@@ -203,8 +198,7 @@ def test_default_token_file_is_under_xdg_config_home(password_hub: JupyterHubPro
 
 
 def _saved_profile(tmp_path: Path, name: str = "default") -> dict[str, object]:
-    with (tmp_path / "config" / "jupyter-dev-server" / "config.toml").open("rb") as file:
-        return tomllib.load(file)["profiles"][name]
+    return saved_profiles(tmp_path / "config")[name]
 
 
 def test_sso_hub_reads_a_pasted_token_and_checks_it(sso_hub: JupyterHubProcess, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import re
 import shlex
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
@@ -30,17 +29,13 @@ from hub import (
     clean_environ,
     poll,
     ready_address,
+    saved_profiles,
     stop_pid,
     tail,
     venv_script,
 )
 
 from jds.options import NO_HUB
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PASSWORD = "correct horse battery staple"
 TESTS = Path(__file__).resolve().parent
@@ -110,8 +105,7 @@ def printed_command(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def profiles(tmp_path: Path) -> dict[str, Any]:
-    with (tmp_path / "config" / "jupyter-dev-server" / "config.toml").open("rb") as file:
-        return tomllib.load(file)["profiles"]
+    return saved_profiles(tmp_path / "config")
 
 
 def listen_port(profile: dict[str, Any]) -> int:

@@ -30,17 +30,13 @@ from hub import (
     free_port,
     poll,
     run_in_kernel,
+    saved_profiles,
     stop_pid,
     tail,
     venv_script,
 )
 from test_faults_hub import start_kernel
 from test_reconnect_hub import Fault, forty_lines_through, kernel_socket
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 FAR_NAME = "hub.cluster.invalid"
 USER, PASSWORD = "jds", "pa:ss@w%rd"
@@ -372,8 +368,7 @@ def test_login_token_expiry_and_spawning_go_through_the_via(
         env=clean_environ({"XDG_CONFIG_HOME": str(config_home)}),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    with (config_home / "jupyter-dev-server" / "config.toml").open("rb") as saved:
-        profile = tomllib.load(saved)["profiles"]["default"]
+    profile = saved_profiles(config_home)["default"]
     assert profile["via"] == via and profile["hub"] == f"https://{FAR_NAME}:{hub.port}", profile
 
     hub.stop_server("alice")

@@ -28,16 +28,12 @@ from hub import (
     dump,
     poll,
     run_in_kernel,
+    saved_profiles,
     venv_script,
 )
 from ssh_bastion import HUB_NAME, SSHBastion
 from test_faults_hub import LogWatch, auth, start_kernel, status_document
 from test_reconnect_hub import Fault, assert_next_cell_runs, forty_lines_through, kernel_socket
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 kernels = test_faults_hub.kernels
 
@@ -214,8 +210,7 @@ def test_login_reads_the_cluster_ca_over_the_session(hub: JupyterHubProcess, tmp
         # one login for listing, reading and the token
         assert bastion.logins == 1
         # the saved profile, which the bare command runs, reaches the hub the same way, with the saved CA
-        with (tmp_path / "xdg-config" / "jupyter-dev-server" / "config.toml").open("rb") as file:
-            profile = tomllib.load(file)["profiles"]["default"]
+        profile = saved_profiles(tmp_path / "xdg-config")["default"]
         assert profile["ca-cert"] == str(saved)
         assert profile["ssh-command"] == bastion.ssh_command
         assert profile["via"].startswith(bastion.via)
