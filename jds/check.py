@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.protocols.loopback import loopbackAsync
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
@@ -33,6 +33,7 @@ from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.profiles import describe_server_options
 from jds.proxy import make_agent, quiet_pool
+from jds.reach import closing_probe
 from jds.refusal import Refusal
 from jds.site import build_site
 from jds.tls import HubTLSPolicy
@@ -109,11 +110,6 @@ class CheckOptions(Options):
     optFlags = [*Options.optFlags, ["json", None, "Print the steps as JSON."]]
 
 
-class _Probe(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.loseConnection()
-
-
 def _scope_covers(scopes: list[str], wanted: str, target: HubTarget) -> bool:
     user = target.user
     for scope in scopes:
@@ -174,10 +170,8 @@ class _Chain:
     @inlineCallbacks
     def connect(self):
         target = self.target
-        probe = Factory.forProtocol(_Probe)
-        probe.noisy = False
         try:
-            protocol = yield self.policy.inner_endpoint().connect(probe)
+            protocol = yield self.policy.inner_endpoint().connect(closing_probe())
         except Exception:
             refusal = self.policy.explain(Failure())
             return [Step("connect", False, refusal.message, refusal.hint)]

@@ -25,7 +25,7 @@ from jds.stats import iso_time
 from jds.tunnels import HTTPConnectEndpoint, SOCKS5Endpoint, TunnelError, tunnel_refusal
 from jds.via import Via, ViaSpec
 
-__all__ = ["DirectVia", "ProxyVia", "make_via"]
+__all__ = ["DirectVia", "ProxyVia", "closing_probe", "make_via"]
 
 
 class DirectVia:
@@ -55,6 +55,13 @@ class DirectVia:
 class _Close(Protocol):
     def connectionMade(self) -> None:
         self.transport.loseConnection()
+
+
+def closing_probe() -> Factory:
+    """A connection that closes as soon as it is made: proof that a way to the hub works, nothing sent."""
+    probe = Factory.forProtocol(_Close)
+    probe.noisy = False
+    return probe
 
 
 @implementer(IStreamClientEndpoint)
@@ -131,14 +138,11 @@ class ProxyVia:
         return failure.value.refusal if failure.check(TunnelError) else None
 
     def check(self, host: str, port: int) -> Deferred:
-        probe = Factory.forProtocol(_Close)
-        probe.noisy = False
-
         def refused(failure: Failure) -> Failure:
             refusal = self.explain(failure) or tunnel_refusal(self.spec, failure, self.connect_timeout)
             return Failure(refusal)
 
-        d = self.endpoint(host, port).connect(probe)
+        d = self.endpoint(host, port).connect(closing_probe())
         return d.addCallbacks(
             lambda _: f"{self.spec.describe()} opened a tunnel to {host}:{port}", refused
         )
