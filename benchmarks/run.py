@@ -33,6 +33,7 @@ from typing import Any
 from benchmarks.floors import start_floors
 from benchmarks.procfs import snapshot
 from benchmarks.servers import REPO, Fleet
+from benchmarks.spread import main as spread_main
 from benchmarks.via import run_via, summarise_via
 
 MiB = 1 << 20
@@ -137,6 +138,11 @@ class Table:
             self.verdicts.append((what, met))
         elif met is not None:
             self.unmeasured.append(what)
+
+    def as_dict(self) -> dict:
+        """What :mod:`benchmarks.spread` needs to set several runs side by side."""
+        return {"proxies": self.proxies, "floors": self.floors, "rows": self.rows,
+                "verdicts": self.verdicts, "unmeasured": self.unmeasured}
 
     def render(self) -> str:
         names = {"jds": "jupyter-dev-server", "chp": "configurable-http-proxy"}
@@ -557,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
                   {name: f"{kib / 1024:.1f} MiB" for name, kib in end_rss.items()})
         raw = {"rest": rest, "kernel_ws": ws, "download": down, "upload": up, "idle": idle,
                "idle_rss_kib": idle_rss, "end_rss_kib": end_rss, "mixed": mixed, "wan": wan_result, "via": via_result,
-               "plan": plan}
+               "plan": plan, "table": table.as_dict()}
         (directory / "results.json").write_text(json.dumps(raw, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(raw, indent=1))
@@ -604,13 +610,28 @@ def main() -> int:
                         help="run the via workload alone: --via ssh:// against an ssh -L tunnel (~1 min)")
     parser.add_argument("--jds-pythonpath", metavar="DIR",
                         help="benchmark the jds package in DIR (a scratch copy with a change) instead")
+    parser.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="N full runs one after the other, then each target's spread across them")
     args = parser.parse_args()
+    if args.runs > 1 and (args.wan_only or args.via_only):
+        parser.error("--runs goes with the full run only")
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds into run()'s finally, which stops every process by pid
 
     signal.signal(signal.SIGTERM, stop)
-    return run(args)
+    if args.runs == 1:
+        return run(args)
+    # Several full runs, each with its own servers, then their spread (issue 22 asks for three).
+    stem = args.json or str(Path(tempfile.gettempdir()) / f"jds-bench-{os.getpid()}")
+    paths = []
+    for number in range(1, args.runs + 1):
+        print(f"\n=== run {number} of {args.runs} ===", flush=True)
+        args.json = f"{stem}.run{number}.json"
+        paths.append(args.json)
+        run(args)
+    print(f"\n=== {args.runs} runs ({', '.join(paths)}) ===")
+    return spread_main(paths)
 
 
 if __name__ == "__main__":
