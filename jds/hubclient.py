@@ -85,23 +85,33 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 
 # The response head, read
 
-_KEYS: dict[bytes, bytes] = {}
+# A header name as read -> (whether it is the connection's own, the key it is filed under)
+_NAMES: dict[bytes, tuple[bool, bytes]] = {}
 
 
-def _header_key(name: bytes) -> bytes:
+def _name(name: bytes) -> tuple[bool, bytes]:
     """
-    The key ``Headers`` files ``name`` under: lower case up to Twisted 24, Header-Case since. Asked
-    of ``Headers`` itself once per name, so it also refuses what ``Headers`` refuses; the mapping is
-    then built directly, values as read (they were split on line ends, so they hold none).
+    Where a header goes: the connection's own are keyed in lower case; the others under the key
+    ``Headers`` files them under (lower case up to Twisted 24, Header-Case since), asked of
+    ``Headers`` itself once per name so that it refuses what ``Headers`` refuses. The mapping is then
+    built directly, values as read (split on line ends, they hold none).
     """
-    key = _KEYS.get(name)
-    if key is None:
-        probe = Headers()
-        probe.addRawHeader(name, b"")
-        [key] = probe._rawHeaders
-        if len(_KEYS) < 1000:
-            _KEYS[name] = key
-    return key
+    found = _NAMES.get(name)
+    if found is None:
+        lower = name.lower()
+        if lower in _CONNECTION_HEADERS:
+            found = (True, lower)
+        else:
+            probe = Headers()
+            try:
+                probe.addRawHeader(name, b"")
+            except ValueError:
+                raise ParseError("invalid header name", name) from None
+            [key] = probe._rawHeaders
+            found = (False, key)
+        if len(_NAMES) < 1000:
+            _NAMES[name] = found
+    return found
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -152,25 +162,28 @@ def parse_head(head: bytes, head_request: bool) -> tuple[tuple[bytes, int, int],
         raise ParseError("non-integer status code", status)
     headers: dict[bytes, list[bytes]] = {}
     connection: dict[bytes, list[bytes]] = {}
+    names = _NAMES
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon:
             raise ParseError("header line without a colon", line)
-        value = value.strip()
-        lower = name.lower()
-        if lower in _CONNECTION_HEADERS and not (head_request and lower == b"content-length"):
-            connection.setdefault(lower, []).append(value)
-            continue
-        try:
-            key = _KEYS.get(name) or _header_key(name)
-        except ValueError:
-            raise ParseError("invalid header name", name) from None
-        values = headers.get(key)
+        own, key = names.get(name) or _name(name)
+        filed = connection if own else headers
+        values = filed.get(key)
         if values is None:
-            headers[key] = [value]
+            filed[key] = [value.strip()]
         else:
-            values.append(value)
+            values.append(value.strip())
+    if head_request and b"content-length" in connection:  # a HEAD's is the entity's (Agent's rule)
+        headers[_header_key_of_content_length()] = connection.pop(b"content-length")
     return _version(version), int(code_text), phrase, headers, connection
+
+
+def _header_key_of_content_length() -> bytes:
+    probe = Headers()
+    probe.addRawHeader(b"Content-Length", b"")
+    [key] = probe._rawHeaders
+    return key
 
 
 def _has_token(values: list[bytes], token: bytes) -> bool:
@@ -179,6 +192,8 @@ def _has_token(values: list[bytes], token: bytes) -> bool:
 
 def _content_length(values: list[bytes]) -> int:
     """Content-Length, repeated or listed only with one value (twisted.web._newclient's rule)."""
+    if len(values) == 1 and values[0].isdigit():
+        return int(values[0])
     found = set()
     for part in b",".join(values).split(b","):
         part = part.strip(b" \t")

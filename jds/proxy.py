@@ -417,6 +417,9 @@ class _Exchange:
             write_refusal(self.request, server_not_running(self.resource.target))
             return
         if can_start and not self._replayed:
+            if looks_stopped(response.code, location, self.resource.target) is False:
+                self._check_token(response)  # the common answer: what recover() would decide, without its Deferreds
+                return
             # Once per request: the replay's answer stands, whatever it is.
             self._replayed = True
             self._held = response
