@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.floors import start_floors
 from benchmarks.procfs import snapshot
 from benchmarks.run import (
     PLAN,
@@ -57,6 +58,8 @@ def main() -> int:
     parser.add_argument("--wan-tls", metavar="VERSION", help="the WAN far end speaks only this, e.g. TLSv1_2")
     parser.add_argument("--download-mib", type=int, default=256)
     parser.add_argument("--upload-mib", type=int, default=64)
+    parser.add_argument("--references", action="store_true",
+                        help="also configurable-http-proxy and the twisted.web + Agent floor, in the same rounds")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)
     only = set(args.only or WORKLOADS)
@@ -78,12 +81,15 @@ def main() -> int:
         fleet.start_jds()
         for name, path in variants.items():
             fleet.start_jds(name=name, pythonpath=path)
-        proxies = ["jds", *variants]
+        if args.references:
+            fleet.start_chp()
+            start_floors(fleet, ("agent",))
+        proxies = ["jds", *variants, *(["chp"] if "chp" in fleet.paths else [])]
         routes = {name: route.as_dict() for name, route in fleet.paths.items()}
-        for name in proxies:
+        for name in [*proxies, *(["floor-agent"] if "floor-agent" in routes else [])]:
             _warm(routes[name], fleet.token)
         time.sleep(1)  # let start-up garbage settle before reading idle RSS
-        table = Table(proxies)
+        table = Table(proxies, floors="floor-agent" in routes)
         table.add(
             "proxy RSS at idle",
             "—",

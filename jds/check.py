@@ -21,18 +21,19 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.loopback import loopbackAsync
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, readBody
+from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from jds.auth import Credentials
 from jds.commands import login_command, parse_subcommand
 from jds.hub import HubAPI, ServerStarter
+from jds.hubclient import HubClient
 from jds.hubversions import OLDEST, START_SCOPES, UnsupportedHub, release_of
 from jds.options import Options
 from jds.paths import HubTarget, authority
 from jds.profiles import describe_server_options
-from jds.proxy import make_agent, quiet_pool
+from jds.proxy import make_agent
 from jds.reach import closing_probe
 from jds.refusal import Refusal
 from jds.site import build_site
@@ -56,9 +57,6 @@ class _InProcess:
     def __init__(self, site: Any) -> None:
         self.site = site
 
-    def endpointForURI(self, uri: Any) -> _InProcess:  # noqa: N802 - IAgentEndpointFactory
-        return self
-
     def connect(self, protocolFactory: Any):  # noqa: N803 - IStreamClientEndpoint
         address = IPv4Address("TCP", "127.0.0.1", 0)
         client = protocolFactory.buildProtocol(address)
@@ -68,8 +66,8 @@ class _InProcess:
 
 class _Pausable(Protocol):
     """
-    Gives the HTTP client the producer methods a socket has (it pauses its transport while a
-    response body is handed over); the in-memory pump needs no flow control for one small answer.
+    Gives the HTTP client the producer methods a socket has (its body reader may pause and stop
+    it); the in-memory pump needs no flow control for one small answer.
     """
 
     def __init__(self, inner: Protocol) -> None:
@@ -290,7 +288,7 @@ class _Chain:
         credentials = Credentials(self.options["hub-token"], self.options["local-token"] or "check")
         site = build_site(self.target, self.policy, reactor, credentials, ServerStarter(self.api, reactor, allowed=False))
         site.access_log = False
-        agent = Agent.usingEndpointFactory(reactor, _InProcess(site), pool=quiet_pool(reactor, persistent=False))
+        agent = HubClient(reactor, _InProcess(site), persistent=False)
         headers = Headers({b"Authorization": [f"token {credentials.local_token}".encode()]})
 
         def get(path: str):

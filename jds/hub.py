@@ -21,9 +21,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IResponse
 
 from jds.hubversions import DEAD_TOKEN_CODES, LOGIN_PAGES, STOPPED_SERVER_CODES
 from jds.paths import HubTarget, escape_name
@@ -149,14 +149,14 @@ class _EventStream(Protocol):
 
 class HubAPI:
     """
-    The few hub REST calls the proxy makes, all with a token of the user's over the pinned agent:
-    the one the proxy holds (managed mode), or the one an IDE's request carried (pass-through,
-    :meth:`with_token`). ``holder`` names it in error messages.
+    The few hub REST calls the proxy makes, all over the pinned hub client (:mod:`jds.hubclient`)
+    with a token of the user's: the one the proxy holds (managed mode), or the one an IDE's request
+    carried (pass-through, :meth:`with_token`). ``holder`` names it in error messages.
     """
 
     def __init__(
         self,
-        agent: Agent,
+        agent: IAgent,
         target: HubTarget,
         hub_token: str | None,
         holder: str = "this proxy holds",

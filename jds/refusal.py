@@ -40,8 +40,8 @@ class Refusal(Exception):
 
 def leaf_failures(failure: Failure) -> list[Failure]:
     """
-    The causes a failed hub connection is explained from: Agent wraps them in
-    ResponseNeverReceived / RequestTransmissionFailed lists (``reasons``), any number deep.
+    The causes a failed hub connection is explained from: the hub client wraps them, as Agent does,
+    in ResponseNeverReceived / RequestTransmissionFailed lists (``reasons``), any number deep.
     """
     reasons = getattr(failure.value, "reasons", None)
     if not reasons:

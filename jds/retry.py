@@ -8,8 +8,9 @@ request was written) was never seen. Anything else that may have reached the hub
 whose answer never came, is never replayed: the IDE gets the 502 and decides.
 
 The first new attempt waits 0.5 s, each later one twice as long, until :data:`RETRY_WINDOW` seconds
-have passed since the first failure. Twisted's pool already sends a body-less idempotent request once
-more at once when a pooled connection turns out to be stale; what fails after that comes here.
+have passed since the first failure. The hub client (:mod:`jds.hubclient`) already sends a body-less
+idempotent request once more at once when a pooled connection turns out to be stale; what fails after
+that comes here.
 
 While requests fail for a broken link, :class:`jds.hublink.HubLink` says so, once for the outage,
 whatever met it first (a request or a WebSocket).
@@ -38,7 +39,7 @@ RETRY_WINDOW = 10.0
 FIRST_DELAY = 0.5
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
-# Agent's wrappers for a request that was (or may have been) written on a connection.
+# The hub client's wrappers (Agent's types) for a request that was (or may have been) written on a connection.
 _ON_A_CONNECTION = (RequestTransmissionFailed, ResponseNeverReceived, ResponseFailed)
 # Failures to open a connection, or connections lost under a request: the network, not the hub's answer.
 _CONNECT_FAILURES = (net_error.ConnectError, net_error.DNSLookupError)
@@ -47,9 +48,9 @@ _LOST = (net_error.ConnectionClosed,)
 
 def never_sent(failure: Failure) -> bool:
     """
-    True when no byte of the request can have reached the hub: Agent never got a connection (refused,
-    unreachable, lost during the TLS handshake; the endpoint fails the connection then) or found its
-    pooled connection gone before writing (``RequestNotSent``).
+    True when no byte of the request can have reached the hub: the client never got a connection
+    (refused, unreachable, lost during the TLS handshake; the endpoint fails the connection then) or,
+    with Agent, found its pooled connection gone before writing (``RequestNotSent``).
     """
     if failure.check(RequestNotSent):
         return True

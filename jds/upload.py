@@ -47,7 +47,7 @@ class SupersededError(Exception):
 
 @implementer(IBodyProducer)
 class _Attempt:
-    """The body as one attempt at the hub request sees it (Agent's ``bodyProducer``)."""
+    """The body as one attempt at the hub request sees it (the hub client's ``bodyProducer``)."""
 
     def __init__(self, body: StreamedBody) -> None:
         self._body = body
@@ -75,7 +75,7 @@ class _Attempt:
             self._body._flush()
 
     def stopProducing(self) -> None:  # noqa: N802
-        """Agent gave up on the request (answered, cancelled, connection lost): its Deferred never fires."""
+        """The hub client gave up on the request (answered, cancelled, connection lost): its Deferred never fires."""
         self._done = None
         self._body._detach(self)
 

@@ -97,7 +97,7 @@ class HubPoolTests(_FarEndTestCase):
     def agent(self, port: int):
         policy = HubTLSPolicy(reactor, "127.0.0.1", port, NAME, str(self.ca_path), connect_timeout=5)
         agent = make_agent(reactor, policy)
-        self.addCleanup(agent._pool.closeCachedConnections)
+        self.addCleanup(agent.close_idle)
         return agent
 
     @inlineCallbacks
@@ -117,7 +117,7 @@ class HubPoolTests(_FarEndTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual((yield readBody(response)), b"posted after idle")
         self.assertEqual((site.opened, site.requests), (2, 2))
-        yield agent._pool.closeCachedConnections()
+        yield agent.close_idle()
         yield site.closed[1]
 
     @inlineCallbacks
@@ -151,7 +151,7 @@ class SpareConnectionTests(_FarEndTestCase):
         )
         self.addCleanup(self.policy.spares.close)
         agent = make_agent(reactor, self.policy)
-        self.addCleanup(agent._pool.closeCachedConnections)
+        self.addCleanup(agent.close_idle)
         return agent
 
     @inlineCallbacks

@@ -119,7 +119,7 @@ class HubTLSFailureTests(TestCase):
     def fetch(self, port: int, name: str = NAME, ca_path: Path | None = None):
         policy = HubTLSPolicy(reactor, "127.0.0.1", port, name, str(ca_path or self.ca_path), connect_timeout=2)
         agent = make_agent(reactor, policy)
-        self.addCleanup(agent._pool.closeCachedConnections)
+        self.addCleanup(agent.close_idle)
         try:
             response = yield agent.request(b"GET", f"https://{name}:{port}/".encode())
             body = yield readBody(response)
