@@ -16,6 +16,7 @@ from typing import Any
 from twisted.python import usage
 
 from jds.commands import parse_subcommand
+from jds.environment import env_note
 from jds.paths import authority, listen_address
 from jds.profiles import ProfiledOptions
 from jds.status import STATUS_PATH
@@ -143,12 +144,10 @@ class StatusOptions(ProfiledOptions):
         "much it has relayed. It reads the local token from the same file the daemon keeps it in. "
         "With no options it asks the daemon of the default profile (--profile NAME: another's)."
     )
-    environment = {"listen": ("JUPYTER_PROXY_IP_OR_NAME", "JUPYTER_PROXY_PORT")}
     optParameters = [
         ["url", None, None, "The daemon's address. [default: from --listen, else http://127.0.0.1:8000]"],
         ["listen", None, None,
-         "The --listen endpoint the daemon was started with. [env JUPYTER_PROXY_IP_OR_NAME, "
-         "JUPYTER_PROXY_PORT]"],
+         f"The --listen endpoint the daemon was started with. [{env_note('listen')}]"],
         ["token", None, None, "The daemon's local token (managed mode). [default: read from --local-token-file]"],
         ["local-token-file", None, None,
          "Where the daemon keeps its local token. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
@@ -161,13 +160,7 @@ class StatusOptions(ProfiledOptions):
 
     def postOptions(self) -> None:
         self.apply_profile(self.environ)
-        url = self["url"]
-        if not url and self["listen"]:
-            url = endpoint_url(self["listen"])
-        if not url:
-            address = self.environ.get("JUPYTER_PROXY_IP_OR_NAME", "").strip() or "127.0.0.1"
-            port = self.environ.get("JUPYTER_PROXY_PORT", "").strip() or "8000"
-            url = f"http://{authority(address)}:{port}"
+        url = self["url"] or (endpoint_url(self["listen"]) if self["listen"] else "http://127.0.0.1:8000")
         self["url"] = url.rstrip("/")
         self["token-source"] = "--token"
         if self["token"] is None:
