@@ -179,7 +179,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
         guard=guard, header_timeout=options["header-timeout"], timeouts=timeouts, limits=limits,
-        token_watch=token_watch, stats=stats, hub_link=hub_link,
+        token_watch=token_watch, stats=stats, hub_link=hub_link, profile=getattr(options, "profile_name", None),
         reconnect=ReconnectPolicy(options["reconnect-window"], options["reconnect-buffer"]),
     )
     endpoint = serverFromString(reactor, options["listen"])

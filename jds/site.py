@@ -328,6 +328,7 @@ def build_site(
     token_watch: TokenExpiryWatch | None = None,
     limits: Limits | None = None,
     hub_link: HubLink | None = None,
+    profile: str | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
     limits = limits if limits is not None else Limits()
@@ -357,6 +358,8 @@ def build_site(
         reactor=reactor,
         token_watch=token_watch,
         via=policy.via,
+        profile=profile,
+        server_options=starter.api.user_options if starter is not None else None,
     )
     return LocalSite(
         LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor, credentials, target, limits

@@ -18,7 +18,7 @@ from twisted.python import usage
 from jds.commands import parse_subcommand
 from jds.environment import env_note
 from jds.paths import authority, listen_address
-from jds.profiles import ProfiledOptions
+from jds.profiles import ProfiledOptions, describe_server_options
 from jds.status import STATUS_PATH
 from jds.tokens import default_local_token_path
 
@@ -55,6 +55,19 @@ def _root_line(root: str) -> str:
     return f"{root}/ (--root: the IDE sees this folder as the server's root)"
 
 
+def _profile_lines(report: dict[str, Any]) -> list[str]:
+    """The profile and the spawn options (a daemon before they were reported says nothing of them)."""
+    if "profile" not in report:
+        return []
+    profile = report["profile"] or "none (its options came from the command line and the environment)"
+    options = report.get("server_options") or {}
+    spawn = (
+        f"--server-options {describe_server_options(options)}" if options
+        else "no --server-options (the hub reuses the last start's)"
+    )
+    return [f"  profile:    {profile}", f"  starts:     with {spawn}"]
+
+
 def describe(report: dict[str, Any], url: str) -> str:
     """The status document as a few lines for a person."""
     server = f"server {report['server']!r}" if report.get("server") else "default server"
@@ -64,6 +77,7 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"  hub:        {report['hub']}",
         f"  server:     {report['server_url']} ({report['user']}'s {server}) is {report['server_state']}",
         f"  root:       {_root_line(report.get('root', ''))}",
+        *_profile_lines(report),
         f"  relayed:    {_plural(report['requests'], 'request')}, {_size(report['bytes_in'])} from the IDE, "
         f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}"
         + (f"; {report['retried_requests']} retried after a lost hub link" if report.get("retried_requests") else ""),
