@@ -9,7 +9,10 @@ the daemon runs, and when it dies (a bastion reboot, a network change, or Server
 silent link) it is started again on :func:`jds.reconnect.backoff`, while the relay holds the
 kernels' sockets as in any hub-link outage. A start that fails (a refused login, an unknown host
 key) is not retried by itself, so a wrong key does not knock at the bastion every ten seconds: the
-next need tries again, no sooner than the backoff allows, and meanwhile gets the same sentence.
+next need tries again, no sooner than the backoff allows, and meanwhile gets the same sentence. Such
+a refusal is also ``final`` (:func:`jds.retry.may_retry`): the requests that met it get their 502 at
+once instead of being sent again, each retry starting ssh for the same refusal; a network failure
+(the bastion unreachable) is retried on the backoff as before.
 
 Readiness is the forward's socket appearing (ssh creates it only after the login), polled with a
 deadline; the stale file of a previous child is removed first.
@@ -54,6 +57,8 @@ log = Logger(namespace="jds")
 
 # Environment variables never handed to ssh (nor so to ProxyCommands it runs): the hub token and friends.
 _SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET")
+# ssh's failures that no new attempt within a request's retry window can change: only the user can.
+_FINAL_REASONS = frozenset({"via-login-refused", "via-host-key"})
 # A channel failure ssh reported this recently explains a hub connection that closed at once.
 _CHANNEL_FRESH = 5.0
 # A hub connection closed within this many seconds may be a failed channel, whose reason ssh
@@ -66,12 +71,16 @@ _CHANNEL_NEWS = 0.25
 
 
 class SSHViaError(net_error.ConnectError):
-    """The ssh session is not there; ``sentence`` quotes ssh and says what to run by hand."""
+    """
+    The ssh session is not there; ``sentence`` quotes ssh and says what to run by hand. ``final``
+    when the bastion refused the login or the host key (see :func:`jds.retry.may_retry`).
+    """
 
     def __init__(self, sentence: str, reason: str) -> None:
         super().__init__(string=sentence)
         self.sentence = sentence
         self.reason = reason
+        self.final = reason in _FINAL_REASONS
 
     def __str__(self) -> str:
         return self.sentence

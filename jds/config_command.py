@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from jds.commands import parse_subcommand
-from jds.options import Options
+from jds.options import DEFAULT_LISTEN, Options
 from jds.profiles import SERVER_OPTIONS, describe_server_options
 
 __all__ = ["ConfigOptions", "main", "settings"]
@@ -36,18 +36,14 @@ def _shown(options: ConfigOptions, key: str) -> Any:
     origin = options.origins[key]
     if origin.startswith("env "):
         if key == "token-file":
-            return "(none: the token itself is in JUPYTERHUB_API_TOKEN, not shown)"
-        if key == "listen":
-            return options._listen_from_env()
-        variable = origin[4:].split(", ")[0]
-        return options.environ[variable].strip()
+            return f"(none: the token itself is in {origin[4:]}, not shown)"
     value = options.get(key)
     if key == SERVER_OPTIONS:
         return dict(value or {})
     if key == "local-token-file" and not value:
         return str(options.local_token_default())
     if key == "listen" and not value:
-        return options._listen_from_env()
+        return DEFAULT_LISTEN
     return value
 
 

@@ -18,8 +18,6 @@ so it could not be made room for.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import Protocol
@@ -27,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from jds.errors import error_body
+from jds.logs import RepeatCounter
 
 __all__ = ["ConnectionLimit", "ConnectionSlot", "connection_cap", "descriptor_limit", "total_connections"]
 
@@ -34,8 +33,6 @@ log = Logger(namespace="jds")
 
 # Descriptors kept for the daemon itself: log and token files, the listening socket, spare hub connections.
 _RESERVED_DESCRIPTORS = 64
-# At most one log line this often about connections dropped or refused (a flood would fill the log).
-_LINE_SECONDS = 10.0
 
 
 def connection_cap(requested: int, descriptors: int) -> int:
@@ -112,24 +109,6 @@ class ConnectionSlot(ProtocolWrapper):
         self.unprotect()
 
 
-class _Occasional:
-    """At most one log line a while for what a flood of connections may make happen thousands of times."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._unsaid = 0
-        self._last = float("-inf")
-
-    def happened(self, say: Callable[[int], None]) -> None:
-        """Count it; ``say(count)`` when the last line is old enough, with how many since."""
-        self._unsaid += 1
-        now = self._clock()
-        if now - self._last >= _LINE_SECONDS:
-            say(self._unsaid)
-            self._unsaid = 0
-            self._last = now
-
-
 class _TooMany(Protocol):
     """Answers a connection over a limit with a 503 and closes it, reading nothing."""
 
@@ -155,7 +134,7 @@ class ConnectionLimit(WrappingFactory):
     protocol = ConnectionSlot
     noisy = False
 
-    def __init__(self, site: Any, per_client: int, total: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, site: Any, per_client: int, total: int = 0, repeats: RepeatCounter | None = None) -> None:
         super().__init__(site)
         self.per_client = per_client
         self.total = total
@@ -163,8 +142,8 @@ class ConnectionLimit(WrappingFactory):
         self.held = 0
         # Unprotected connections, the one unprotected longest first (dicts keep insertion order).
         self._droppable: dict[ConnectionSlot, None] = {}
-        self._drops = _Occasional(clock)
-        self._refusals = _Occasional(clock)
+        # a flood of connections is a few lines and a count, as a burst of refusals is (jds.logs)
+        self._repeats = repeats if repeats is not None else site.repeats
         self.guard = getattr(site, "guard", None)  # the listener tells it the port
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -230,16 +209,25 @@ class ConnectionLimit(WrappingFactory):
         self._uncount(victim)  # now, not when the reactor reports it closed: the next arrival counts right
         if victim.transport is not None:
             victim.transport.abortConnection()
-        self._drops.happened(lambda count: log.warn(
-            "Dropped {count} connection(s) that had not shown the local token (or, in pass-through mode, "
-            "were between requests) to make room for new ones (--max-connections-per-client {per_client}, "
+        self._say(("connection-dropped",), lambda what: log.warn(
+            "Dropped {what} that had not shown the local token (or, in pass-through mode, were between "
+            "requests) to make room for new ones (--max-connections-per-client {per_client}, "
             "--max-connections {total}); a process on this machine may be holding connections open.",
-            count=count, per_client=self.per_client, total=self.total,
+            what=what, per_client=self.per_client, total=self.total,
         ))
         return True
 
     def _refuse(self, message: str) -> _TooMany:
-        self._refusals.happened(
-            lambda count: log.warn("Refused {count} connection(s): {message}", count=count, message=message)
-        )
+        self._say(("too-many-connections", message), lambda what: log.warn(
+            "Refused {what}: {message}", what=what, message=message,
+        ))
         return _TooMany(message)
+
+    def _say(self, kind: tuple[str, ...], line: Any) -> None:
+        """``line(what)``: the first few of a burst as they come, then one a while with its count."""
+
+        def summary(count: int, seconds: float) -> None:
+            line(f"{count} more connection(s) in {seconds:.0f} s")
+
+        if self._repeats.first(kind, summary):
+            line("a connection")

@@ -16,8 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from jds.logs import clip
-from jds.paths import redact_query
+from jds.logs import clip, quoted
 from jds.refusal import Refusal
 
 log = Logger(namespace="jds")
@@ -53,7 +52,7 @@ def log_refusal(site: Any, method: bytes, uri: bytes, refusal: Refusal, note: st
     """
     fields = {
         "method": clip(method.decode("latin-1"), 32),
-        "uri": clip(redact_query(uri).decode("latin-1")),
+        "uri": quoted(uri),
         "status": refusal.status,
         "reason": refusal.reason,
     }

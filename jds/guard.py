@@ -42,6 +42,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
 from jds.errors import error_body, log_refusal
+from jds.logs import clip
 from jds.paths import MAX_REWRITTEN_BODY, body_too_large_to_map, split_authority
 from jds.refusal import Refusal
 
@@ -425,7 +426,16 @@ class GuardedChannel(HTTPChannel):
         """
         if self._refused:
             return
-        log.warn("Refused a malformed HTTP request from {peer}: {why}", peer=self._peer(), why=why)
+        peer, why = self._peer(), clip(why)
+
+        def summary(count: int, seconds: float) -> None:
+            log.warn(
+                "Refused the same malformed HTTP request {count} more time(s) in {seconds:.0f} s (the last "
+                "from {peer}): {why}", count=count, seconds=seconds, peer=peer, why=why,
+            )
+
+        if self._first_of_burst(("malformed-request", why), summary):
+            log.warn("Refused a malformed HTTP request from {peer}: {why}", peer=peer, why=why)
         self._answer(Refusal(400, f"The proxy refused a malformed HTTP request: {why}", "malformed-request"))
 
     def _answer(self, refusal: Refusal) -> None:
@@ -488,13 +498,27 @@ class GuardedChannel(HTTPChannel):
         peer = self.transport.getPeer() if self.transport is not None else None
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
+    def _first_of_burst(self, kind: tuple[str, ...], summary: Any) -> bool:
+        """Whether to write this line: a burst of one kind is three lines, then a count every 10 s (jds.logs)."""
+        repeats = getattr(getattr(self, "site", None), "repeats", None)
+        return repeats is None or repeats.first(kind, summary)
+
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        log.warn(
-            "Dropped a client ({peer}) that did not send its request headers within {seconds:g} s.",
-            peer=self._peer(),
-            seconds=self.header_timeout,
-        )
+        timeout = self.header_timeout
+
+        def summary(count: int, seconds: float) -> None:
+            log.warn(
+                "Dropped {count} more client(s) in {took:.0f} s that did not send their request headers "
+                "within {seconds:g} s.", count=count, took=seconds, seconds=timeout,
+            )
+
+        if self._first_of_burst(("header-timeout",), summary):
+            log.warn(
+                "Dropped a client ({peer}) that did not send its request headers within {seconds:g} s.",
+                peer=self._peer(),
+                seconds=timeout,
+            )
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
         self.transport.loseConnection()
 

@@ -25,6 +25,7 @@ from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from jds.hublink import HubLink
 from jds.hubversions import DEAD_TOKEN_CODES, LOGIN_PAGES, STOPPED_SERVER_CODES
 from jds.paths import HubTarget, escape_name
 from jds.profiles import describe_server_options
@@ -151,7 +152,9 @@ class HubAPI:
     """
     The few hub REST calls the proxy makes, all over the pinned hub client (:mod:`jds.hubclient`)
     with a token of the user's: the one the proxy holds (managed mode), or the one an IDE's request
-    carried (pass-through, :meth:`with_token`). ``holder`` names it in error messages.
+    carried (pass-through, :meth:`with_token`). ``holder`` names it in error messages. Each call reports
+    to ``link``, when given, as the proxy's requests do: a spawn or token check that cannot reach the
+    hub is an outage.
     """
 
     def __init__(
@@ -161,8 +164,10 @@ class HubAPI:
         hub_token: str | None,
         holder: str = "this proxy holds",
         user_options: dict[str, Any] | None = None,
+        link: HubLink | None = None,
     ) -> None:
         self.agent = agent
+        self.link = link
         self.target = target
         self._token = hub_token
         self.holder = holder
@@ -175,7 +180,9 @@ class HubAPI:
 
     def with_token(self, token: str) -> HubAPI:
         """The same calls with the token an IDE's request carried."""
-        return HubAPI(self.agent, self.target, token, holder="the IDE sent", user_options=self.user_options)
+        return HubAPI(
+            self.agent, self.target, token, holder="the IDE sent", user_options=self.user_options, link=self.link
+        )
 
     def _url(self, path: str) -> bytes:
         return f"https://{self.target.netloc}{self.target.base}hub/api/{path}".encode("ascii")
@@ -198,7 +205,8 @@ class HubAPI:
         if body is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
             producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode("utf-8")))
-        return self.agent.request(method, self._url(path), headers, producer)
+        call = self.agent.request(method, self._url(path), headers, producer)
+        return call if self.link is None else self.link.watch(call)
 
     @inlineCallbacks
     def json(self, method: bytes, path: str, body: object = None):

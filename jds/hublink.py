@@ -1,6 +1,7 @@
 """
-Whether the link to the hub works, from every hub connection: REST requests (:mod:`jds.proxy`)
-and WebSockets (:mod:`jds.relay`) report here, so ``status`` cannot say "up" while every request
+Whether the link to the hub works, from every hub connection: REST requests (:mod:`jds.proxy`),
+WebSockets (:mod:`jds.relay`) and the hub API's own calls (:class:`jds.hub.HubAPI`: spawn, progress,
+token checks, through :meth:`HubLink.watch`) report here, so ``status`` cannot say "up" while every request
 fails, and one outage is one log line however many requests and sockets met it: said on the next
 reactor turn (sockets that break together are counted together), with the reason of the first
 failure. One more line says when it is back: the first answer from the hub, or the last holding
@@ -9,10 +10,13 @@ socket settled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from jds.retry import RETRY_WINDOW
 from jds.stats import Stats
@@ -25,8 +29,12 @@ log = Logger(namespace="jds.hublink")
 class HubLink:
     """The hub link's state and its two log lines; the counters and the outage live in ``stats``."""
 
-    def __init__(self, clock: IReactorTime, stats: Stats | None = None) -> None:
+    def __init__(
+        self, clock: IReactorTime, stats: Stats | None = None, explain: Callable[[Failure], Any] | None = None
+    ) -> None:
         self._clock = clock
+        # the failure's sentence, as the IDE would get it (HubTLSPolicy.explain: a Refusal)
+        self._explain = explain
         self.stats = stats if stats is not None else Stats(clock=clock.seconds)
         self._since: float | None = None
         self._why = ""
@@ -56,6 +64,25 @@ class HubLink:
             self._requests_failing = False
             self.stats.request_answered()
         self._maybe_back()
+
+    def watch(self, call: Deferred) -> Deferred:
+        """
+        Report a hub API call (``call`` fires with the hub's response): an answer says the link
+        works, a failure to get one that it does not. A timeout or a cancelled call says nothing
+        (as for the proxy's requests: the hub may be slow, not unreachable).
+        """
+
+        def answered(response: object) -> object:
+            self.answered()
+            return response
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(CancelledError, TimeoutError):
+                why = self._explain(failure).message if self._explain is not None else failure.getErrorMessage()
+                self.request_failed(why, retried=False)
+            return failure
+
+        return call.addCallbacks(answered, failed)
 
     # WebSockets
 

@@ -33,8 +33,9 @@ from twisted.web.http_headers import Headers
 
 from jds.cluster_ca import ClusterCAError, ca_beside, fetch_cluster_ca, save_cluster_ca
 from jds.commands import parse_subcommand, profile_command
+from jds.environment import ENVIRONMENT
 from jds.hub import HubAPI
-from jds.options import ENVIRONMENT, HUB_PARAMETERS, HubOptions, Options, check_server_options, hub_target
+from jds.options import HUB_PARAMETERS, HubOptions, Options, check_server_options, hub_target
 from jds.paths import HubTarget, authority, escape_name, listen_address
 from jds.profiles import (
     DEFAULT_PROFILE,

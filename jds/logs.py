@@ -5,7 +5,8 @@ file only the user can read, of bounded size, with bounded quotes and bursts.
 A log file outlives the terminal and is read by tools and people, and a client with no token at
 all decides what the proxy logs about it: so every log file the daemon writes is created mode 600
 (rotated ones too), rotates at ``LOG_ROTATE_BYTES`` and keeps ``LOG_FILES_KEPT`` old files; a line
-quotes at most ``QUOTE_LIMIT`` characters of anything a client sent (:func:`clip`); and a burst of
+quotes at most ``QUOTE_LIMIT`` characters of anything a client (or the hub) sent (:func:`clip`; a
+path or URI through :func:`quoted`, its token redacted); and a burst of
 identical lines is its first few lines plus one with its count (:class:`RepeatCounter`).
 
 ``--log-format json``: one JSON object per log event, for log shippers and ``jq``.
@@ -29,8 +30,10 @@ from typing import Any
 from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 from twisted.python.logfile import LogFile
 
+from jds.paths import redact_query
+
 __all__ = [
-    "ACCESS_FORMAT", "LOG_FILES_KEPT", "LOG_ROTATE_BYTES", "QUOTE_LIMIT", "RepeatCounter", "clip", "event_record", "json_line",
+    "ACCESS_FORMAT", "LOG_FILES_KEPT", "LOG_ROTATE_BYTES", "QUOTE_LIMIT", "RepeatCounter", "clip", "event_record", "json_line", "quoted",
     "json_observer_for", "private_log_file", "text_observer_for",
 ]
 
@@ -53,6 +56,15 @@ def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...[{len(text) - limit} more]"
+
+
+def quoted(uri: bytes | str) -> str:
+    """
+    What a log line quotes of a path or URI a client sent (or the hub's path it became): every
+    ``token=`` value redacted, then clipped at ``QUOTE_LIMIT``, as a refusal's line quotes it.
+    """
+    raw = uri.encode("latin-1", "replace") if isinstance(uri, str) else uri
+    return clip(redact_query(raw).decode("latin-1"))
 
 
 class RepeatCounter:

@@ -1,9 +1,10 @@
 """
 Command-line options, shared by ``twistd jupyter-dev-server`` and the ``jupyter-dev-server`` script.
 
-The original tool was configured only through environment variables; they keep working as defaults
-under the options (command line wins over environment, environment over default). Every check that
-can fail runs here, before anything listens, and fails with one sentence naming what to change.
+The original tool was configured only through environment variables; they keep working under the
+options (command line wins over environment, environment over a saved profile, the profile over the
+default; the variables are :mod:`jds.environment`'s table). Every check that can fail runs here,
+before anything listens, and fails with one sentence naming what to change.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from jds.cluster_ca import ca_beside
+from jds.environment import ENVIRONMENT, env_note, environment_token, hub_default_port
 from jds.guard import is_loopback
 from jds.openssh import base_command
 from jds.paths import HubTarget, listen_address, parse_root
@@ -34,9 +36,8 @@ from jds.tokens import (
 )
 from jds.via import Via, choose_via
 
-__all__ = ["ENVIRONMENT", "HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
+__all__ = ["HUB_PARAMETERS", "HubOptions", "Options", "hub_target", "parse_hub"]
 
-DEFAULT_HUB_PORT = 8000
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 
 
@@ -64,16 +65,6 @@ def parse_hub(value: str, default_port: int) -> tuple[str, int, str]:
     if parts.query or parts.fragment:
         raise usage.UsageError(f"--hub {value!r} must not have a query or fragment.")
     return parts.hostname, port or default_port, parts.path or "/"
-
-
-def _port(value: str, what: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 < port < 65536:
-        raise usage.UsageError(f"{what} must be a port number from 1 to 65535, not {value!r}.")
-    return port
 
 
 def listen_interface(description: str) -> str:
@@ -126,42 +117,28 @@ def _seconds(value: str, name: str, unit: str = "seconds", allow_zero: bool = Fa
 HUB_PARAMETERS = [
     ["hub", None, None,
      "The hub: HOST, HOST:PORT or https://HOST[:PORT][/PREFIX/] (port 8000 if not given). "
-     "[env JUPYTER_SERVER_IP_OR_NAME, JUPYTER_SERVER_PORT]"],
-    ["user", None, None, "Your user name on the hub. [env JUPYTER_USERNAME]"],
+     f"[{env_note('hub')}]"],
+    ["user", None, None, f"Your user name on the hub. [{env_note('user')}]"],
     ["tls-name", None, None,
      "The name to verify in the hub's certificate, when it differs from the address in --hub "
-     "(e.g. connecting by IP). [env JUPYTER_SERVER_NAME; default: the host of --hub]"],
+     f"(e.g. connecting by IP). [{env_note('tls-name')}; default: the host of --hub]"],
     ["ca-cert", None, None,
      "PEM file with the cluster's CA certificate (or a bundle) that signs the hub's "
      "certificate; with --via ssh://, ssh:PATH reads it from the login node ('login' saves it beside "
-     "the token). [env JUPYTER_CLUSTER_CA_CERT; default: with --via ssh://, the CA 'login' saved "
+     f"the token). [{env_note('ca-cert')}; default: with --via ssh://, the CA 'login' saved "
      "(cluster-ca.pem beside the token file), else the system trust store]"],
     ["connect-timeout", None, "10", "Seconds to wait for a connection to the hub."],
     ["via", None, None,
      "How to reach the hub: direct, http://[USER:PASSWORD@]HOST:PORT or https://... (an HTTP proxy's "
      "CONNECT), socks5://HOST:PORT (the proxy resolves the hub's name; e.g. ssh -D 1080), or "
      "ssh://[USER@]HOST[:PORT] (an SSH bastion). Put a proxy password in HTTPS_PROXY, not here: "
-     "command lines are visible in ps. [env JUPYTER_DEV_SERVER_VIA; default: HTTPS_PROXY, then "
+     f"command lines are visible in ps. [{env_note('via')}; default: HTTPS_PROXY, then "
      "ALL_PROXY, unless NO_PROXY names the hub; else direct]"],
     ["ssh-command", None, None,
      "The ssh program, with options, for --via ssh:// (like git's core.sshCommand), e.g. "
-     "\"ssh -F ~/work/ssh_config\". [env JUPYTER_DEV_SERVER_SSH_COMMAND; default: ssh]"],
+     f"\"ssh -F ~/work/ssh_config\". [{env_note('ssh-command')}; default: ssh]"],
 ]
 
-
-# The original tool's environment variables (and ours) that stand for an option: under the command
-# line, over a saved profile (jds.profiles). Listed in each option's help as [env ...].
-ENVIRONMENT: dict[str, tuple[str, ...]] = {
-    "hub": ("JUPYTER_SERVER_IP_OR_NAME",),
-    "user": ("JUPYTER_USERNAME",),
-    "tls-name": ("JUPYTER_SERVER_NAME",),
-    "ca-cert": ("JUPYTER_CLUSTER_CA_CERT",),
-    "listen": ("JUPYTER_PROXY_IP_OR_NAME", "JUPYTER_PROXY_PORT"),
-    "token-file": ("JUPYTERHUB_API_TOKEN",),
-    "root": ("JUPYTER_DEV_SERVER_ROOT",),
-    "via": ("JUPYTER_DEV_SERVER_VIA",),
-    "ssh-command": ("JUPYTER_DEV_SERVER_SSH_COMMAND",),
-}
 # What a command says when it has no hub at all: the user has not run login yet.
 NO_HUB = (
     "No hub given and no saved profile: run 'jupyter-dev-server login --hub HOST[:PORT] --user NAME' "
@@ -171,36 +148,31 @@ NO_HUB = (
 
 def hub_target(options: usage.Options, environ: Mapping[str, str], server: str = "") -> HubTarget:
     """
-    The hub, user and TLS name from ``options`` (as :data:`HUB_PARAMETERS` defines them), each
-    falling back to its environment variable; also settles ``ca-cert``, ``connect-timeout``, ``via``
-    (a :class:`ViaSpec`; ``via-warning`` a sentence to show, or "") and ``ssh-command``.
+    The hub, user and TLS name from ``options`` (as :data:`HUB_PARAMETERS` defines them; their
+    environment variables already applied by :meth:`ProfiledOptions.apply_profile`); also settles
+    ``ca-cert``, ``connect-timeout``, ``via`` (a :class:`ViaSpec`; ``via-warning`` a sentence to show,
+    or "") and ``ssh-command``.
     """
-
-    def env(name: str) -> str | None:
-        return environ.get(name, "").strip() or None
-
-    hub = options["hub"] or env("JUPYTER_SERVER_IP_OR_NAME")
+    hub = options["hub"]
     if not hub:
         raise usage.UsageError(NO_HUB)
-    env_port = env("JUPYTER_SERVER_PORT")
-    default_port = _port(env_port, "JUPYTER_SERVER_PORT") if env_port else DEFAULT_HUB_PORT
-    host, port, base = parse_hub(hub, default_port)
+    host, port, base = parse_hub(hub, hub_default_port(environ))
 
-    user = options["user"] or env("JUPYTER_USERNAME")
+    user = options["user"]
     if not user:
-        raise usage.UsageError("No user given: pass --user NAME or set JUPYTER_USERNAME.")
+        raise usage.UsageError(f"No user given: pass --user NAME or set {ENVIRONMENT['user'][0]}.")
 
-    tls_name = options["tls-name"] or env("JUPYTER_SERVER_NAME") or host
+    tls_name = options["tls-name"] or host
     options["connect-timeout"] = _seconds(options["connect-timeout"], "connect-timeout")
-    if options["via"]:
-        from_profile = getattr(options, "origins", {}).get("via", "").startswith("profile")
-        source = f"profile {options.profile_name}" if from_profile else "--via"
-        choice = choose_via(options["via"], environ, host, source)
+    origin = getattr(options, "origins", {}).get("via", "")
+    if origin.startswith("profile"):
+        source = f"profile {options.profile_name}"
     else:
-        choice = choose_via(env("JUPYTER_DEV_SERVER_VIA"), environ, host, "JUPYTER_DEV_SERVER_VIA")
+        source = origin.removeprefix("env ") if origin.startswith("env ") else "--via"
+    choice = choose_via(options["via"] or None, environ, host, source)
     options["via"], options["via-warning"] = choice.spec, choice.warning
-    options["ssh-command"] = options["ssh-command"] or env("JUPYTER_DEV_SERVER_SSH_COMMAND") or "ssh"
-    _settle_ca(options, environ, options["ca-cert"] or env("JUPYTER_CLUSTER_CA_CERT"))
+    options["ssh-command"] = options["ssh-command"] or "ssh"
+    _settle_ca(options, environ, options["ca-cert"])
     return HubTarget(host=host, port=port, user=user, server=server, base_path=base, tls_name=tls_name)
 
 
@@ -307,16 +279,15 @@ class Options(HubOptions):
         ["server", None, "", "A named server of yours (/user/NAME/SERVER/); default: your default server."],
         ["root", None, None,
          "A folder of your server, relative to its root, that the IDE sees as the server's root: "
-         "files, notebooks' kernels and new terminals start there. [env JUPYTER_DEV_SERVER_ROOT; "
+         f"files, notebooks' kernels and new terminals start there. [{env_note('root')}; "
          "default: the server's root]"],
         *HUB_PARAMETERS[2:],
         ["listen", None, None,
-         "Twisted endpoint to serve the IDE on. [env JUPYTER_PROXY_IP_OR_NAME, JUPYTER_PROXY_PORT; "
-         f"default: {DEFAULT_LISTEN}]"],
+         f"Twisted endpoint to serve the IDE on. [{env_note('listen')}; default: {DEFAULT_LISTEN}]"],
         ["token-file", None, None,
          "Managed mode: a file (mode 600) with your hub API token, as 'jupyter-dev-server login' writes "
          "it. The proxy then holds the token, starts your server when needed and gives the IDE a local "
-         "token instead. [env JUPYTERHUB_API_TOKEN holds the token itself]"],
+         f"token instead. [{env_note('token-file')} holds the token itself]"],
         ["local-token-file", None, None,
          "Where managed mode keeps its local token, reused across restarts. "
          "[default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
@@ -380,10 +351,6 @@ class Options(HubOptions):
         super().__init__()
         self.environ = os.environ if environ is None else environ
 
-    def _env(self, name: str) -> str | None:
-        value = self.environ.get(name, "").strip()
-        return value or None
-
     def postOptions(self) -> None:
         self.apply_profile(self.environ)
         target = hub_target(self, self.environ, self["server"] or "")
@@ -406,7 +373,7 @@ class Options(HubOptions):
             raise usage.UsageError(f"--log-format must be 'text' or 'json', not {self['log-format']!r}.")
         self._tokens()
 
-        self["listen"] = self["listen"] or self._listen_from_env()
+        self["listen"] = self["listen"] or DEFAULT_LISTEN
         # The reactor only once options are parsed: twistd installs the one --reactor names first,
         # and --help never reaches here.
         from twisted.internet import reactor
@@ -427,7 +394,7 @@ class Options(HubOptions):
             )
 
         try:
-            root = parse_root(self["root"] or self._env("JUPYTER_DEV_SERVER_ROOT") or "")
+            root = parse_root(self["root"] or "")
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
         self["target"] = dataclasses.replace(target, root=root)
@@ -450,7 +417,7 @@ class Options(HubOptions):
             except TokenFileError as exc:
                 raise usage.UsageError(str(exc)) from None
         else:
-            hub_token = self._env("JUPYTERHUB_API_TOKEN")
+            hub_token = environment_token(self.environ)
         self["hub-token"] = hub_token
         self["local-token"] = None
         self["local-token-path"] = None
@@ -463,12 +430,3 @@ class Options(HubOptions):
                 raise usage.UsageError(
                     f"Cannot use the local token file {path}: {exc}. Choose another with --local-token-file."
                 ) from None
-
-    def _listen_from_env(self) -> str:
-        address = self._env("JUPYTER_PROXY_IP_OR_NAME")
-        port = self._env("JUPYTER_PROXY_PORT")
-        if not address and not port:
-            return DEFAULT_LISTEN
-        number = _port(port, "JUPYTER_PROXY_PORT") if port else 8000
-        interface = (address or "127.0.0.1").replace(":", "\\:")
-        return f"tcp:{number}:interface={interface}"

@@ -36,6 +36,8 @@ from typing import Any
 
 from twisted.python import reflect, usage
 
+from jds.environment import ENVIRONMENT, environment_value
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -195,12 +197,12 @@ def describe_server_options(options: Mapping[str, Any]) -> str:
 class ProfiledOptions(usage.Options):
     """
     Options that can come from a saved profile: ``--profile NAME`` and the order option >
-    environment variable > profile > default. A subclass says which environment variables stand for
-    which option (:attr:`environment`) and calls :meth:`apply_profile` first in ``postOptions``.
-    ``origins`` then says where each setting came from.
+    environment variable > profile > default. The variables are :mod:`jds.environment`'s (a subclass
+    may leave some out: :attr:`environment`); a subclass calls :meth:`apply_profile` first in
+    ``postOptions``. ``origins`` then says where each setting came from.
     """
 
-    environment: Mapping[str, tuple[str, ...]] = {}
+    environment: Mapping[str, tuple[str, ...]] = ENVIRONMENT
     # login makes the profile it names; every other command needs it to exist
     creates_profile = False
     optParameters = [
@@ -239,8 +241,8 @@ class ProfiledOptions(usage.Options):
 
     def apply_profile(self, environ: Mapping[str, str]) -> dict[str, Any]:
         """
-        Fill what the command line did not give from the profile, unless an environment variable
-        stands for it; fails when ``--profile NAME`` names none. Returns the profile (empty if none).
+        Fill what the command line did not give from its environment variable, else from the
+        profile; fails when ``--profile NAME`` names none. Returns the profile (empty if none).
         """
         path = config_path(environ)
         asked = self.get("profile")
@@ -266,6 +268,9 @@ class ProfiledOptions(usage.Options):
                 self.origins[key] = "option"
             elif variables:
                 self.origins[key] = "env " + ", ".join(variables)
+                value = environment_value(environ, key)
+                if value is not None:
+                    dict.__setitem__(self, key, value)
             elif key in profile and key not in NEVER_SAVED:
                 value = profile[key]
                 if key == SERVER_OPTIONS:

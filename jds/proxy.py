@@ -37,6 +37,7 @@ from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
 from jds.hubclient import HubClient
 from jds.hublink import HubLink
+from jds.logs import clip, quoted
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -357,7 +358,7 @@ class _Exchange:
             log.info(
                 "{method} {path}: still waiting for the kernel to start ({minutes:.0f} min so far; "
                 "up to {limit:g} s, {option}).",
-                method=self.request.method.decode("latin-1"), path=self.hub_path.decode("latin-1"),
+                method=clip(self.request.method.decode("latin-1"), 32), path=quoted(self.hub_path),
                 minutes=(reactor.seconds() - began) / 60, limit=self.limit, option=self.limit_option,
             )
 
@@ -589,10 +590,10 @@ class _Exchange:
         """Dropping the connection is the only honest way to say a started body is incomplete."""
         log.warn(
             "{method} {path}: {why} ({error}); the client's connection was dropped.",
-            method=self.request.method.decode("latin-1"),
-            path=self.hub_path.decode("latin-1"),
+            method=clip(self.request.method.decode("latin-1"), 32),
+            path=quoted(self.hub_path),
             why=why,
-            error=reason.getErrorMessage(),
+            error=clip(reason.getErrorMessage()),
         )
         self._client_gone = True
         transport = self.request.channel and self.request.channel.transport

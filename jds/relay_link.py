@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from jds.hub import looks_stopped, server_not_running
+from jds.logs import clip, quoted
 from jds.refusal import Refusal
 from jds.relay_frames import HubFactory, HubSide, IdeSide, PeerReading, Side
 from jds.relay_outage import HubOutage, ReplayWatch, log_reconnected, loss_reason
@@ -181,10 +182,10 @@ class _Opening:
             return
         log.warn(
             "WebSocket {uri} -> {status}: {message}{hint}",
-            uri=self.uri,
+            uri=quoted(self.uri),
             status=refusal.status,
-            message=refusal.message,
-            hint=f" {refusal.hint}" if refusal.hint else "",
+            message=clip(refusal.message),
+            hint=f" {clip(refusal.hint)}" if refusal.hint else "",
         )
         self.ide.deny_reason = refusal.reason
         handshake.errback(ConnectionDeny(refusal.status, refusal.message))
@@ -269,8 +270,8 @@ class Link(_Opening):
                 self.relay.stats.websocket_opened()
             log.info(
                 "WebSocket {uri} open (subprotocol {protocol})",
-                uri=self.uri,
-                protocol=self.ide.websocket_protocol_in_use,
+                uri=quoted(self.uri),
+                protocol=clip(str(self.ide.websocket_protocol_in_use)),
             )
 
     # Traffic
@@ -322,7 +323,7 @@ class Link(_Opening):
         log.info(
             "WebSocket {uri}: the hub link was lost {size} bytes into a message from the IDE; "
             "the server never had all of it, so it goes whole to the next link.",
-            uri=self.uri, size=size,
+            uri=quoted(self.uri), size=size,
         )
 
     def message_cut(self, side: Side, size: int) -> None:
@@ -330,7 +331,7 @@ class Link(_Opening):
         log.warn(
             "WebSocket {uri}: a {size}-byte message from the {role} was dropped: the {peer} side "
             "closed in the middle of it.",
-            uri=self.uri, size=size, role=side.role, peer=peer,
+            uri=quoted(self.uri), size=size, role=side.role, peer=peer,
         )
 
     def too_much_held(self) -> None:
@@ -364,9 +365,9 @@ class Link(_Opening):
         if self._close(self._peer(side), code, reason):
             log.info(
                 "WebSocket {uri}: the {role} closed it {how}.",
-                uri=self.uri,
+                uri=quoted(self.uri),
                 role=side.role,
-                how=f"with {code}{f' ({reason})' if reason else ''}" if code is not None else "without a close code",
+                how=f"with {code}{f' ({clip(reason)})' if reason else ''}" if code is not None else "without a close code",
             )
 
     def broken(self, side: Side, code: int, reason: str) -> None:
@@ -376,9 +377,9 @@ class Link(_Opening):
             'failing WebSocket connection (code={code}): "{reason}" from the {role} on {uri}; '
             "the {peer} gets 1011.",
             code=code,
-            reason=reason,
+            reason=clip(reason),
             role=side.role,
-            uri=self.uri,
+            uri=quoted(self.uri),
             peer=peer_role,
         )
         self._close(peer, 1011, f"The {side.role} broke the WebSocket protocol.")
@@ -398,7 +399,7 @@ class Link(_Opening):
             "WebSocket {uri}: the hub's proxy wrote {status!r} into the socket: the server behind it "
             "dropped the connection (last message to it: {size} bytes; a Jupyter server drops one over "
             "its websocket_max_message_size, 10 MiB unless configured otherwise); the IDE gets {code}.",
-            uri=self.uri, status=status, size=size, code=code,
+            uri=quoted(self.uri), status=clip(status), size=size, code=code,
         )
         self._close(self.ide, code, reason)
 
@@ -496,7 +497,7 @@ class Link(_Opening):
         """End the outage with 1011 and ``reason`` to the IDE (and one log line)."""
         if self.outage is None:
             return
-        log.warn("WebSocket {uri} closed with 1011: {reason}", uri=self.uri, reason=reason)
+        log.warn("WebSocket {uri} closed with 1011: {reason}", uri=quoted(self.uri), reason=clip(reason))
         self._end_outage("gave up")
         self._abort_hub_handshake()
         self._to_hub.gone = True

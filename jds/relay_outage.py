@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from jds.hub import looks_stopped
+from jds.logs import quoted
 from jds.reconnect import (
     HeldFrames,
     Outage,
@@ -55,7 +56,7 @@ def log_reconnected(uri: str, seconds: float, sent: int, replay: ReplayCount | N
     parts.append(f"{sent} held message{'' if sent == 1 else 's'} sent")
     log.info(
         "WebSocket {uri} reconnected after {after}; {counts}",
-        uri=uri,
+        uri=quoted(uri),
         after=describe_duration(seconds),
         counts=", ".join(parts),
     )

@@ -5,7 +5,10 @@ A request is sent again only when that cannot make the hub act twice: GET, HEAD 
 nothing, and any request whose bytes never left the proxy (the hub refused the connection, the
 connection was lost before its TLS handshake completed, or a pooled connection was gone before the
 request was written) was never seen. Anything else that may have reached the hub, such as a POST
-whose answer never came, is never replayed: the IDE gets the 502 and decides.
+whose answer never came, is never replayed: the IDE gets the 502 and decides. Nor is a request whose
+connection failed for a reason another attempt cannot change within the window (an exception marked
+``final``: the bastion refused the ssh login or its host key is not trusted, :mod:`jds.bastion`):
+retrying would only start ssh again and again for the same refusal.
 
 The first new attempt waits 0.5 s, each later one twice as long, until :data:`RETRY_WINDOW` seconds
 have passed since the first failure. The hub client (:mod:`jds.hubclient`) already sends a body-less
@@ -32,7 +35,7 @@ from twisted.web.client import (
 from jds.refusal import leaf_failures
 
 __all__ = [
-    "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "RetryPlan", "link_broken", "may_retry", "never_sent",
+    "FIRST_DELAY", "RETRY_WINDOW", "SAFE_METHODS", "RetryPlan", "final", "link_broken", "may_retry", "never_sent",
 ]
 
 RETRY_WINDOW = 10.0
@@ -69,8 +72,15 @@ def link_broken(failure: Failure) -> bool:
     return bool(leaves) and all(leaf.check(*_LOST, *_CONNECT_FAILURES) for leaf in leaves)
 
 
+def final(failure: Failure) -> bool:
+    """True when a cause says another attempt would fail the same way (its ``final`` attribute)."""
+    return any(getattr(leaf.value, "final", False) for leaf in leaf_failures(failure))
+
+
 def may_retry(method: bytes, failure: Failure) -> bool:
     """Whether a request with ``method`` that failed with ``failure`` may be sent again."""
+    if final(failure):
+        return False
     return never_sent(failure) or (method in SAFE_METHODS and link_broken(failure))
 
 

@@ -32,6 +32,7 @@ from jds.commands import login_command
 from jds.connections import ConnectionLimit, total_connections
 from jds.guard import Limits, LocalGuard, is_loopback
 from jds.hub import HubAPI, ServerStarter
+from jds.hublink import HubLink
 from jds.logs import json_observer_for, text_observer_for
 from jds.options import Options
 from jds.paths import HubTarget, authority
@@ -40,6 +41,7 @@ from jds.proxy import IDLE_UPSTREAM_SECONDS, ResponseTimeouts, make_agent
 from jds.reconnect import ReconnectPolicy
 from jds.sessions import Sessions
 from jds.site import LocalSite, build_site
+from jds.stats import Stats
 from jds.token_expiry import TokenExpiryWatch
 from jds.tokens import url_file_path, write_private
 
@@ -150,9 +152,14 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         body_timeout=options["body-timeout"], connections_per_client=options["max-connections-per-client"],
         connections=total_connections(options["max-connections"]), max_message=options["max-message-size"],
     )
+    # One hub link state for REST, WebSockets and the hub API's own calls (spawn, token checks).
+    stats = Stats()
+    hub_link = HubLink(reactor, stats, explain=policy.explain)
     # Both modes start a stopped server: managed mode with the token it holds, pass-through mode
     # (no hub token here) with the token the IDE's request carries.
-    api = HubAPI(make_agent(reactor, policy), target, options["hub-token"], user_options=options["server-options"])
+    api = HubAPI(
+        make_agent(reactor, policy), target, options["hub-token"], user_options=options["server-options"], link=hub_link
+    )
     starter = ServerStarter(
         api, reactor, timeout=options["spawn-timeout"], allowed=not options["no-spawn"],
         on_progress=ProgressBar(sys.stderr).update,
@@ -172,7 +179,7 @@ def make_service(options: Options, reactor: Any = None) -> service.IService:
         target, policy, reactor, credentials, starter,
         allowed_origins=tuple(options["allow-origin"]), ping_interval=options["ping-interval"],
         guard=guard, header_timeout=options["header-timeout"], timeouts=timeouts, limits=limits,
-        token_watch=token_watch,
+        token_watch=token_watch, stats=stats, hub_link=hub_link, profile=getattr(options, "profile_name", None),
         reconnect=ReconnectPolicy(options["reconnect-window"], options["reconnect-buffer"]),
     )
     endpoint = serverFromString(reactor, options["listen"])

@@ -327,12 +327,15 @@ def build_site(
     timeouts: ResponseTimeouts | None = None,
     token_watch: TokenExpiryWatch | None = None,
     limits: Limits | None = None,
+    hub_link: HubLink | None = None,
+    profile: str | None = None,
 ) -> LocalSite:
     credentials = credentials or Credentials()
     limits = limits if limits is not None else Limits()
     stats = stats if stats is not None else Stats()
     agent = starter.api.agent if starter is not None else make_agent(reactor, policy)
-    hub_link = HubLink(reactor, stats)  # one state for REST and WebSockets
+    if hub_link is None:  # one state for REST, WebSockets and the hub API's calls
+        hub_link = HubLink(reactor, stats)
 
     def relay() -> Any:
         # lazy load: autobahn (~5 MiB of RSS) only once a WebSocket arrives, see _OnFirstUse
@@ -355,6 +358,8 @@ def build_site(
         reactor=reactor,
         token_watch=token_watch,
         via=policy.via,
+        profile=profile,
+        server_options=starter.api.user_options if starter is not None else None,
     )
     return LocalSite(
         LocalRoot(proxy, login, status), stats, guard, header_timeout, reactor, credentials, target, limits

@@ -32,9 +32,10 @@ STATE_TIMEOUT = 5.0
 
 class StatusResource(Resource):
     """
-    ``GET /_jds/status``: the daemon's identity, the server's state (asked of the hub when this
-    daemon holds a hub token, else ``"unknown"``) and :class:`Stats`. Mounted at ``/_jds`` as a
-    leaf; any other ``/_jds/...`` path is a JSON 404.
+    ``GET /_jds/status``: the daemon's identity (with the saved ``profile`` it runs, if any, and
+    the ``--server-options`` a start sends), the server's state (asked of the hub when this daemon
+    holds a hub token, else ``"unknown"``) and :class:`Stats`. Mounted at ``/_jds`` as a leaf; any
+    other ``/_jds/...`` path is a JSON 404. Nothing in it is a secret: no token, no proxy password.
     """
 
     isLeaf = True
@@ -48,8 +49,12 @@ class StatusResource(Resource):
         reactor: Any = None,
         token_watch: Any = None,
         via: Any = None,
+        profile: str | None = None,
+        server_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.profile = profile
+        self.server_options = dict(server_options or {})
         self.via = via
         self.token_watch = token_watch
         self.stats = stats
@@ -93,6 +98,8 @@ class StatusResource(Resource):
             "server": self.target.server,
             "server_url": self.target.server_url,
             "root": self.target.root,
+            "profile": self.profile,
+            "server_options": self.server_options,
             "server_state": server_state,
             **({"via": self.via.status()} if self.via is not None else {}),
             **(self.token_watch.report() if self.token_watch is not None else {}),

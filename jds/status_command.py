@@ -16,8 +16,9 @@ from typing import Any
 from twisted.python import usage
 
 from jds.commands import parse_subcommand
+from jds.environment import env_note
 from jds.paths import authority, listen_address
-from jds.profiles import ProfiledOptions
+from jds.profiles import ProfiledOptions, describe_server_options
 from jds.status import STATUS_PATH
 from jds.tokens import default_local_token_path
 
@@ -54,6 +55,19 @@ def _root_line(root: str) -> str:
     return f"{root}/ (--root: the IDE sees this folder as the server's root)"
 
 
+def _profile_lines(report: dict[str, Any]) -> list[str]:
+    """The profile and the spawn options (a daemon before they were reported says nothing of them)."""
+    if "profile" not in report:
+        return []
+    profile = report["profile"] or "none (its options came from the command line and the environment)"
+    options = report.get("server_options") or {}
+    spawn = (
+        f"--server-options {describe_server_options(options)}" if options
+        else "no --server-options (the hub reuses the last start's)"
+    )
+    return [f"  profile:    {profile}", f"  starts:     with {spawn}"]
+
+
 def describe(report: dict[str, Any], url: str) -> str:
     """The status document as a few lines for a person."""
     server = f"server {report['server']!r}" if report.get("server") else "default server"
@@ -63,6 +77,7 @@ def describe(report: dict[str, Any], url: str) -> str:
         f"  hub:        {report['hub']}",
         f"  server:     {report['server_url']} ({report['user']}'s {server}) is {report['server_state']}",
         f"  root:       {_root_line(report.get('root', ''))}",
+        *_profile_lines(report),
         f"  relayed:    {_plural(report['requests'], 'request')}, {_size(report['bytes_in'])} from the IDE, "
         f"{_size(report['bytes_out'])} to the IDE, {_plural(report['websockets'], 'WebSocket')}"
         + (f"; {report['retried_requests']} retried after a lost hub link" if report.get("retried_requests") else ""),
@@ -143,12 +158,10 @@ class StatusOptions(ProfiledOptions):
         "much it has relayed. It reads the local token from the same file the daemon keeps it in. "
         "With no options it asks the daemon of the default profile (--profile NAME: another's)."
     )
-    environment = {"listen": ("JUPYTER_PROXY_IP_OR_NAME", "JUPYTER_PROXY_PORT")}
     optParameters = [
         ["url", None, None, "The daemon's address. [default: from --listen, else http://127.0.0.1:8000]"],
         ["listen", None, None,
-         "The --listen endpoint the daemon was started with. [env JUPYTER_PROXY_IP_OR_NAME, "
-         "JUPYTER_PROXY_PORT]"],
+         f"The --listen endpoint the daemon was started with. [{env_note('listen')}]"],
         ["token", None, None, "The daemon's local token (managed mode). [default: read from --local-token-file]"],
         ["local-token-file", None, None,
          "Where the daemon keeps its local token. [default: $XDG_STATE_HOME/jupyter-dev-server/local-token]"],
@@ -161,13 +174,7 @@ class StatusOptions(ProfiledOptions):
 
     def postOptions(self) -> None:
         self.apply_profile(self.environ)
-        url = self["url"]
-        if not url and self["listen"]:
-            url = endpoint_url(self["listen"])
-        if not url:
-            address = self.environ.get("JUPYTER_PROXY_IP_OR_NAME", "").strip() or "127.0.0.1"
-            port = self.environ.get("JUPYTER_PROXY_PORT", "").strip() or "8000"
-            url = f"http://{authority(address)}:{port}"
+        url = self["url"] or (endpoint_url(self["listen"]) if self["listen"] else "http://127.0.0.1:8000")
         self["url"] = url.rstrip("/")
         self["token-source"] = "--token"
         if self["token"] is None:

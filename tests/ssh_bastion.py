@@ -113,6 +113,11 @@ class SSHBastion:
         return sum(line.startswith("login ") for line in self.logins_path.read_text().splitlines())
 
     @property
+    def connections(self) -> int:
+        """Every ssh connection made to it, logged in or refused."""
+        return self.logins_path.read_text().splitlines().count("connect")
+
+    @property
     def commands(self) -> list[str]:
         return [line[5:] for line in self.logins_path.read_text().splitlines() if line.startswith("exec ")]
 

@@ -3,7 +3,7 @@ A small SSH bastion for the ``--via ssh://`` tests and the via benchmark, run as
 (``python tests/sshd.py ...``) and stopped by its pid; the client side is the system's real ``ssh``.
 
 - Public-key logins only, against an ``authorized_keys`` file; each successful login appends a line
-  to ``--logins`` (the tests count them).
+  to ``--logins`` (the tests count them), and so does each connection, refused ones included (``connect``).
 - Commands run are appended there too (``exec ...``). Forwards (``direct-tcpip``) to any host, resolving ``--resolve NAME=ADDRESS`` itself: the site's DNS,
   which knows a hub name this machine cannot resolve. A refused or unresolvable destination fails the
   channel with the reason, as OpenSSH's sshd does.
@@ -35,6 +35,8 @@ class _Bastion(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        with open(self.options.logins, "a") as out:
+            out.write("connect\n")
 
     def begin_auth(self, username: str) -> bool:
         return True

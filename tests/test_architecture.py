@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 
 # Lowest first: a module may import modules of its own layer or of the layers before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions", "jds.via", "jds.openssh"}),
+    ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.environment", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions", "jds.via", "jds.openssh"}),
     ("hub side", {"jds.tls", "jds.reach", "jds.tunnels", "jds.bastion", "jds.spares", "jds.hubclient", "jds.retry", "jds.hublink", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry", "jds.cluster_ca"}),
     ("web resources", {"jds.guard", "jds.connections", "jds.login", "jds.upload", "jds.proxy", "jds.relay_frames", "jds.relay_outage", "jds.relay_link", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),

@@ -7,6 +7,7 @@ the login node's certificate folder. End to end with the real ssh: ``test_via_ss
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -426,3 +427,57 @@ def test_an_ssh_command_that_is_not_installed_is_named() -> None:
     assert failed and "'no-such-ssh-program' (from --ssh-command) is not installed" in failed[0].getErrorMessage()
     assert via.explain(failed[0]).reason == "via-ssh-missing"
     finish(via)
+
+
+def _request_through(via: SSHVia) -> StringTransport:
+    """A GET from the IDE through the proxy resource, its hub connections made through ``via``."""
+    from jds.paths import HubTarget
+    from jds.proxy import HubProxyResource
+    from jds.site import LocalSite
+    from jds.tls import HubTLSPolicy
+
+    reactor = via.reactor
+    target = HubTarget(host="hub.site", port=8000, user="alice")
+    policy = HubTLSPolicy(reactor, target.host, target.port, target.verify_name, None, via=via)
+    site = LocalSite(HubProxyResource(target, policy, reactor), reactor=reactor)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /api/kernelspecs HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+    return transport
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [b"bastion-user@127.0.0.1: Permission denied (publickey).\n", b"Host key verification failed.\n"],
+)
+def test_a_request_that_meets_a_refused_login_is_answered_at_once_not_retried(via: SSHVia, refused: bytes) -> None:
+    """Retrying for 10 s would start ssh about four times for a refusal only the user can change."""
+    reactor: FakeSSHReactor = via.reactor
+    answer = _request_through(via)
+    assert len(reactor.spawned) == 1
+    reactor.exit(refused)
+    reactor.advance(0)
+    for _ in range(40):  # the retry window and then some: no new login, whatever waits
+        reactor.advance(0.5)
+        if via._child is not None:
+            reactor.exit(refused)
+    assert len(reactor.spawned) == 1, "ssh was started again for the same request"
+    head, _, body = answer.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), answer.value()
+    error = json.loads(body)
+    assert error["reason"] in ("via-login-refused", "via-host-key") and refused.strip().decode() in error["message"]
+
+
+def test_a_request_that_meets_an_unreachable_bastion_is_retried_on_the_backoff(via: SSHVia) -> None:
+    """A network failure may pass: the request is sent again, each attempt starting ssh no sooner than the backoff."""
+    reactor: FakeSSHReactor = via.reactor
+    answer = _request_through(via)
+    unreachable = b"ssh: connect to host login-node port 22: Connection refused\n"
+    for _ in range(40):
+        if via._child is not None:
+            reactor.exit(unreachable)
+        reactor.advance(0.5)
+    assert len(reactor.spawned) >= 3, "each retry may start ssh again"
+    head, _, body = answer.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and json.loads(body)["reason"] == "via-unreachable", answer.value()

@@ -140,17 +140,35 @@ class ManagedModeTests(Limited):
         self.open()
         self.assertTrue(old.disconnected)
 
-    def test_a_flood_is_one_log_line_a_while(self) -> None:
-        now = [0.0]
-        self.limited = ConnectionLimit(self.site, 2, clock=lambda: now[0])
+    def test_a_flood_is_collapsed_like_a_burst_of_refusals(self) -> None:
+        """Three lines, then one per 10 s with the count (jds.logs.RepeatCounter), as refusals are."""
+        self.limit(2)
         with capturedLogs() as events:
-            for _ in range(100):
+            for _ in range(100):  # 98 dropped to make room
                 self.open()
-            now[0] += 10
-            self.open()
+            self.clock.advance(10)
+            for _ in range(5):
+                self.open()
+            self.clock.advance(10)
+            self.clock.advance(20)  # quiet for a whole window: nothing more to say
         lines = [formatEvent(e) for e in events if "to make room" in formatEvent(e)]
-        self.assertEqual(len(lines), 2)
-        self.assertTrue(lines[0].startswith("Dropped 1 connection(s)") and lines[1].startswith("Dropped 98 "), lines)
+        self.assertEqual(len(lines), 5, lines)
+        self.assertTrue(all(line.startswith("Dropped a connection that") for line in lines[:3]), lines)
+        self.assertTrue(lines[3].startswith("Dropped 95 more connection(s) in 10 s that had not shown"), lines)
+        self.assertTrue(lines[4].startswith("Dropped 5 more connection(s) in 10 s"), lines)
+        self.assertIn("--max-connections-per-client 2", lines[3])
+
+    def test_refused_connections_are_collapsed_too(self) -> None:
+        self.limit(1)
+        self.assertEqual(self.status(self.open(send=WITH_TOKEN)), b"HTTP/1.1 200 OK")
+        with capturedLogs() as events:
+            for _ in range(20):
+                self.assertIn(b"503", self.status(self.open()))
+            self.clock.advance(10)
+        lines = [formatEvent(e) for e in events if formatEvent(e).startswith("Refused ")]
+        self.assertEqual(len(lines), 4, lines)
+        self.assertTrue(all(line.startswith("Refused a connection: ") for line in lines[:3]), lines)
+        self.assertTrue(lines[3].startswith("Refused 17 more connection(s) in 10 s: "), lines)
 
 
 class PassThroughModeTests(Limited):

@@ -115,6 +115,39 @@ class GuardTests(SynchronousTestCase):
             lines = [e for e in self.events if "malformed" in str(e.get("log_format"))]
             self.assertEqual(len(lines), 1)
 
+    def lines(self, words: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if words in (formatEvent(e) or "")]
+
+    def test_a_burst_of_malformed_requests_is_collapsed_like_refusals(self) -> None:
+        """Three lines, then one per 10 s with the count; another malformed request has lines of its own."""
+        for _ in range(50):
+            status, _ = self.ask(b"GET /api HTTP/1.1\r\nX A: b\r\n\r\n")
+            self.assertEqual(status, b"HTTP/1.1 400 Bad Request")  # every one is still answered
+        status, _ = self.ask(b"GET /api HTTP/1.1\r\nX-A\x00: b\r\n\r\n")
+        self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
+        self.clock.advance(10)
+        self.clock.advance(30)
+        same = self.lines("'X A' is not an HTTP token")
+        self.assertEqual(len(same), 4, same)
+        self.assertTrue(all(line.startswith("Refused a malformed HTTP request from ") for line in same[:3]), same)
+        self.assertTrue(same[3].startswith("Refused the same malformed HTTP request 47 more time(s) in 10 s"), same)
+        self.assertEqual(len(self.lines("'X-A\\x00' is not an HTTP token")), 1)
+
+    def test_a_burst_of_clients_too_slow_with_their_headers_is_collapsed(self) -> None:
+        transports = []
+        for _ in range(20):
+            channel, transport = self.connect()
+            channel.dataReceived(b"GET / HTTP/1.1\r\n")
+            transports.append(transport)
+        self.clock.advance(5.5)
+        self.assertTrue(all(t.value().startswith(b"HTTP/1.1 408") for t in transports))
+        self.clock.advance(10)
+        dropped = self.lines("did not send")
+        self.assertEqual(len(dropped), 4, dropped)
+        self.assertTrue(all(line.startswith("Dropped a client (") for line in dropped[:3]), dropped)
+        self.assertTrue(dropped[3].startswith("Dropped 17 more client(s) in 10 s that did not send their request "
+                                              "headers within 5 s."), dropped)
+
     def test_control_characters_in_headers_are_refused_whatever_the_twisted(self) -> None:
         """
         Twisted before 26.10 stores these header values as sent; the guard refuses them itself,

@@ -157,3 +157,14 @@ def test_log_files_are_private_and_bounded(tmp_path: Path) -> None:
 def test_clip_says_how_much_it_left_out() -> None:
     assert clip("abc", 5) == "abc"
     assert clip("a" * 1500) == "a" * QUOTE_LIMIT + f"...[{1500 - QUOTE_LIMIT} more]"
+
+
+def test_quoted_redacts_then_clips_a_uri() -> None:
+    from jds.logs import QUOTE_LIMIT, quoted
+
+    short = quoted(b"/api/kernels?token=SECRET&x=1")
+    assert short == "/api/kernels?token=[redacted]&x=1"
+    assert quoted("/api/kernels?token=SECRET") == "/api/kernels?token=[redacted]"  # a str is redacted too
+    long = quoted(b"/a?x=" + b"y" * 3000 + b"&token=SECRET")
+    assert "SECRET" not in long and long.endswith("more]")
+    assert long.startswith("/a?x=yyy") and len(long) < QUOTE_LIMIT + 20

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trustme
 from twisted.python import usage
 
+from jds.environment import VARIABLES, env_note
 from jds.options import Options, parse_hub
 
 
@@ -169,3 +172,67 @@ def test_token_files(tmp_path: Path) -> None:
     stored = tmp_path / "state" / "jupyter-dev-server" / "local-token"
     assert stored.stat().st_mode & 0o777 == 0o600
     assert parse(["--hub", "h", "--user", "u"], env)["local-token"] is None
+
+
+def _readme_variables() -> set[str]:
+    """The variables README's Options table documents: its environment column."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    found: set[str] = set()
+    for row in (line for line in section.splitlines() if line.startswith("| `--")):
+        environment = row.split(" | ")[1]
+        found.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", environment))
+    return found
+
+
+# what each variable does when set on its own, over a saved profile that says otherwise
+_EFFECTS: dict[str, tuple[str, Callable[[Options], object], object]] = {
+    "JUPYTER_SERVER_IP_OR_NAME": ("env-hub", lambda o: o["target"].host, "env-hub"),
+    "JUPYTER_SERVER_PORT": ("8443", lambda o: o["target"].port, 8443),
+    "JUPYTER_USERNAME": ("env-user", lambda o: o["target"].user, "env-user"),
+    "JUPYTER_SERVER_NAME": ("env-name", lambda o: o["target"].verify_name, "env-name"),
+    "JUPYTER_CLUSTER_CA_CERT": ("{ca}", lambda o: o["ca-cert"], "{ca}"),
+    "JUPYTER_PROXY_IP_OR_NAME": ("127.0.0.3", lambda o: o["listen"], "tcp:8000:interface=127.0.0.3"),
+    "JUPYTER_PROXY_PORT": ("9001", lambda o: o["listen"], "tcp:9001:interface=127.0.0.1"),
+    "JUPYTERHUB_API_TOKEN": ("ENV-TOKEN", lambda o: o["hub-token"], "ENV-TOKEN"),
+    "JUPYTER_DEV_SERVER_ROOT": ("env/root", lambda o: o["target"].root, "env/root"),
+    "JUPYTER_DEV_SERVER_VIA": ("socks5://127.0.0.1:1081", lambda o: (o["via"].kind, o["via"].port), ("socks5", 1081)),
+    "JUPYTER_DEV_SERVER_SSH_COMMAND": ("ssh -v", lambda o: o["ssh-command"], "ssh -v"),
+}
+
+
+def test_every_documented_variable_is_in_the_one_table() -> None:
+    documented = _readme_variables()
+    assert "JUPYTER_SERVER_IP_OR_NAME" in documented and "JUPYTER_DEV_SERVER_SSH_COMMAND" in documented
+    assert documented == {row.name for row in VARIABLES}
+    assert set(_EFFECTS) == documented
+    for row in VARIABLES:  # and --help names each with its option
+        assert row.name in env_note(row.option)
+
+
+@pytest.mark.parametrize("name", sorted(_EFFECTS))
+def test_every_variable_takes_effect_over_the_profile(name: str, tmp_path: Path, ca_file: str) -> None:
+    from jds.profiles import config_path, save_profile
+    from jds.tokens import write_private
+
+    other_ca = tmp_path / "profile-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    token_file = tmp_path / "hub-token"
+    write_private(token_file, "FILE-TOKEN\n")
+    environ = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    save_profile(config_path(environ), "default", {
+        "hub": "profile-hub", "user": "profile-user", "tls-name": "profile-name", "ca-cert": str(other_ca),
+        "listen": "tcp:8123:interface=127.0.0.1", "token-file": str(token_file), "root": "profile/root",
+        "via": "direct", "ssh-command": "ssh -q",
+    }, write_private)  # fmt: skip
+    value, effect, expected = _EFFECTS[name]
+    value, expected = (v.replace("{ca}", ca_file) if isinstance(v, str) else v for v in (value, expected))
+    before = Options(environ=dict(environ))
+    before.parseOptions([])
+    assert effect(before) != expected
+    options = Options(environ={**environ, name: value})
+    options.parseOptions([])
+    assert effect(options) == expected
+    row = next(row for row in VARIABLES if row.name == name)
+    if row.sets:
+        assert options.origins[row.option] == f"env {name}"

@@ -262,6 +262,15 @@ def test_spawn_options_reach_the_spawner_and_a_refused_one_is_named(
         assert checked.returncode == 0, checked.stdout
         assert "PASS  options      the proxy starts your server with --server-options partition=gpu, gpus:=2" in (
             checked.stdout)
+        # the running daemon says which profile it runs and what a start sends; never a token
+        shown = run(tmp_path, "status", "--profile", "gpu", "--json")
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert (report["profile"], report["server_options"]) == ("gpu", {"partition": "gpu", "gpus": 2})
+        held = Path(profiles(tmp_path)["gpu"]["token-file"]).read_text().strip()
+        assert local not in shown.stdout and held not in shown.stdout
+        text = run(tmp_path, "status", "--profile", "gpu").stdout
+        assert "  profile:    gpu\n" in text and "  starts:     with --server-options partition=gpu, gpus:=2" in text
     finally:
         daemon.stop()
         form_hub.stop_server(user)

@@ -221,6 +221,19 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(response.upstream.stopped)
         self.assertEqual(self.written(), b"")
 
+    def test_a_long_path_is_clipped_in_the_dropped_connection_line(self) -> None:
+        long = b"/files/" + b"x" * 5000
+        with capturedLogs() as events:
+            self.send(b"GET " + long + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+            [(_, _, _, _, d)] = self.agent.calls
+            response = FakeResponse(200, {}, length=100)
+            d.callback(response)
+            response.send(b"x" * 10, end=Failure(ResponseFailed([Failure(ConnectionLost())])))
+        [line] = [formatEvent(e) for e in events if "connection was dropped" in formatEvent(e)]
+        self.assertIn("GET /user/alice/files/xxx", line)
+        self.assertIn("...[", line)  # clipped as a refusal's line is: 1 KiB of the path and how much more
+        self.assertLess(len(line), 1400)
+
     def test_client_going_away_stops_the_upstream_body(self) -> None:
         self.send(b"GET /files/big HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
@@ -561,6 +574,15 @@ class ResponseTimeoutTests(SynchronousTestCase):
         self.reactor.advance(120)
         self.assertEqual(len(self.waiting_lines()), 3)  # the ticker stopped with the answer
         self.assertIn(b" 201 ", transport.value())
+
+    def test_a_long_kernel_path_is_clipped_in_the_waiting_line(self) -> None:
+        kernel = b"k" * 5000
+        self.request(b"POST /api/kernels/" + kernel + b"/restart HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 0\r\n\r\n")
+        self.reactor.advance(60)
+        [line] = self.waiting_lines()
+        self.assertIn("POST /user/alice/api/kernels/kkk", line)
+        self.assertIn(f"...[{len('/user/alice/api/kernels/') + 5000 + len('/restart') - 1024} more]", line)
+        self.assertIn("--kernel-start-timeout", line)
 
     def test_kernel_start_is_cut_at_its_own_limit(self) -> None:
         transport = self.request(b"POST /api/kernels/abc/restart HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 0\r\n\r\n")

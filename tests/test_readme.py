@@ -79,13 +79,6 @@ def test_options_table_matches_help() -> None:
     assert listed - table == set(), "in --help but not in the README's options table"
 
 
-def test_environment_variables_in_the_table_are_read() -> None:
-    section = README.split("## Options", 1)[1].split("\n## ", 1)[0]
-    source = (REPO_ROOT / "jds" / "options.py").read_text()
-    for name in set(re.findall(r"`([A-Z][A-Z0-9_]+)`", section)):
-        assert f'"{name}"' in source, f"{name} is documented but jds/options.py never reads it"
-
-
 def _program_options(args: list[str]) -> list[tuple[tuple[str, ...], str]]:
     """``(command, option)`` pairs of one README command line, each option given to the command that parses it."""
     pairs: list[tuple[tuple[str, ...], str]] = []

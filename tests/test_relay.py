@@ -776,6 +776,23 @@ class CloseTests(RelayTestCase):
             self.assertNotIn("RSV", text)
             self.hub_factory.hubs.clear()
 
+    def test_long_uris_and_reasons_are_clipped_in_the_log(self) -> None:
+        """A client-sent URI (its token still redacted) and a peer's words are quoted at most 1 KiB."""
+        ide, _ = self.open_ide(KERNEL_PATH + "&x=" + "y" * 5000)
+        self.hub.transport.write(b"HTTP/1.1 503 " + b"z" * 5000 + b"\r\n\r\n")
+        self.network.pump()
+        self.assertEqual(ide.closed[1], 1011)
+        lines = [formatEvent(event) or "" for event in self.events]
+        opened = [line for line in lines if " open (subprotocol " in line]
+        wrote = [line for line in lines if "the hub's proxy wrote" in line]
+        self.assertEqual((len(opened), len(wrote)), (1, 1), lines)
+        for line in opened + wrote:
+            self.assertIn("token=[redacted]", line)
+            self.assertIn("more]", line)
+            self.assertLess(len(line), 2 * 1024 + 600)
+        self.assertNotIn("z" * 1100, wrote[0])
+        self.assertLogsClean()
+
     def test_client_dropping_without_close_gives_the_hub_1011(self) -> None:
         _, proxy_end = self.open_ide()
         proxy_end.other.abortConnection()

@@ -70,6 +70,18 @@ def test_failures_that_are_not_a_broken_link_are_never_retried(failure: Failure)
     assert not may_retry(b"GET", failure)
 
 
+def test_a_failure_marked_final_is_never_retried_even_if_never_sent() -> None:
+    """An ssh login or host key the bastion refused: no attempt within the window can change it."""
+    from jds.bastion import SSHViaError
+
+    refused = SSHViaError('ssh to login-node failed: "Permission denied (publickey)."', "via-login-refused")
+    unknown_key = SSHViaError('ssh to login-node failed: "Host key verification failed."', "via-host-key")
+    unreachable = SSHViaError('ssh to login-node failed: "Connection refused"', "via-unreachable")
+    for error, retried in ((refused, False), (unknown_key, False), (unreachable, True)):
+        for failure in (Failure(error), lost_under(ResponseNeverReceived, error)):
+            assert may_retry(b"GET", failure) is retried, (error.reason, failure)
+
+
 def test_waits_double_from_half_a_second_and_end_with_the_window() -> None:
     clock = Clock()
     plan = RetryPlan(clock)

@@ -137,6 +137,26 @@ class TestStatusResource:
         assert "/_jds/status" in body["message"]
 
 
+def test_the_profile_and_the_server_options_in_use_and_no_secret() -> None:
+    credentials = Credentials("HUB-SECRET", "LOCAL-SECRET")
+    resource = StatusResource(
+        Stats(), TARGET, credentials, profile="gpu", server_options={"partition": "gpu", "gpus": 2},
+        via=_StubVia({"kind": "http", "address": "proxy:3128", "source": "HTTPS_PROXY", "state": "up"}),
+    )
+    body = resource.document("running")
+    report = json.loads(body)
+    assert (report["profile"], report["server_options"]) == ("gpu", {"partition": "gpu", "gpus": 2})
+    assert b"SECRET" not in body
+    text = describe(report, "http://127.0.0.1:8000")
+    assert "  profile:    gpu" in text.splitlines()
+    assert "  starts:     with --server-options partition=gpu, gpus:=2" in text.splitlines()
+    bare = json.loads(StatusResource(Stats(), TARGET, Credentials()).document("unknown"))
+    assert (bare["profile"], bare["server_options"]) == (None, {})
+    lines = describe(bare, "http://127.0.0.1:8000").splitlines()
+    assert "  profile:    none (its options came from the command line and the environment)" in lines
+    assert "  starts:     with no --server-options (the hub reuses the last start's)" in lines
+
+
 def test_describe_reads_like_a_sentence() -> None:
     stats = Stats()
     stats.http_finished(1500, 2_500_000)

@@ -149,7 +149,15 @@ def test_a_refused_ssh_login_is_named_in_the_502_and_in_check(
     try:
         hub.start_server("alice")
         p = proxy.for_hub(hub, extra_args=via_args(hub, bastion))
+        poll(lambda: "check via: " in p.log_text() or None, 60, "the start-up check's via line", 0.1, p.log_text)
+        before = bastion.connections
+        assert before >= 1  # the start-up check's attempt
+        began = time.monotonic()
         answer = requests.get(f"{p.url}/api/kernelspecs", headers=auth(hub.alice_token), timeout=60)
+        took = time.monotonic() - began
+        # answered at once, not after 10 s of retries that each started ssh again for the same refusal
+        assert bastion.connections - before <= 1, bastion.logins_path.read_text()
+        assert took < 5, took
         assert answer.status_code == 502, dump(answer)
         error = answer.json()
         assert error["reason"] == reason and said in error["message"], error
