@@ -430,6 +430,9 @@ class _Exchange:
             return
         starter = self.resource.starter
         location = (response.headers.getRawHeaders(b"location") or [None])[0]
+        if looks_stopped(response.code, location, self.resource.target) is False:
+            self._check_token(response)  # what recover() would conclude, without its Deferred (most answers)
+            return
         can_start = starter is not None and starter.api_for(self.authorization) is not None
         if not can_start and self._is_api() and looks_stopped(response.code, location, self.resource.target):
             # Without a hub token the proxy cannot start the server; an IDE cannot follow the hub's
