@@ -601,7 +601,7 @@ class _Exchange:
         if self._client_gone:
             return
         self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check formats class names
             self.request.finish()
         else:
             self.abort_client("the hub's response was cut short", reason)
