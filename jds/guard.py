@@ -32,6 +32,7 @@ so what reaches the hub must not depend on which Twisted the user has.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -62,7 +63,10 @@ _LINGER_BYTES = 4 << 20
 # RFC 9110 5.1: a header name is a token; 5.5: a value never holds NUL, CR or LF.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = b"\x00\r\n"
+_GOOD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*")
 _FORBIDDEN_IN_PATH = bytes(range(0x21)) + b"\x7f"
+# Tokens already: no regular expression run for them (a match costs more than the rest of the check).
+_COMMON_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
 def header_problem(line: bytes) -> str | None:
@@ -70,6 +74,8 @@ def header_problem(line: bytes) -> str | None:
     Why one request header line is malformed, or ``None``. A line without a colon is left to
     twisted.web, which refuses it in every version. The value is never quoted: it may be a token.
     """
+    if _GOOD_LINE.fullmatch(line) is not None:
+        return None  # the usual line, in one match; the rest are looked at piece by piece
     name, colon, value = line.partition(b":")
     if not colon:
         return None
@@ -86,7 +92,7 @@ def request_line_problem(method: bytes, target: bytes, version: bytes) -> str | 
     Why a request line is malformed, or ``None``: the method must be a token, the path free of
     control characters and spaces, the version HTTP/1.0 or 1.1 (what twisted.web answers in).
     """
-    if not _TOKEN.fullmatch(method):
+    if method not in _COMMON_METHODS and not _TOKEN.fullmatch(method):
         return "the request method is not an HTTP token (RFC 9110 section 9.1)."
     if len(target.translate(None, _FORBIDDEN_IN_PATH)) != len(target):
         return "the request path holds a control character or a space."
@@ -213,6 +219,71 @@ class LocalGuard:
         return None
 
 
+# The phases of a connection that have a deadline (GuardedChannel): one at a time.
+HEADERS, BODY, IDLE, CLOSING = "headers", "body", "idle", "closing"
+
+
+class PhaseDeadline:
+    """
+    The one timer of a connection, for whichever phase has a deadline now. A timer started and
+    cancelled for each phase of each request (the headers, then the wait before the next) was two
+    ``callLater`` and two ``cancel`` per request, and a reactor heap full of cancelled calls. Here a
+    phase sets its deadline with a clock read: the timer, still set for an earlier deadline, fires
+    then, finds the deadline later and is set again for what is left. Only a deadline sooner than
+    the timer moves it (the headers' after a long idle wait), and between phases nothing is due.
+    ``expired(phase)`` is called when the phase's deadline passes.
+    """
+
+    __slots__ = ("_call_later", "_due", "_expired", "_seconds", "_timer", "phase")
+
+    # A deadline this close is due (the reactor's float time, re-armed timers).
+    _SLACK = 1e-6
+
+    def __init__(
+        self, call_later: Callable[..., Any], seconds: Callable[[], float], expired: Callable[[str], None]
+    ) -> None:
+        self._call_later = call_later
+        self._seconds = seconds
+        self._expired = expired
+        self._timer: Any = None  # pending whenever it is not None
+        self._due = 0.0
+        self.phase: str | None = None
+
+    def start(self, phase: str, timeout: float) -> None:
+        """``phase`` has ``timeout`` seconds from now (started again: from now again)."""
+        due = self._seconds() + timeout
+        self._due, self.phase = due, phase
+        timer = self._timer
+        if timer is None:
+            self._timer = self._call_later(timeout, self._fire)
+        elif timer.getTime() > due:
+            timer.reset(timeout)
+
+    def stop(self, *phases: str) -> None:
+        """Nothing is due now (if the phase is one of ``phases``, when any are named)."""
+        if not phases or self.phase in phases:
+            self.phase = None
+
+    def cancel(self) -> None:
+        """The connection is over: nothing is ever due again."""
+        self.phase = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        phase = self.phase
+        if phase is None:
+            return
+        left = self._due - self._seconds()
+        if left > self._SLACK:
+            self._timer = self._call_later(left, self._fire)
+            return
+        self.phase = None
+        self._expired(phase)
+
+
 class GuardedChannel(HTTPChannel):
     """
     ``HTTPChannel``'s idle timeout restarts with every byte, so a client sending one header byte a
@@ -228,9 +299,7 @@ class GuardedChannel(HTTPChannel):
     slot: Any = None  # jds.connections.ConnectionSlot, when the port's connections are counted
     idle_timeout: float | None = None
     _awaiting_headers = True
-    _header_deadline = None
-    _body_deadline = None
-    _idle_deadline = None
+    _deadline: PhaseDeadline
     _body_seen = 0
     _body_cap = 0  # a body read whole (not streamed to the hub) is at most this; 0: no such bound
     _in_body = False
@@ -241,8 +310,22 @@ class GuardedChannel(HTTPChannel):
     def connectionMade(self) -> None:
         """The clock starts at once: a client that connects and says nothing is a slowloris too."""
         self.idle_timeout, self.timeOut = self.timeOut, None  # twisted.web's own timer never starts
+        clock = getattr(self.callLater, "__self__", None)  # the site's reactor (a Clock in tests)
+        if clock is None or not hasattr(clock, "seconds"):
+            from twisted.internet import reactor as clock
+        self._deadline = PhaseDeadline(self.callLater, clock.seconds, self._deadline_passed)
         super().connectionMade()
-        self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+        self._deadline.start(HEADERS, self.header_timeout)
+
+    def _deadline_passed(self, phase: str) -> None:
+        if phase == HEADERS:
+            self._headers_too_slow()
+        elif phase == BODY:
+            self._body_too_slow()
+        elif phase == IDLE:
+            self._idle_too_long()
+        elif self.transport is not None:  # CLOSING: what was still to be written did not go
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -250,9 +333,8 @@ class GuardedChannel(HTTPChannel):
             if self._dropped > _LINGER_BYTES and self.transport is not None:
                 self.transport.abortConnection()
             return
-        if self._awaiting_headers and self._header_deadline is None:
-            self._cancel_idle_deadline()
-            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+        if self._awaiting_headers and self._deadline.phase != HEADERS:
+            self._deadline.start(HEADERS, self.header_timeout)  # the idle wait's deadline goes
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> bool | None:
@@ -321,8 +403,8 @@ class GuardedChannel(HTTPChannel):
             slot.revoke()  # the token it showed was replaced: it holds nothing now
 
     def _start_body_deadline(self) -> None:
-        if self.limits.body_timeout and self._body_deadline is None:
-            self._body_deadline = self.callLater(self.limits.body_timeout, self._body_too_slow)
+        if self.limits.body_timeout and self._deadline.phase != BODY:
+            self._deadline.start(BODY, self.limits.body_timeout)
 
     def pause_body(self) -> None:
         """
@@ -344,8 +426,8 @@ class GuardedChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._body_deadline is not None:
-            self._body_deadline.reset(self.limits.body_timeout)
+        if self._deadline.phase == BODY:
+            self._deadline.start(BODY, self.limits.body_timeout)
         super().rawDataReceived(data)
 
     def body_received(self, size: int) -> None:
@@ -383,13 +465,11 @@ class GuardedChannel(HTTPChannel):
         if self.slot is not None:
             self.slot.unprotect()
         if self.idle_timeout and self.persistent and self.transport is not None:
-            self._idle_deadline = self.callLater(self.idle_timeout, self._idle_too_long)
+            self._deadline.start(IDLE, self.idle_timeout)
         super().requestDone(request)  # may read a request that was sent meanwhile: its headers' clock then runs
 
     def connectionLost(self, reason) -> None:
-        self._cancel_deadline()
-        self._cancel_body_deadline()
-        self._cancel_idle_deadline()
+        self._deadline.cancel()
         super().connectionLost(reason)
 
     def _idle_too_long(self) -> None:
@@ -397,16 +477,10 @@ class GuardedChannel(HTTPChannel):
         Between requests nothing is owed to the client: the connection just ends, as twisted.web ends
         it, and is aborted if what is still to be written to it has not gone in ``abortTimeout`` more.
         """
-        self._idle_deadline = None
         if self.transport is not None:
             self.transport.loseConnection()
             if self.abortTimeout is not None:
-                self._idle_deadline = self.callLater(self.abortTimeout, self.transport.abortConnection)
-
-    def _cancel_idle_deadline(self) -> None:
-        if self._idle_deadline is not None and self._idle_deadline.active():
-            self._idle_deadline.cancel()
-        self._idle_deadline = None
+                self._deadline.start(CLOSING, self.abortTimeout)
 
     def refuse(self, refusal: Refusal) -> None:
         """
@@ -476,12 +550,9 @@ class GuardedChannel(HTTPChannel):
         self.callLater(_LINGER_SECONDS, transport.loseConnection)
 
     def _cancel_body_deadline(self) -> None:
-        if self._body_deadline is not None and self._body_deadline.active():
-            self._body_deadline.cancel()
-        self._body_deadline = None
+        self._deadline.stop(BODY)
 
     def _body_too_slow(self) -> None:
-        self._body_deadline = None
         self.refuse(Refusal(
             408,
             f"The request body stalled: nothing arrived for {self.limits.body_timeout:g} s.",
@@ -490,9 +561,7 @@ class GuardedChannel(HTTPChannel):
         ))
 
     def _cancel_deadline(self) -> None:
-        if self._header_deadline is not None and self._header_deadline.active():
-            self._header_deadline.cancel()
-        self._header_deadline = None
+        self._deadline.stop(HEADERS)
 
     def _peer(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -504,7 +573,6 @@ class GuardedChannel(HTTPChannel):
         return repeats is None or repeats.first(kind, summary)
 
     def _headers_too_slow(self) -> None:
-        self._header_deadline = None
         timeout = self.header_timeout
 
         def summary(count: int, seconds: float) -> None:

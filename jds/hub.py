@@ -69,9 +69,9 @@ def looks_stopped(code: int, location: bytes | None, target: HubTarget) -> bool 
     ``True`` if the hub's answer certainly means the server is stopped or starting, ``None`` if it
     might (a 405, 424 or 503 also happens for other reasons: ask the hub's API), ``False`` if not.
     """
-    hub = f"{target.base}hub/".encode("ascii")
-    user = escape_name(target.user).encode("ascii")
     if code in _REDIRECT_CODES and location:
+        hub = f"{target.base}hub/".encode("ascii")
+        user = escape_name(target.user).encode("ascii")
         path = _location_path(location)
         for stem in (b"user/", b"spawn-pending/", b"spawn/"):
             if path.startswith(hub + stem + user + b"/") or path == hub + stem + user:

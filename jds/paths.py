@@ -74,6 +74,9 @@ _TOKEN_PARAM = re.compile(rb"(^|&)token=[^&]*")
 _KERNELSPEC_PATH = re.compile(rb"^/api/kernelspecs(?:/[^/]+)?/?$")
 # Controls are never meaningful in a URL path and CR/LF/NUL are the usual smuggling tools.
 _FORBIDDEN_DECODED = frozenset(range(0x00, 0x20)) | {0x7F}
+# A path that needs no decoding, re-encoding or dot-segment work: ASCII path characters, no escapes,
+# no backslash (see _plain_path).
+_PLAIN_PATH = re.compile(rb"/[A-Za-z0-9/_.~!$&'()*+,;=:@-]*")
 
 
 def escape_name(name: str) -> str:
@@ -151,6 +154,11 @@ class HubTarget:
         return authority(self.verify_name, self.port, "https")
 
     @cached_property
+    def netloc_bytes(self) -> bytes:
+        """:attr:`netloc` as the ``Host`` header the hub gets."""
+        return self.netloc.encode("ascii")
+
+    @cached_property
     def origin(self) -> bytes:
         return f"https://{self.netloc}".encode("ascii")
 
@@ -158,6 +166,11 @@ class HubTarget:
     def base(self) -> str:
         base = "/" + self.base_path.strip("/")
         return base if base == "/" else base + "/"
+
+    @cached_property
+    def prefix_bytes(self) -> bytes:
+        """:attr:`user_prefix`, as it goes into request paths."""
+        return self.user_prefix.encode("ascii")
 
     @cached_property
     def user_prefix(self) -> str:
@@ -320,6 +333,8 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
     ``/hub`` and ``/hub/...`` are refused with 404: the VS Code extension probes ``/hub/api`` and
     gives up on a URL where a hub answers.
     """
+    if not target.root and _plain_path(raw_path, target):
+        return target.prefix_bytes + raw_path[1:]
     segments = _normalise(raw_path, floored=bool(target.root))
     if segments[:1] == [b"hub"]:
         raise Refusal(
@@ -333,6 +348,19 @@ def map_request_path(raw_path: bytes, target: HubTarget) -> bytes:
     elif target.root:
         segments = _into_root(segments, target)
     return target.user_prefix.encode("ascii") + b"/".join(segments)
+
+
+def _plain_path(raw_path: bytes, target: HubTarget) -> bool:
+    """
+    Whether :func:`map_request_path` maps ``raw_path`` by putting the prefix in front and nothing
+    else (what nearly every request needs; ``test_paths`` checks it against the whole mapping): no
+    escape to decode, no byte to re-encode, no segment that starts with a dot, and a first segment
+    that is neither ``hub`` nor the prefix's first (a path under the prefix passes as it is).
+    """
+    if _PLAIN_PATH.fullmatch(raw_path) is None or b"/." in raw_path:
+        return False
+    first = raw_path[1:].partition(b"/")[0]
+    return first != b"hub" and first != target.prefix_segments[0]
 
 
 def _under_prefix(segments: list[bytes], target: HubTarget) -> list[bytes] | None:
@@ -386,7 +414,7 @@ def _out_of_root(local: bytes, target: HubTarget) -> bytes | None:
 
 def local_path(hub_path: bytes, target: HubTarget) -> bytes | None:
     """The local path for a hub path under the user's prefix; ``None`` for any other hub path."""
-    prefix = target.user_prefix.encode("ascii")
+    prefix = target.prefix_bytes
     if hub_path == prefix[:-1]:
         return b"/"
     if hub_path.startswith(prefix):
@@ -504,13 +532,24 @@ def redact_query(uri: bytes) -> bytes:
 _NEVER_HOP_BY_HOP = frozenset({b"authorization", b"host"})
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 7.6.1)."""
+# What every request and every response drops; the headers ``Connection`` names are added to it.
+_DROPPED_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-proto", b"x-forwarded-host"}
+_DROPPED_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
+
+
+def _lowered(headers: list[tuple[bytes, bytes]], always: frozenset[bytes]) -> tuple[list[bytes], frozenset[bytes]]:
+    """
+    Each header's name in lower case (computed once for the two passes), and the names to drop:
+    ``always`` and the headers named in ``Connection``, hop-by-hop too (RFC 9110 7.6.1).
+    """
+    names = [name.lower() for name, _ in headers]
+    if b"connection" not in names:
+        return names, always
     named = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
+    for lowered, (_, value) in zip(names, headers, strict=True):
+        if lowered == b"connection":
             named.update(v.strip().lower() for v in value.split(b","))
-    return named - _NEVER_HOP_BY_HOP
+    return names, always | (named - _NEVER_HOP_BY_HOP)
 
 
 def upstream_request_headers(
@@ -525,21 +564,20 @@ def upstream_request_headers(
     hub's, a query token turned into ``Authorization`` unless the client sent one, and
     ``X-Forwarded-*`` describing the client's side.
     """
-    drop = HOP_BY_HOP | _connection_tokens(headers) | {b"host", b"content-length"}
+    names, drop = _lowered(headers, _DROPPED_UPSTREAM)
     out: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
     has_authorization = False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered in drop or lowered in (b"x-forwarded-proto", b"x-forwarded-host"):
+    for lowered, header in zip(names, headers, strict=True):
+        if lowered in drop:
             continue
         if lowered == b"x-forwarded-for":
-            forwarded_for.append(value)
+            forwarded_for.append(header[1])
             continue
         if lowered == b"authorization":
             has_authorization = True
-        out.append((name, value))
-    out.append((b"Host", target.netloc.encode("ascii")))
+        out.append(header)
+    out.append((b"Host", target.netloc_bytes))
     if query_token is not None and not has_authorization:
         out.append((b"Authorization", b"token " + query_token))
     forwarded_for.append(client_ip.encode("ascii"))
@@ -554,17 +592,16 @@ def map_response_headers(
     headers: list[tuple[bytes, bytes]], target: HubTarget
 ) -> list[tuple[bytes, bytes]]:
     """The hub's response headers as the IDE should see them: every value kept, prefixes mapped."""
-    drop = HOP_BY_HOP | _connection_tokens(headers) | {b"content-length"}
+    names, drop = _lowered(headers, _DROPPED_DOWNSTREAM)
     out = []
-    for name, value in headers:
-        lowered = name.lower()
+    for lowered, header in zip(names, headers, strict=True):
         if lowered in drop:
             continue
-        if lowered in (b"location", b"content-location"):
-            value = map_location(value, target)
-        elif lowered == b"set-cookie":
-            value = map_set_cookie(value, target)
-        out.append((name, value))
+        if lowered == b"set-cookie":
+            header = (header[0], map_set_cookie(header[1], target))
+        elif lowered == b"location" or lowered == b"content-location":
+            header = (header[0], map_location(header[1], target))
+        out.append(header)
     return out
 
 

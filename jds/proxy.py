@@ -410,6 +410,9 @@ class _Exchange:
             return
         starter = self.resource.starter
         location = (response.headers.getRawHeaders(b"location") or [None])[0]
+        if looks_stopped(response.code, location, self.resource.target) is False:
+            self._check_token(response)  # what recover() would conclude, without its Deferred (most answers)
+            return
         can_start = starter is not None and starter.api_for(self.authorization) is not None
         if not can_start and self._is_api() and looks_stopped(response.code, location, self.resource.target):
             # Without a hub token the proxy cannot start the server; an IDE cannot follow the hub's
@@ -418,9 +421,6 @@ class _Exchange:
             write_refusal(self.request, server_not_running(self.resource.target))
             return
         if can_start and not self._replayed:
-            if looks_stopped(response.code, location, self.resource.target) is False:
-                self._check_token(response)  # the common answer: what recover() would decide, without its Deferreds
-                return
             # Once per request: the replay's answer stands, whatever it is.
             self._replayed = True
             self._held = response
@@ -581,7 +581,7 @@ class _Exchange:
         if self._client_gone:
             return
         self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check formats class names
             self.request.finish()
         else:
             self.abort_client("the hub's response was cut short", reason)

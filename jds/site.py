@@ -9,6 +9,7 @@ daemon (:mod:`jds.service`) and ``check`` (which runs one on a spare port) both 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -21,7 +22,7 @@ from jds.guard import HEADER_TIMEOUT, GuardedChannel, Limits, LocalGuard, body_n
 from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.login import MAX_FORM_BYTES, LoginPage
-from jds.logs import ACCESS_FORMAT, RepeatCounter, clip
+from jds.logs import RepeatCounter, clip, log_access
 from jds.paths import (
     MAX_REWRITTEN_BODY,
     HubTarget,
@@ -58,6 +59,7 @@ class _TimedRequest(Request):
     body: StreamedBody | None = None
     _rendered = False
     _cleanup_postponed = False
+    _closed: Callable[[], object] | None = None  # ends its count in Stats.open_http
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -127,6 +129,7 @@ class _TimedRequest(Request):
             self.body.discard()
             return
         super()._cleanup()
+        self._over()
 
     def body_refused(self, reason: Failure) -> None:
         """The channel refused the rest of the body (too large, too slow) and answers for the request."""
@@ -134,12 +137,20 @@ class _TimedRequest(Request):
             return
         if not self._disconnected:
             Request.connectionLost(self, reason)  # first: whoever relays it stops answering
+            self._over()
         self.body.abort(reason)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)  # first: whoever relays it stops answering
+        self._over()
         if self.body is not None:
             self.body.abort(reason)
+
+    def _over(self) -> None:
+        """The exchange is over (answered, or its client gone): no longer counted as open."""
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed()
 
     def process(self) -> None:
         self.started = time.monotonic()
@@ -154,11 +165,11 @@ class _TimedRequest(Request):
             super().render(resource)
             return
         self.relayed = True
-        closed = stats.http_opened()
-        self.notifyFinish().addBoth(closed)
+        # ended by _over, where twisted.web would fire notifyFinish()'s Deferreds (one fewer per request)
+        self._closed = stats.http_opened()
         super().render(resource)
         if not self.finished and self.channel is not None and self.channel.transport is None:
-            closed()  # the WebSocket relay took the connection over: no longer an HTTP exchange
+            self._over()  # the WebSocket relay took the connection over: no longer an HTTP exchange
 
 
 class LocalSite(Site):
@@ -252,13 +263,13 @@ class LocalSite(Site):
             return  # a refusal has had its line (jds.errors.log_refusal)
         started = getattr(request, "started", None)
         elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
-        log.info(
-            ACCESS_FORMAT,
-            method=request.method.decode("latin-1"),
-            uri=clip(redact_query(request.uri).decode("latin-1")),
-            status=request.code,
-            bytes=request.sentLength,
-            ms=elapsed,
+        log_access(
+            log,
+            request.method.decode("latin-1"),
+            clip(redact_query(request.uri).decode("latin-1")),
+            request.code,
+            request.sentLength,
+            elapsed,
         )
 
 

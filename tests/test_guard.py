@@ -213,3 +213,93 @@ class GuardTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 408"))
         self.assertTrue(transport.disconnecting)
+
+    def test_a_keep_alive_connection_holds_one_timer_whatever_its_requests(self) -> None:
+        """The deadlines of every phase share one timer: requests do not pile timers up in the reactor."""
+        self.site.timeOut = 60  # twisted.web's idle timeout, taken over by the channel
+        channel, transport = self.connect()
+        for _ in range(50):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+            self.clock.advance(0.5)
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 50)
+        self.clock.advance(59)  # idle since the last answer, 0.5 s ago
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 50)  # closed quietly, no answer
+
+    def test_headers_after_a_long_idle_wait_get_their_own_deadline(self) -> None:
+        """The header deadline is sooner than the idle one it follows: the shared timer moves up for it."""
+        self.site.timeOut = 600
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.clock.advance(100)  # past the first request's header deadline: the timer now waits for the idle one
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+
+class PhaseDeadlineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from jds.guard import PhaseDeadline
+
+        self.clock = Clock()
+        self.expired: list[tuple[str, float]] = []
+        self.deadline = PhaseDeadline(
+            self.clock.callLater, self.clock.seconds, lambda phase: self.expired.append((phase, self.clock.seconds()))
+        )
+
+    def test_a_phase_expires_at_its_deadline(self) -> None:
+        self.deadline.start("headers", 5)
+        self.clock.advance(4.99)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.expired, [("headers", 5)])
+        self.assertIsNone(self.deadline.phase)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_later_deadline_reuses_the_timer(self) -> None:
+        self.deadline.start("body", 5)
+        [timer] = self.clock.getDelayedCalls()
+        self.clock.advance(2)
+        self.deadline.start("body", 5)  # a piece of the body arrived: 5 s from now
+        self.assertEqual(self.clock.getDelayedCalls(), [timer])  # not moved: it fires at 5 and is set again
+        for _ in range(2):
+            self.clock.advance(2)
+            self.deadline.start("body", 5)
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(4.9)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.expired, [("body", 11)])
+
+    def test_a_sooner_deadline_moves_the_timer(self) -> None:
+        self.deadline.start("idle", 100)
+        self.clock.advance(1)
+        self.deadline.start("headers", 5)
+        self.clock.advance(5)
+        self.assertEqual(self.expired, [("headers", 6)])
+
+    def test_a_stopped_phase_never_expires(self) -> None:
+        self.deadline.start("headers", 5)
+        self.deadline.stop("body")  # another phase's stop leaves it running
+        self.assertEqual(self.deadline.phase, "headers")
+        self.deadline.stop("headers")
+        self.clock.advance(10)
+        self.assertEqual((self.expired, self.clock.getDelayedCalls()), ([], []))
+        self.deadline.start("idle", 3)
+        self.clock.advance(3)
+        self.assertEqual(self.expired, [("idle", 13)])
+
+    def test_cancel_takes_the_timer_away(self) -> None:
+        self.deadline.start("headers", 5)
+        self.deadline.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.expired, [])

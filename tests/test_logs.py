@@ -55,6 +55,17 @@ def test_the_access_lines_fast_text_is_twisteds_own_line_byte_for_byte(tmp_path:
     assert "GET /api/contents/a%20b?token=[secret] 200 1234B 0.5ms" in expected
 
 
+def test_the_access_line_is_the_event_logger_info_emits() -> None:
+    """log_access skips Logger.emit's level check; the event (but for its time) is the one info() makes."""
+    from jds.logs import log_access
+
+    (by_info,) = capture(lambda log: log.info(ACCESS_FORMAT, method="GET", uri="/x", status=200, bytes=5, ms=0.25))
+    (by_access,) = capture(lambda log: log_access(log, "GET", "/x", 200, 5, 0.25))
+    assert abs(by_access.pop("log_time") - by_info.pop("log_time")) < 5
+    by_info["log_logger"] = by_access["log_logger"]  # each capture has a logger of its own
+    assert by_access == by_info
+
+
 def test_one_line_per_event_with_level_and_fields() -> None:
     (event,) = capture(lambda log: log.warn("{method} {uri} -> {status}", method="GET", uri="/api/x", status=502))
     stream = io.StringIO()

@@ -123,6 +123,33 @@ def test_mapped_paths_stay_inside_the_prefix(segments: list[str]) -> None:
     assert normalised == "/user/alice" or normalised.startswith("/user/alice/")
 
 
+def _mapped(raw: bytes, target: HubTarget) -> bytes | tuple[int, str]:
+    try:
+        return map_request_path(raw, target)
+    except Refusal as refused:
+        return refused.status, refused.reason
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(st.one_of(segment, st.sampled_from(["jupyter", "a.b@c+d%20e", "x:y;z=1", "caf\xe9", "!$&'()*+,", "-_~"])), max_size=6),
+    st.sampled_from([ALICE, NAMED]),
+)
+@example(["user", "alicex"], ALICE)
+@example(["hubs"], ALICE)
+@example(["jupyter", "user"], NAMED)
+def test_plain_paths_take_the_short_way_to_the_same_mapping(segments: list[str], target: HubTarget) -> None:
+    """The prefix put in front of a path that needs nothing else is what the whole mapping gives."""
+    from unittest import mock
+
+    import jds.paths
+
+    raw = ("/" + "/".join(segments)).encode("latin-1")
+    with mock.patch.object(jds.paths, "_plain_path", lambda raw_path, target: False):
+        whole = _mapped(raw, target)
+    assert _mapped(raw, target) == whole
+
+
 names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=10)
 
 

@@ -153,6 +153,21 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(out.endswith(b"\r\n\r\n{\"a\":1}"))
         self.assertFalse(self.transport.disconnecting)
 
+    def test_open_exchanges_are_counted_until_answered_or_abandoned(self) -> None:
+        """Stats.open_http: one per relayed request while it runs, none once answered or its client left."""
+        stats = self.site.stats
+        self.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        self.assertEqual(stats.open_http, 1)
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=2)
+        self.agent.calls[0][4].callback(response)
+        response.send(b"{}")
+        self.assertEqual((stats.open_http, stats.requests), (0, 1))
+        self.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")  # the same connection, again
+        self.assertEqual(stats.open_http, 1)
+        self.channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual((stats.open_http, stats.requests), (0, 1))
+        self.assertEqual(self.agent.cancelled, [b"https://hub.example.org:8443/user/alice/api/status"])
+
     def test_kernelspec_resources_are_local(self) -> None:
         self.send(b"GET /api/kernelspecs?1638511749274 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept-Encoding: gzip\r\n\r\n")
         [(_, uri, headers, _, d)] = self.agent.calls
@@ -318,7 +333,8 @@ class ProxyResourceTests(SynchronousTestCase):
         self.send(b"GET /api/kernels HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         self.agent.calls[0][4].errback(Failure(ConnectionRefusedError()))
         self.reactor.advance(0)  # the outage's one log line
-        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        # the retry (the connection's own deadline timer is further off: nothing is due while a request is served)
+        self.assertEqual(len([c for c in self.reactor.getDelayedCalls() if c.getTime() < 5]), 1)
         self.channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
         self.reactor.advance(10)
