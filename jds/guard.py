@@ -43,7 +43,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request
 
 from jds.errors import error_body, log_refusal
-from jds.logs import clip
+from jds.logs import clip, quoted
 from jds.paths import MAX_REWRITTEN_BODY, body_too_large_to_map, split_authority
 from jds.refusal import Refusal
 
@@ -300,6 +300,7 @@ class GuardedChannel(HTTPChannel):
     idle_timeout: float | None = None
     _awaiting_headers = True
     _deadline: PhaseDeadline
+    _request_line = b""
     _body_seen = 0
     _body_cap = 0  # a body read whole (not streamed to the hub) is at most this; 0: no such bound
     _in_body = False
@@ -342,6 +343,8 @@ class GuardedChannel(HTTPChannel):
         ``disconnecting``, which is what stops ``LineReceiver`` otherwise."""
         if self._refused:
             return True
+        if line and getattr(self, "_HTTPChannel__first_line", 0):
+            self._request_line = line  # what a malformed request's burst is told apart by
         super().lineReceived(line)
         return True if self._refused else None
 
@@ -501,6 +504,8 @@ class GuardedChannel(HTTPChannel):
         if self._refused:
             return
         peer, why = self._peer(), clip(why)
+        # the same malformed request again (its request line, as sent), as a refusal's burst is
+        kind = ("malformed-request", quoted(self._request_line), why)
 
         def summary(count: int, seconds: float) -> None:
             log.warn(
@@ -508,7 +513,7 @@ class GuardedChannel(HTTPChannel):
                 "from {peer}): {why}", count=count, seconds=seconds, peer=peer, why=why,
             )
 
-        if self._first_of_burst(("malformed-request", why), summary):
+        if self._first_of_burst(kind, summary):
             log.warn("Refused a malformed HTTP request from {peer}: {why}", peer=peer, why=why)
         self._answer(Refusal(400, f"The proxy refused a malformed HTTP request: {why}", "malformed-request"))
 

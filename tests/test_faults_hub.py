@@ -823,8 +823,17 @@ def test_slowloris_does_not_block_and_is_dropped_with_408(hub: JupyterHubProcess
         thread.join(10)
         for sock, _ in tricklers + silent:
             sock.close()
+    # sixty at once: three lines, then one every 10 s with the count (as a burst of refusals)
     watch.wait_for(r"\[jds#warn\] Dropped a client \(127\.0\.0\.1:\d+\) that did not send its request headers "
-                   r"within 2 s\.", count=60)  # fmt: skip
+                   r"within 2 s\.", count=3)  # fmt: skip
+
+    def counted() -> int | None:
+        more = [re.search(r"Dropped (\d+) more client\(s\) in \d+ s that did not send their request headers "
+                          r"within 2 s\.", line) for line in watch.lines()]  # fmt: skip
+        total = sum(int(found.group(1)) for found in more if found)
+        return total if total >= 57 else None
+
+    assert poll(counted, 30, "the count of the other 57", 0.1, lambda: "\n".join(watch.lines())) == 57
     assert requests.get(f"{p.url}/api/status", headers=auth(hub.alice_token), timeout=10).status_code == 200
 
 
@@ -1225,10 +1234,13 @@ MALFORMED = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_requests_get_400(sturdy: Sturdy, raw: bytes) -> None:
+@pytest.mark.parametrize(("case", "raw"), enumerate(MALFORMED.values()), ids=MALFORMED.keys())
+def test_malformed_requests_get_400(sturdy: Sturdy, case: int, raw: bytes) -> None:
     watch = LogWatch(sturdy.proxy)
     host = f"Host: 127.0.0.1:{sturdy.proxy.port}\r\nAuthorization: token {sturdy.token}\r\n".encode()
+    # each case its own path: the same malformed request again within 10 s is counted, not logged
+    # again (three lines, then a count: test_a_burst_of_one_malformed_request_is_three_lines_and_a_count)
+    raw = raw.replace(b" /api/", b" /api/case%d/" % case)
     answer = raw_exchange(sturdy.proxy.port, raw.replace(b"HOST", host))
     assert answer.status == 400, answer
     assert json.loads(answer.body)["reason"] == "malformed-request", answer
@@ -1236,6 +1248,18 @@ def test_malformed_requests_get_400(sturdy: Sturdy, raw: bytes) -> None:
     lines = logged_once(watch)
     assert "Refused a malformed HTTP request from 127.0.0.1:" in lines[0]
     assert sturdy.token not in "\n".join(lines)
+    still_serves(sturdy)
+
+
+def test_a_burst_of_one_malformed_request_is_three_lines_and_a_count(sturdy: Sturdy) -> None:
+    watch = LogWatch(sturdy.proxy)
+    host = f"Host: 127.0.0.1:{sturdy.proxy.port}\r\n".encode()
+    for _ in range(7):
+        answer = raw_exchange(sturdy.proxy.port, b"GET /api/burst HTTP/1.1\r\n" + host + b"X Burst: b\r\n\r\n")
+        assert answer.status == 400 and json.loads(answer.body)["reason"] == "malformed-request", answer
+    [summary] = watch.wait_for(r"Refused the same malformed HTTP request 4 more time\(s\) in \d+ s \(the last from "
+                               r"127\.0\.0\.1:\d+\): the header name 'X Burst' is not an HTTP token", timeout=30)
+    assert len([line for line in watch.lines() if "Refused a malformed HTTP request from" in line]) == 3, summary
     still_serves(sturdy)
 
 
