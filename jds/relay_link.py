@@ -80,7 +80,7 @@ class _Opening:
         return handshake  # may have failed already: the endpoint can fail synchronously
 
     def _connect(self) -> None:
-        factory = HubFactory(self, self._upstream.protocols, self.relay.hub_options)
+        factory = HubFactory(self, self._upstream.protocols, self.relay.hub_options, self.relay.hub_side)
         connecting = self._connecting = self.relay.policy.endpoint().connect(factory)
         connecting.addCallbacks(self._connected, self._connect_failed)
 
