@@ -72,7 +72,7 @@ import time
 from typing import Any
 from urllib.parse import quote_from_bytes
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -87,7 +87,7 @@ from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.paths import HubTarget, authority, local_path, redact_query, split_token, upstream_request_headers
 from jds.reconnect import ReconnectPolicy, reconnectable, with_session_id
-from jds.relay_frames import MAX_MESSAGE_BYTES, HubSide, IdeSide, configured, socket_options
+from jds.relay_frames import MAX_MESSAGE_BYTES, HubFactory, IdeSide, configured, socket_options
 from jds.relay_link import SHUTTING_DOWN, TOKEN_REPLACED, Link
 from jds.stats import Stats
 from jds.tls import HubTLSPolicy
@@ -215,9 +215,7 @@ class WebSocketRelay:
         self.factory.setProtocolOptions(webStatus=False, **socket_options(ping_interval, ide_timeout, max_message))
         self.factory.protocol = configured(IdeSide, self.factory)
         self.factory.startFactory()
-        hub_template = WebSocketClientFactory(reactor=reactor)
-        hub_template.setProtocolOptions(**self.hub_options)
-        self.hub_side = configured(HubSide, hub_template)
+        self.hub_factory = HubFactory.for_relay(reactor, self.hub_options)
         reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
         if self.credentials.managed:
             self.credentials.on_rotation.append(self.token_replaced)

@@ -405,24 +405,28 @@ class HubSide(Side, WebSocketClientProtocol):
 
 class HubFactory(WebSocketClientFactory):
     """
-    One per link: autobahn checks the hub's subprotocol against the factory's list. ``protocol``:
-    the relay's :func:`configured` :class:`HubSide`.
+    One per link: autobahn checks the hub's subprotocol against the factory's list. A relay makes
+    them from the class :meth:`for_relay` gives it, which holds everything else a factory has (the
+    options, the protocol class, the batched timer of the pings) once for all its links.
     """
 
     protocol = HubSide
     noisy = False  # one per socket: "Starting factory" lines would double the log
 
-    def __init__(self, link: Any, offered: list[str], options: dict[str, Any], protocol: type[HubSide] | None = None) -> None:
-        super().__init__(protocols=offered, reactor=link.relay.reactor)
-        self.setProtocolOptions(**options)
-        if protocol is not None:
-            self.protocol = protocol
+    def __init__(self, link: Any, offered: list[str]) -> None:  # autobahn's ran once, for the class
         self.link = link
+        self.protocols = offered
+
+    @classmethod
+    def for_relay(cls, reactor: Any, options: dict[str, Any]) -> type[HubFactory]:
+        """A subclass whose attributes are those of one factory set up with ``options``."""
+        template = WebSocketClientFactory(reactor=reactor)
+        template.setProtocolOptions(**options)
+        shared = {**vars(template), "protocol": configured(HubSide, template), "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), shared)
 
     def buildProtocol(self, addr: Any) -> HubSide:
         protocol = super().buildProtocol(addr)
         protocol.link = self.link
         self.link.hub = protocol
         return protocol
-
-
