@@ -155,6 +155,10 @@ def _take_over(request: Request, protocol: WebSocketServerProtocol) -> None:
         transport.protocol.wrappedProtocol = protocol
     else:
         transport.protocol = protocol
+    # The channel and the request reference each other: out of the channel's list, both go (with
+    # the request's headers) when this call returns, not at a full collection hours later.
+    if request in channel.requests:
+        channel.requests.remove(request)
     protocol.makeConnection(transport)
     try:
         transport.setTcpNoDelay(True)
