@@ -10,6 +10,7 @@ This is the per-frame path: keep what it does per frame as small as it is.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import txaio
@@ -65,6 +66,9 @@ _AT_REST: dict[str, Any] = {
         "current_frame", "frame_data", "message_data",
     )
 } | {"autoPingPendingSeq": 0, "data": b""}
+# autobahn's queue of chopped or synchronous writes (a 760-byte deque per socket), which the relay
+# never makes: an open socket has none of its own until such a write comes (Side.sendData).
+_AT_REST["send_queue"] = ()
 _UNSET = object()
 
 
@@ -143,6 +147,8 @@ class Side:
         for name in _HANDSHAKE_ONLY:
             state.pop(name, None)
         state["_transport_details"] = None
+        if not state.get("send_queue", True):
+            del state["send_queue"]
         cls = type(self)
         self.__dict__ = {name: value for name, value in state.items() if getattr(cls, name, _UNSET) is not value}
         self.onOpen()
@@ -188,6 +194,8 @@ class Side:
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.state != _OPEN or self.logOctets:  # type: ignore[attr-defined]
+            if (sync or chopsize) and "send_queue" not in self.__dict__:
+                self.send_queue = deque()  # autobahn queues these writes
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
             return
         self.transport.write(data)  # type: ignore[attr-defined]

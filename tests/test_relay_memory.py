@@ -65,6 +65,7 @@ class ReleasedTests(RelayTestCase):
             self.assertEqual(side.autoPingInterval, 30.0)
             self.assertNotIn("wasClean", own)
             self.assertFalse(side.wasClean)
+            self.assertNotIn("send_queue", own)
             self.assertLessEqual(len(own), 24, sorted(own))
         # what the relay and the log still need stays
         self.assertEqual(link.ide.websocket_protocol_in_use, V1)
@@ -90,6 +91,17 @@ class ReleasedTests(RelayTestCase):
         self.assertEqual(ide.closed, (True, 4001, "bye"))
         self.assertEqual(link.ide.remoteCloseCode, 4001)
         self.assertEqual(self.relay.links, set())
+
+    def test_a_chopped_or_synchronous_write_gets_its_queue_back(self) -> None:
+        ide, _ = self.open_ide()
+        [link] = self.relay.links
+        link.ide.sendMessage(b"one", isBinary=True, sync=True)
+        link.ide.sendMessage(b"two", isBinary=True)
+        self.assertIn("send_queue", vars(link.ide))
+        for _ in range(5):
+            self.clock.advance(0.01)
+            self.network.pump()
+        self.assertEqual(ide.messages, [(b"one", True), (b"two", True)])
 
     def test_links_share_the_relays_ping_timer(self) -> None:
         self.open_ide()
