@@ -11,6 +11,7 @@ This is the per-frame path: keep what it does per frame as small as it is.
 from __future__ import annotations
 
 from collections import deque
+from types import FunctionType
 from typing import Any
 
 import txaio
@@ -99,6 +100,8 @@ def configured(side: type[Side], factory: Any) -> type[Side]:
     socket's own __dict__; one class per relay carries them once for all its sockets.
     """
     options = {name: getattr(factory, name) for name in side.CONFIG_ATTRS}  # type: ignore[attr-defined]
+    # a function as a class attribute would become a method (perMessageCompressionAccept is one)
+    options = {name: staticmethod(v) if isinstance(v, FunctionType) else v for name, v in options.items()}
     return type(side.__name__, (side,), {"__module__": side.__module__, **options})
 
 

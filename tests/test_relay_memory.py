@@ -78,6 +78,23 @@ class ReleasedTests(RelayTestCase):
         self.assertEqual((link.ide.autoPingInterval, link.hub.autoPingInterval), (5.0, 5.0))
         self.assertEqual((link.ide.maxMessagePayloadSize, link.hub.maxMessagePayloadSize), (1 << 20, 1 << 20))
 
+    def test_an_ide_offering_compression_is_answered_without_it(self) -> None:
+        # the options' functions (perMessageCompressionAccept) stay functions on the configured class
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:8888{KERNEL_PATH}", protocols=[V1], reactor=self.clock)
+        factory.protocol = Ide
+        factory.setProtocolOptions(openHandshakeTimeout=0, perMessageCompressionOffers=[PerMessageDeflateOffer()])
+        ide = factory.buildProtocol(None)
+        self.network.connect(self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000)), ide, 8888)
+        self.network.pump()
+        self.assertTrue(ide.opened)
+        self.assertIsNone(ide._perMessageCompress)
+        self.hub_factory.echo = True
+        ide.sendMessage(b"\x01", isBinary=True)
+        self.network.pump()
+        self.assertEqual(ide.messages, [(b"\x01", True)])
+
     def test_a_pruned_socket_still_relays_and_closes_as_before(self) -> None:
         ide, _ = self.open_ide()
         [link] = self.relay.links
