@@ -59,6 +59,7 @@ class Holder:
         self.token = token
         self.sockets: list[KernelSocket] = []
         self.frames = 0
+        self.lost = 0  # sockets closed by the other end while held
         self.failures: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -96,6 +97,7 @@ class Holder:
                     with self._lock:
                         if ks in self.sockets:
                             self.sockets.remove(ks)
+                            self.lost += 1
 
     def close(self) -> None:
         with self._lock:
@@ -137,22 +139,30 @@ def _settle(pid: int, seconds: float) -> int:
     return snapshot(pid).rss_kib
 
 
-def measure(route: Route, kernel: str, token: str, step: int, steps: int, settle: float) -> dict:
+def measure(route: Route, kernel: str, token: str, step: int, steps: int, settle: float,
+            daemon: Daemon | None = None) -> dict:
+    """``daemon``: also ask the hook what ``malloc_trim`` would give back with every socket open (after the reading)."""
     holder = Holder(route, kernel, token)
+    trimmed = None
     try:
         levels = [_settle(route.pid, settle)]
+        counts = [0]
         for _ in range(steps):
             holder.open(step)
             levels.append(_settle(route.pid, settle))
+            counts.append(len(holder.sockets))  # open now: a socket the proxy closed does not count
         opened = len(holder.sockets)
+        if daemon is not None:
+            trimmed = daemon.ask(route.pid, "trim")
     finally:
         holder.stop()
-    result = {"levels_kib": levels, "opened": opened, "failures": holder.failures[:3], "frames": holder.frames,
-              "after_close_kib": _settle(route.pid, settle)}
+    result = {"levels_kib": levels, "counts": counts, "opened": opened, "failures": holder.failures[:3],
+              "frames": holder.frames, "lost": holder.lost, "after_close_kib": _settle(route.pid, settle),
+              "trim": trimmed}
     if steps >= 2:
-        result["from_idle"] = (levels[2] - levels[0]) / (2 * step)
+        result["from_idle"] = (levels[2] - levels[0]) / max(1, counts[2] - counts[0])
     if steps >= 3:
-        result["slope"] = (levels[3] - levels[1]) / (2 * step)
+        result["slope"] = (levels[3] - levels[1]) / max(1, counts[3] - counts[1])
     return result
 
 
@@ -211,6 +221,8 @@ def main() -> int:
     parser.add_argument("--chp", action="store_true", help="measure configurable-http-proxy too")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="a directory holding a changed copy of the jds package")
+    parser.add_argument("--trim", action="store_true",
+                        help="after each jds repetition's last step, what malloc_trim(0) gives back (then it goes on)")
     parser.add_argument("--census", action="store_true", help="the per-socket breakdown inside jds")
     parser.add_argument("--census-count", type=int, default=100)
     parser.add_argument("--json", metavar="FILE", help="write the raw results here")
@@ -253,12 +265,18 @@ def main() -> int:
                 if args.fresh and rep:
                     routes[name] = restart(name)
                     time.sleep(1)
-                result = measure(routes[name], kernel, fleet.token, args.step, args.steps, args.settle)
+                hooked = daemon if args.trim and name != "chp" else None
+                result = measure(routes[name], kernel, fleet.token, args.step, args.steps, args.settle, hooked)
                 results.setdefault(name, []).append(result)
                 print(f"{name} rep {rep + 1}: RSS {' → '.join(f'{k / 1024:.1f}' for k in result['levels_kib'])} MiB"
-                      f" ({result['opened']} open, {result['frames']} frames read), from idle "
+                      f" ({'/'.join(map(str, result['counts']))} open, {result['lost']} closed by the far end, {result['frames']} "
+                      f"frames read), from idle "
                       f"{result.get('from_idle', 0):.1f} KiB, slope {result.get('slope', 0):.1f} KiB; after close "
                       f"{result['after_close_kib'] / 1024:.1f} MiB {result['failures'] or ''}", flush=True)
+                if result["trim"]:
+                    trim = result["trim"]
+                    print(f"  malloc_trim(0) with {result['opened']} open: RSS {trim['rss_before_kib'] / 1024:.1f} → "
+                          f"{trim['rss_kib'] / 1024:.1f} MiB", flush=True)
         if not results:
             pass
         print("\n| proxy | from idle, KiB per socket (each rep) | median | slope, KiB per socket (each rep) | median |")

@@ -5,7 +5,7 @@ Loaded by the daemon that :mod:`benchmarks.wsmem` starts (this directory is put 
 nothing at start-up but ``os`` and ``signal`` (the daemon leaves the standard library's ``ssl`` out,
 see ``jds/cli.py``), so the daemon it measures is the daemon users run.
 
-Commands: ``start [FRAMES]`` (a garbage collection, a census of the objects the collector tracks, then
+Commands: ``rss``, ``trim`` (``malloc_trim(0)``: what glibc hands back when asked), ``start [FRAMES]`` (a garbage collection, a census of the objects the collector tracks, then
 ``tracemalloc`` from here on, keeping FRAMES frames; 0: without it) and ``dump N`` (what was allocated since ``start`` and is still
 alive, by allocation site, and the census's growth, each divided by N; then once more after a
 full collection, to tell cycles nobody collected yet from what is really held).
@@ -152,6 +152,12 @@ def _handle(signum, frame) -> None:
     elif words[0] == "dump":
         answer = _dump(int(words[1]))
         answer["mallinfo_start"] = _state["mallinfo"]
+    elif words[0] == "trim":  # what glibc would hand back at once if asked
+        import ctypes
+
+        before = _rss_kib()
+        ctypes.CDLL(None).malloc_trim(0)
+        answer = {"rss_before_kib": before, "rss_kib": _rss_kib(), "mallinfo": _mallinfo()}
     elif words[0] == "rss":
         answer = {"rss_kib": _rss_kib(), "mallinfo": _mallinfo()}
     else:
