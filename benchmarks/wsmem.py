@@ -174,18 +174,20 @@ def census(daemon: Daemon, route: Route, kernel: str, token: str, base: int, cou
         holder.open(base)
         time.sleep(settle)
         daemon.ask(route.pid, f"start {frames}")
+        lost, first = holder.lost, len(holder.sockets)
         holder.open(count)
         time.sleep(settle)
-        opened = len(holder.sockets)
-        answer = daemon.ask(route.pid, f"dump {opened - base}")
+        added = len(holder.sockets) - first
+        answer = daemon.ask(route.pid, f"dump {max(1, added)}")
+        answer["lost"] = holder.lost - lost
     finally:
         holder.stop()
-    answer["opened"] = opened - base
+    answer["opened"] = max(1, added)
     return answer
 
 
 def _print_census(answer: dict) -> None:
-    print(f"\n## jds, census of {answer['opened']} sockets (per socket)")
+    print(f"\n## census of {answer['opened']} sockets (per socket; {answer['lost']} closed by the far end meanwhile)")
     start = answer["mallinfo_start"]
     for phase in ("live", "after_collect"):
         part = answer[phase]
