@@ -181,6 +181,7 @@ class Fleet:
     def start_jds(
         self, name: str = "jds", pythonpath: str | None = None, launcher: tuple[str, ...] | None = None,
         hub_port: int | None = None, hub_host: str = "127.0.0.1", extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Route:
         """
         jupyter-dev-server in pass-through mode, started as the README and the systemd unit start
@@ -188,7 +189,8 @@ class Fleet:
         plugin scan); ``pythonpath`` runs another copy of ``jds``, ``launcher`` runs twistd's
         arguments under another command instead (e.g. with a profiler around twistd),
         ``hub_port`` puts something else (the WAN far end) in the server's place, ``hub_host`` and
-        ``extra`` (more options) reach it another way (the via workload: a name only a bastion resolves).
+        ``extra`` (more options) reach it another way (the via workload: a name only a bastion resolves);
+        ``env`` adds to its environment (and replaces the ``PYTHONPATH`` that ``pythonpath`` sets).
 
         The package is byte-compiled first, as ``pip install`` leaves it: a process that compiles
         its modules from source at every start keeps the compiler's garbage (~1 MiB of RSS), and
@@ -206,7 +208,7 @@ class Fleet:
             "--listen", "tcp:0:interface=127.0.0.1",
             *extra,
         ]
-        proc = self._start(name, argv, {"PYTHONPATH": pythonpath} if pythonpath else None)
+        proc = self._start(name, argv, {**({"PYTHONPATH": pythonpath} if pythonpath else {}), **(env or {})})
         pattern = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=")
 
         def listening() -> int | None:
@@ -299,29 +301,42 @@ class Fleet:
         """SIGTERM each process we started (newest first), then SIGKILL; then its leftover children."""
         notes = []
         for proc in reversed(self.procs):
-            children = _descendants(proc.popen.pid)
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-                try:
-                    proc.popen.wait(15)
-                except subprocess.TimeoutExpired:
-                    notes.append(f"{proc.name} ({proc.popen.pid}) ignored SIGTERM; killed")
-                    proc.popen.kill()
-                    proc.popen.wait(10)
-            # Kernels and other children normally go with their parent; any that did not, by pid.
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                alive = [pid for pid in children if _alive(pid)]
-                if not alive:
-                    break
-                for pid in alive:
-                    notes.append(f"{proc.name}'s child {pid} outlived it: {sig.name}")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + 5
-                while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
-                    time.sleep(0.1)  # poll
+            notes += _stop(proc)
         self.procs.clear()
         return notes
+
+    def stop_one(self, name: str) -> list[str]:
+        """Stop the process started as ``name`` (as :meth:`stop` does), so that it can be started anew."""
+        proc = next(p for p in self.procs if p.name == name)
+        self.procs.remove(proc)
+        self.paths.pop(name, None)
+        return _stop(proc)
+
+
+def _stop(proc: _Proc) -> list[str]:
+    notes = []
+    children = _descendants(proc.popen.pid)
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(signal.SIGTERM)
+        try:
+            proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            notes.append(f"{proc.name} ({proc.popen.pid}) ignored SIGTERM; killed")
+            proc.popen.kill()
+            proc.popen.wait(10)
+    # Kernels and other children normally go with their parent; any that did not, by pid.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid in children if _alive(pid)]
+        if not alive:
+            break
+        for pid in alive:
+            notes.append(f"{proc.name}'s child {pid} outlived it: {sig.name}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll
+    return notes
 
 
 def _descendants(pid: int) -> list[int]:

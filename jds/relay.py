@@ -87,7 +87,7 @@ from jds.hub import ServerStarter
 from jds.hublink import HubLink
 from jds.paths import HubTarget, authority, local_path, redact_query, split_token, upstream_request_headers
 from jds.reconnect import ReconnectPolicy, reconnectable, with_session_id
-from jds.relay_frames import MAX_MESSAGE_BYTES, IdeSide, socket_options
+from jds.relay_frames import MAX_MESSAGE_BYTES, HubFactory, IdeSide, configured, socket_options
 from jds.relay_link import SHUTTING_DOWN, TOKEN_REPLACED, Link
 from jds.stats import Stats
 from jds.tls import HubTLSPolicy
@@ -155,6 +155,10 @@ def _take_over(request: Request, protocol: WebSocketServerProtocol) -> None:
         transport.protocol.wrappedProtocol = protocol
     else:
         transport.protocol = protocol
+    # The channel and the request reference each other: out of the channel's list, both go (with
+    # the request's headers) when this call returns, not at a full collection hours later.
+    if request in channel.requests:
+        channel.requests.remove(request)
     protocol.makeConnection(transport)
     try:
         transport.setTcpNoDelay(True)
@@ -212,9 +216,10 @@ class WebSocketRelay:
         if starter is not None:  # and it may wait for the server to start first
             ide_timeout += starter.timeout
         self.factory = WebSocketServerFactory(server=f"jupyter-dev-server/{__version__}", reactor=reactor)
-        self.factory.protocol = IdeSide
         self.factory.setProtocolOptions(webStatus=False, **socket_options(ping_interval, ide_timeout, max_message))
+        self.factory.protocol = configured(IdeSide, self.factory)
         self.factory.startFactory()
+        self.hub_factory = HubFactory.for_relay(reactor, self.hub_options)
         reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
         if self.credentials.managed:
             self.credentials.on_rotation.append(self.token_replaced)

@@ -10,6 +10,8 @@ This is the per-frame path: keep what it does per frame as small as it is.
 
 from __future__ import annotations
 
+from collections import deque
+from types import FunctionType
 from typing import Any
 
 import txaio
@@ -30,7 +32,10 @@ from zope.interface import implementer
 
 from jds.errors import error_body
 
-__all__ = ["FRAME_PIECE", "MAX_MESSAGE_BYTES", "HubFactory", "HubSide", "IdeSide", "PeerReading", "Side", "socket_options"]
+__all__ = [
+    "FRAME_PIECE", "MAX_MESSAGE_BYTES", "HubFactory", "HubSide", "IdeSide", "PeerReading", "Side", "configured",
+    "socket_options",
+]
 
 # Notebooks move outputs of tens of MB; a larger message closes the socket with 1009
 # (--max-message-size). The same bound holds messages queued for a side that is not open yet; beyond
@@ -40,6 +45,32 @@ MAX_MESSAGE_BYTES = 256 << 20
 FRAME_PIECE = 4 << 20
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+# What autobahn's opening handshake leaves on a protocol and nothing reads once the socket is open.
+_HANDSHAKE_ONLY = (
+    "http_request_data", "http_response_data", "http_headers", "http_status_line", "http_request_uri",
+    "http_request_path", "http_request_params", "http_request_host", "websocket_origin", "websocket_protocols",
+    "websocket_extensions", "websocket_key", "_wskey",
+)
+# autobahn's per-socket flags and timers at the values they have on an open, quiet socket. As class
+# attributes of the relay's protocols they let an open socket's own __dict__ hold only what differs.
+_AT_REST: dict[str, Any] = {
+    name: False for name in (
+        "closedByMe", "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout",
+        "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile",
+        "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "triggered", "inside_message",
+    )
+} | {
+    name: None for name in (
+        "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
+        "serverConnectionDropTimeoutCall", "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall",
+        "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent", "trackedTimings", "_perMessageCompress",
+        "current_frame", "frame_data", "message_data",
+    )
+} | {"autoPingPendingSeq": 0, "data": b""}
+# autobahn's queue of chopped or synchronous writes (a 760-byte deque per socket), which the relay
+# never makes: an open socket has none of its own until such a write comes (Side.sendData).
+_AT_REST["send_queue"] = ()
+_UNSET = object()
 
 
 def socket_options(
@@ -60,6 +91,18 @@ def socket_options(
         "tcpNoDelay": True,
     }
 
+
+
+def configured(side: type[Side], factory: Any) -> type[Side]:
+    """
+    ``side`` with ``factory``'s protocol options as class attributes. autobahn copies each option
+    (23-29 of them) from the factory onto every protocol that does not have it yet, into each
+    socket's own __dict__; one class per relay carries them once for all its sockets.
+    """
+    options = {name: getattr(factory, name) for name in side.CONFIG_ATTRS}  # type: ignore[attr-defined]
+    # a function as a class attribute would become a method (perMessageCompressionAccept is one)
+    options = {name: staticmethod(v) if isinstance(v, FunctionType) else v for name, v in options.items()}
+    return type(side.__name__, (side,), {"__module__": side.__module__, **options})
 
 
 @implementer(IPushProducer)
@@ -94,6 +137,24 @@ class Side:
 
     def onOpen(self) -> None:
         self.link.opened(self)
+
+    def _onOpen(self) -> None:
+        """
+        autobahn's, without the TLS channel id and the peer's certificate parsed into a dict (read only
+        by WAMP; ~3 KiB and a certificate parse per hub socket), and with the handshake's leftovers
+        dropped: the request and response as received, their headers, the offered subprotocols. Then
+        the socket's __dict__ is rebuilt with only what differs from the class (a dict never shrinks on
+        its own): an idle socket kept ~90 attributes in a 3.3 KiB dict (``benchmarks/HISTORY.md``).
+        """
+        state = self.__dict__
+        for name in _HANDSHAKE_ONLY:
+            state.pop(name, None)
+        state["_transport_details"] = None
+        if not state.get("send_queue", True):
+            del state["send_queue"]
+        cls = type(self)
+        self.__dict__ = {name: value for name, value in state.items() if getattr(cls, name, _UNSET) is not value}
+        self.onOpen()
 
     def dropConnection(self, abort: bool = False) -> None:
         """
@@ -136,6 +197,8 @@ class Side:
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.state != _OPEN or self.logOctets:  # type: ignore[attr-defined]
+            if (sync or chopsize) and "send_queue" not in self.__dict__:
+                self.send_queue = deque()  # autobahn queues these writes
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
             return
         self.transport.write(data)  # type: ignore[attr-defined]
@@ -263,6 +326,10 @@ class Side:
         self.link.lost(self)
 
 
+for _name, _value in _AT_REST.items():
+    setattr(Side, _name, _value)
+
+
 class IdeSide(Side, WebSocketServerProtocol):
     """The IDE's socket, handed over from twisted.web by :func:`jds.relay._take_over`."""
 
@@ -348,20 +415,29 @@ class HubSide(Side, WebSocketClientProtocol):
 
 
 class HubFactory(WebSocketClientFactory):
-    """One per link: autobahn checks the hub's subprotocol against the factory's list."""
+    """
+    One per link: autobahn checks the hub's subprotocol against the factory's list. A relay makes
+    them from the class :meth:`for_relay` gives it, which holds everything else a factory has (the
+    options, the protocol class, the batched timer of the pings) once for all its links.
+    """
 
     protocol = HubSide
     noisy = False  # one per socket: "Starting factory" lines would double the log
 
-    def __init__(self, link: Any, offered: list[str], options: dict[str, Any]) -> None:
-        super().__init__(protocols=offered, reactor=link.relay.reactor)
-        self.setProtocolOptions(**options)
+    def __init__(self, link: Any, offered: list[str]) -> None:  # autobahn's ran once, for the class
         self.link = link
+        self.protocols = offered
+
+    @classmethod
+    def for_relay(cls, reactor: Any, options: dict[str, Any]) -> type[HubFactory]:
+        """A subclass whose attributes are those of one factory set up with ``options``."""
+        template = WebSocketClientFactory(reactor=reactor)
+        template.setProtocolOptions(**options)
+        shared = {**vars(template), "protocol": configured(HubSide, template), "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), shared)
 
     def buildProtocol(self, addr: Any) -> HubSide:
         protocol = super().buildProtocol(addr)
         protocol.link = self.link
         self.link.hub = protocol
         return protocol
-
-

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from jds.hub import looks_stopped, server_not_running
 from jds.logs import clip, quoted
 from jds.refusal import Refusal
-from jds.relay_frames import HubFactory, HubSide, IdeSide, PeerReading, Side
+from jds.relay_frames import HubSide, IdeSide, PeerReading, Side
 from jds.relay_outage import HubOutage, ReplayWatch, log_reconnected, loss_reason
 
 __all__ = ["SERVER_MESSAGE_LIMIT", "SHUTTING_DOWN", "TOKEN_REPLACED", "Link"]
@@ -81,7 +81,7 @@ class _Opening:
         return handshake  # may have failed already: the endpoint can fail synchronously
 
     def _connect(self) -> None:
-        factory = HubFactory(self, self._upstream.protocols, self.relay.hub_options)
+        factory = self.relay.hub_factory(self, self._upstream.protocols)
         connecting = self._connecting = self.relay.policy.endpoint().connect(factory)
         connecting.addCallbacks(self._connected, self._connect_failed)
 
