@@ -9,7 +9,6 @@ request and RSS growth belong to exactly the requests that route served.
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import json
 import random
@@ -248,42 +247,16 @@ def upload(job: dict) -> dict:
 
 
 def idle_sockets(job: dict) -> dict:
-    """Open ``count`` kernel sockets through one route, hold them idle, and see what they cost."""
-    route, count = job["route"], job["count"]
-    pid = route["pid"]
-    before = snapshot(pid)
-    sockets: list[KernelSocket] = []
-    failures: list[str] = []
-    started = time.perf_counter()
+    """
+    Kernel sockets through one freshly started proxy, ``step`` at a time for ``steps`` steps, read as
+    an IDE reads them (pings answered, the kernel's broadcasts drained); the proxy's RSS after each
+    step has settled. The figure is the slope between the first step and the last
+    (:func:`benchmarks.wsmem.measure`): the first sockets' one-off costs and memory the process had
+    kept from earlier work stay out of it, for every proxy alike.
+    """
+    from benchmarks.wsmem import measure
 
-    def open_one(_: int) -> None:
-        try:
-            ks = KernelSocket(route, job["kernel"], job["token"])
-        except Exception as exc:
-            failures.append(_why(exc))
-        else:
-            sockets.append(ks)
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # the server's handshakes take a while
-        list(pool.map(open_one, range(count)))
-    error = f"{len(failures)} of {count} failed, first: {failures[0]}" if failures else None
-    opened = time.perf_counter() - started
-    time.sleep(job["settle"])  # let the proxy finish whatever each open left behind
-    held = snapshot(pid)
-    nodelay = nodelay_report(pid)
-    for ks in sockets:
-        try:
-            ks.close()
-        except Exception:
-            pass
-    time.sleep(job["settle"])
-    after = snapshot(pid)
-    return {
-        "opened": len(sockets), "error": error, "open_seconds": opened,
-        "rss_before_kib": before.rss_kib, "rss_held_kib": held.rss_kib, "rss_after_close_kib": after.rss_kib,
-        "per_socket_kib": (held.rss_kib - before.rss_kib) / max(1, len(sockets)),
-        "proxy_cpu_open": held.cpu_since(before), "nodelay": nodelay,
-    }
+    return measure(job["route"], job["kernel"], job["token"], job["step"], job["steps"], job["settle"])
 
 
 def mixed(job: dict) -> dict:

@@ -44,7 +44,6 @@ from pathlib import Path
 
 from benchmarks.kernelws import KernelSocket
 from benchmarks.procfs import snapshot
-from benchmarks.run import _client, _warm
 from benchmarks.servers import Fleet, Route, _poll
 
 HOOK = Path(__file__).resolve().parent / "wsmem_hook"
@@ -53,8 +52,8 @@ HOOK = Path(__file__).resolve().parent / "wsmem_hook"
 class Holder:
     """Kernel sockets held open on one route, read by one thread (pings answered, broadcasts drained)."""
 
-    def __init__(self, route: Route, kernel: str, token: str) -> None:
-        self.route = route.as_dict()
+    def __init__(self, route: Route | dict, kernel: str, token: str) -> None:
+        self.route = route.as_dict() if isinstance(route, Route) else route
         self.kernel = kernel
         self.token = token
         self.sockets: list[KernelSocket] = []
@@ -139,25 +138,29 @@ def _settle(pid: int, seconds: float) -> int:
     return snapshot(pid).rss_kib
 
 
-def measure(route: Route, kernel: str, token: str, step: int, steps: int, settle: float,
+def measure(route: Route | dict, kernel: str, token: str, step: int, steps: int, settle: float,
             daemon: Daemon | None = None) -> dict:
-    """``daemon``: also ask the hook what ``malloc_trim`` would give back with every socket open (after the reading)."""
+    """
+    ``route``: a :class:`Route` or its ``as_dict()`` (``make bench``'s load generator gets the latter).
+    ``daemon``: also ask the hook what ``malloc_trim`` would give back with every socket open (after the reading).
+    """
     holder = Holder(route, kernel, token)
+    pid = holder.route["pid"]
     trimmed = None
     try:
-        levels = [_settle(route.pid, settle)]
+        levels = [_settle(pid, settle)]
         counts = [0]
         for _ in range(steps):
             holder.open(step)
-            levels.append(_settle(route.pid, settle))
+            levels.append(_settle(pid, settle))
             counts.append(len(holder.sockets))  # open now: a socket the proxy closed does not count
         opened = len(holder.sockets)
         if daemon is not None:
-            trimmed = daemon.ask(route.pid, "trim")
+            trimmed = daemon.ask(pid, "trim")
     finally:
         holder.stop()
     result = {"levels_kib": levels, "counts": counts, "opened": opened, "failures": holder.failures[:3],
-              "frames": holder.frames, "lost": holder.lost, "after_close_kib": _settle(route.pid, settle),
+              "frames": holder.frames, "lost": holder.lost, "after_close_kib": _settle(pid, settle),
               "trim": trimmed}
     if steps >= 2:
         result["from_idle"] = (levels[2] - levels[0]) / max(1, counts[2] - counts[0])
@@ -213,6 +216,8 @@ def _print_census(answer: dict) -> None:
 
 
 def main() -> int:
+    from benchmarks.run import _client, _warm  # here: make bench's load generator imports this module
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.wsmem", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", type=int, default=100)
