@@ -10,6 +10,7 @@ This is the per-frame path: keep what it does per frame as small as it is.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from types import FunctionType
 from typing import Any
@@ -23,6 +24,7 @@ from autobahn.twisted.websocket import (
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectingRequest
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
@@ -34,7 +36,7 @@ from jds.errors import error_body
 
 __all__ = [
     "FRAME_PIECE", "MAX_MESSAGE_BYTES", "HubFactory", "HubSide", "IdeSide", "PeerReading", "Side", "configured",
-    "socket_options",
+    "socket_options", "xor_mask",
 ]
 
 # Notebooks move outputs of tens of MB; a larger message closes the socket with 1009
@@ -71,6 +73,28 @@ _AT_REST: dict[str, Any] = {
 # never makes: an open socket has none of its own until such a write comes (Side.sendData).
 _AT_REST["send_queue"] = ()
 _UNSET = object()
+
+# Up to this many bytes a payload is masked with one integer XOR; autobahn's masker (NVX, through
+# CFFI) costs ~4 µs to create per frame, more than the XOR of a whole kernel request, and is faster
+# only from about 1.5 KB on.
+MASK_BY_INT = 1024
+
+
+def xor_mask(payload: bytes, key: bytes, offset: int = 0) -> bytes:
+    """
+    ``payload`` XORed with the 4-byte masking ``key`` (RFC 6455, 5.3), which masks and unmasks
+    alike; ``offset``: how far into its frame's payload ``payload`` starts (a frame read in pieces).
+    """
+    size = len(payload)
+    if not size:
+        return b""
+    turn = offset & 3
+    if turn:
+        key = key[turn:] + key[:turn]
+    if size > MASK_BY_INT:
+        return create_xor_masker(key, size).process(payload)
+    stream = key * (size >> 2) + key[: size & 3]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(size, "little")
 
 
 def socket_options(
@@ -316,6 +340,14 @@ class Side:
         elif not self.failedByMe and data is not None:  # type: ignore[attr-defined]
             self.link.forward(self, b"".join(data), self.message_is_binary)  # type: ignore[attr-defined]
 
+    # autobahn.twisted's _onMessageBegin and the like only call these: bound directly, each frame
+    # goes through one Python call less per hook.
+    _onMessageBegin = onMessageBegin
+    _onMessageFrameBegin = onMessageFrameBegin
+    _onMessageFrameData = onMessageFrameData
+    _onMessageFrameEnd = onMessageFrameEnd
+    _onMessageEnd = onMessageEnd
+
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
         if not stop:
@@ -335,6 +367,20 @@ class IdeSide(Side, WebSocketServerProtocol):
 
     role = "IDE"
     deny_reason = "bad-websocket-handshake"
+
+    # The IDE's frames are unmasked in onFrameData, not by a masker autobahn creates per frame (a
+    # server masks nothing it sends: this changes only how received frames are unmasked). autobahn
+    # copies its factory's options only to a protocol that does not have them already.
+    applyMask = False
+
+    def onFrameData(self, payload: bytes) -> bool | None:
+        """autobahn's, given the payload unmasked (:func:`xor_mask`; every frame from a client is masked)."""
+        mask = self.current_frame.mask  # type: ignore[attr-defined]
+        if mask is not None and payload:
+            # autobahn's null masker counts the bytes of this frame read so far, these included
+            start = self.current_frame_masker.pointer() - len(payload)  # type: ignore[attr-defined]
+            payload = xor_mask(payload, mask, start)
+        return super().onFrameData(payload)  # type: ignore[misc]
 
     def onConnect(self, request: Any) -> Deferred:
         """
@@ -387,6 +433,31 @@ class HubSide(Side, WebSocketClientProtocol):
             data = data.replace(*self._host_fix, 1)
             self._host_fix = None
         super().sendData(data, sync, chopsize)
+
+    def sendFrame(
+        self, opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0, mask: bytes | None = None,
+        payload_len: int | None = None, chopsize: int | None = None, sync: bool = False,
+    ) -> None:
+        """
+        autobahn's, masked by :func:`xor_mask`: the same bytes on the wire (a random key from
+        ``random.getrandbits(32)``, as autobahn's) without creating a masker per frame. What only
+        tests and fuzzers ask for (a given key, a repeated payload, frame logging) goes to autobahn's.
+        """
+        if mask is not None or payload_len is not None or self.logFrames or not (self.maskClientFrames and self.applyMask):  # type: ignore[attr-defined]
+            super().sendFrame(opcode, payload, fin, rsv, mask, payload_len, chopsize, sync)  # type: ignore[misc]
+            return
+        size = len(payload)
+        first = (0x80 if fin else 0) | (rsv % 8) << 4 | opcode % 128
+        if size <= 125:
+            head = bytes((first, 0x80 | size))
+        elif size <= 0xFFFF:
+            head = bytes((first, 0xFE)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((first, 0xFF)) + size.to_bytes(8, "big")
+        key = random.getrandbits(32).to_bytes(4, "big")
+        if opcode < 3:
+            self.trafficStats.outgoingWebSocketFrames += 1  # type: ignore[attr-defined]
+        self.sendData(head + key + xor_mask(payload, key), sync, chopsize)
 
     def failHandshake(self, reason: str) -> None:
         self.link.hub_refused(self, reason)
