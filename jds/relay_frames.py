@@ -123,7 +123,9 @@ def configured(side: type[Side], factory: Any) -> type[Side]:
     (23-29 of them) from the factory onto every protocol that does not have it yet, into each
     socket's own __dict__; one class per relay carries them once for all its sockets.
     """
-    options = {name: getattr(factory, name) for name in side.CONFIG_ATTRS}  # type: ignore[attr-defined]
+    # an option the relay's own classes set (IdeSide.applyMask: jds unmasks) stays theirs
+    own = {name for cls in side.__mro__ if cls.__module__ == __name__ for name in vars(cls)}
+    options = {name: getattr(factory, name) for name in side.CONFIG_ATTRS if name not in own}  # type: ignore[attr-defined]
     # a function as a class attribute would become a method (perMessageCompressionAccept is one)
     options = {name: staticmethod(v) if isinstance(v, FunctionType) else v for name, v in options.items()}
     return type(side.__name__, (side,), {"__module__": side.__module__, **options})
