@@ -218,6 +218,10 @@ class LocalGuard:
         return None
 
 
+def _drop_line(line: bytes) -> bool:
+    return True  # LineReceiver stops at a true answer
+
+
 # The phases of a connection that have a deadline (GuardedChannel): one at a time.
 HEADERS, BODY, IDLE, CLOSING = "headers", "body", "idle", "closing"
 
@@ -335,14 +339,6 @@ class GuardedChannel(HTTPChannel):
         if self._awaiting_headers and self._deadline.phase != HEADERS:
             self._deadline.start(HEADERS, self.header_timeout)  # the idle wait's deadline goes
         super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> bool | None:
-        """After a refusal the lines still buffered are dropped: the half-closed transport is not
-        ``disconnecting``, which is what stops ``LineReceiver`` otherwise."""
-        if self._refused:
-            return True
-        super().lineReceived(line)
-        return True if self._refused else None
 
     def headerReceived(self, line: bytes) -> bool:
         """A malformed header is kept out of the request and answered once all headers are in."""
@@ -505,6 +501,9 @@ class GuardedChannel(HTTPChannel):
     def _answer(self, refusal: Refusal) -> None:
         status, message, reason = refusal.status, refusal.message, refusal.reason
         self._refused = True
+        # The lines still buffered are dropped: the half-closed transport is not ``disconnecting``,
+        # which is what stops LineReceiver otherwise (an override per line cost every request a call).
+        self.lineReceived = _drop_line  # type: ignore[method-assign]
         self._in_body = False
         self._cancel_deadline()
         self._cancel_body_deadline()
