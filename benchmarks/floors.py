@@ -39,9 +39,8 @@ def serve(kind: str, upstream_port: int, ca: str) -> None:
     from twisted.internet.protocol import Factory, Protocol
     from twisted.internet.ssl import Certificate, optionsForClientTLS
     from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-    from twisted.web.http_headers import Headers
     from twisted.web.resource import Resource
-    from twisted.web.server import NOT_DONE_YET, Site
+    from twisted.web.server import Site
 
     options = optionsForClientTLS(TLS_NAME, Certificate.loadPEM(Path(ca).read_bytes()))
     endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, "127.0.0.1", upstream_port))
@@ -65,32 +64,6 @@ def serve(kind: str, upstream_port: int, ca: str) -> None:
     pool.maxPersistentPerHost = 16
     agent = Agent.usingEndpointFactory(reactor, OneEndpoint(), pool=pool)
     origin = b"https://%s:%d/user/alice" % (TLS_NAME.encode(), upstream_port)
-
-    class Relay(Protocol):
-        def __init__(self, request) -> None:
-            self.request = request
-
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
-            self.request.write(data)
-
-        def connectionLost(self, reason=None) -> None:  # noqa: N802
-            self.request.finish()
-
-    class MinimalProxy(Resource):
-        isLeaf = True
-
-        def render(self, request):
-            headers = Headers({b"authorization": request.requestHeaders.getRawHeaders(b"authorization") or []})
-
-            def relay(response):
-                request.setResponseCode(response.code)
-                for name, values in response.headers.getAllRawHeaders():
-                    if name.lower() not in (b"content-length", b"connection", b"transfer-encoding"):
-                        request.responseHeaders.setRawHeaders(name, values)
-                response.deliverBody(Relay(request))
-
-            agent.request(request.method, origin + request.uri, headers).addCallback(relay)
-            return NOT_DONE_YET
 
     class Upstream(Protocol):
         def __init__(self, down) -> None:
@@ -129,13 +102,57 @@ def serve(kind: str, upstream_port: int, ca: str) -> None:
         factory = Factory.forProtocol(Downstream)
     elif kind == "wsrelay":
         factory = _ws_relay_factory(reactor, endpoint, upstream_port)
-    else:
-        factory = Site(Static() if kind == "static" else MinimalProxy())
+    elif kind == "static":
+        factory = Site(Static())
         factory.log = lambda request: None
+    else:
+        factory = minimal_proxy_site(agent, origin)
     factory.noisy = False
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     print(f"http://127.0.0.1:{port.getHost().port}/", flush=True)
     reactor.run()
+
+
+def minimal_proxy_site(agent, origin: bytes):
+    """
+    The ``agent`` floor's site: twisted.web relaying every request to ``origin`` + its URI through
+    ``agent``, the Authorization header only, the answer's headers as they come, no access log
+    (``benchmarks.localside --floor`` uses it with an agent that answers at once).
+    """
+    from twisted.internet.protocol import Protocol
+    from twisted.web.http_headers import Headers
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Site
+
+    class Relay(Protocol):
+        def __init__(self, request) -> None:
+            self.request = request
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.request.write(data)
+
+        def connectionLost(self, reason=None) -> None:  # noqa: N802
+            self.request.finish()
+
+    class MinimalProxy(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            headers = Headers({b"authorization": request.requestHeaders.getRawHeaders(b"authorization") or []})
+
+            def relay(response):
+                request.setResponseCode(response.code)
+                for name, values in response.headers.getAllRawHeaders():
+                    if name.lower() not in (b"content-length", b"connection", b"transfer-encoding"):
+                        request.responseHeaders.setRawHeaders(name, values)
+                response.deliverBody(Relay(request))
+
+            agent.request(request.method, origin + request.uri, headers).addCallback(relay)
+            return NOT_DONE_YET
+
+    site = Site(MinimalProxy())
+    site.log = lambda request: None
+    return site
 
 
 def _ws_relay_factory(reactor, endpoint, upstream_port: int):

@@ -41,7 +41,7 @@ class Verdict:
     set_cookies: tuple[bytes, ...] = ()
 
 
-# The verdict of most requests, made once (it is frozen): building one was a sixth of a pass-through check.
+# The verdict of most requests, made once (it is frozen) rather than for every request.
 _ALLOWED = Verdict(True)
 
 

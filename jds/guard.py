@@ -219,6 +219,10 @@ class LocalGuard:
         return None
 
 
+def _drop_line(line: bytes) -> bool:
+    return True  # LineReceiver stops at a true answer
+
+
 # The phases of a connection that have a deadline (GuardedChannel): one at a time.
 HEADERS, BODY, IDLE, CLOSING = "headers", "body", "idle", "closing"
 
@@ -300,11 +304,11 @@ class GuardedChannel(HTTPChannel):
     idle_timeout: float | None = None
     _awaiting_headers = True
     _deadline: PhaseDeadline
-    _request_line = b""
     _body_seen = 0
     _body_cap = 0  # a body read whole (not streamed to the hub) is at most this; 0: no such bound
     _in_body = False
     _refused = False
+    _request_line = b""
     _dropped = 0
     _bad_header: str | None = None
 
@@ -339,14 +343,11 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> bool | None:
-        """After a refusal the lines still buffered are dropped: the half-closed transport is not
-        ``disconnecting``, which is what stops ``LineReceiver`` otherwise."""
-        if self._refused:
-            return True
         if line and getattr(self, "_HTTPChannel__first_line", 0):
-            self._request_line = line  # what a malformed request's burst is told apart by
-        super().lineReceived(line)
-        return True if self._refused else None
+            # what a burst of one malformed request is told apart by (Twisted refuses a bad request
+            # line before anything else of it is kept)
+            self._request_line = line
+        return super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
         """A malformed header is kept out of the request and answered once all headers are in."""
@@ -520,6 +521,9 @@ class GuardedChannel(HTTPChannel):
     def _answer(self, refusal: Refusal) -> None:
         status, message, reason = refusal.status, refusal.message, refusal.reason
         self._refused = True
+        # The lines still buffered are dropped: the half-closed transport is not ``disconnecting``,
+        # which is what stops LineReceiver otherwise (an override per line cost every request a call).
+        self.lineReceived = _drop_line  # type: ignore[method-assign]
         self._in_body = False
         self._cancel_deadline()
         self._cancel_body_deadline()

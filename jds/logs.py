@@ -63,7 +63,7 @@ def log_access(logger: Logger, method: str, uri: str, status: int, sent: int, ms
     """
     The access line: the event ``logger.info(ACCESS_FORMAT, ...)`` emits, to the same observer, but
     without ``Logger.emit``'s check that ``info`` is a log level, which sorts every level for every
-    event (a sixth of the cost of the line). ``tests/test_logs.py`` compares the two events.
+    event. ``tests/test_logs.py`` compares the two events.
     """
     logger.observer({
         "method": method, "uri": uri, "status": status, "bytes": sent, "ms": ms,
