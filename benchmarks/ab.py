@@ -59,7 +59,8 @@ def main() -> int:
     parser.add_argument("--download-mib", type=int, default=256)
     parser.add_argument("--upload-mib", type=int, default=64)
     parser.add_argument("--references", action="store_true",
-                        help="also configurable-http-proxy and the twisted.web + Agent floor, in the same rounds")
+                        help="also configurable-http-proxy and the twisted.web + Agent floor, in the same rounds "
+                             "(for rest and download: the floor relays no WebSocket)")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)
     only = set(args.only or WORKLOADS)
