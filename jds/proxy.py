@@ -689,10 +689,13 @@ class HubProxyResource(ReverseProxyResource):
         except Refusal as refused:
             return render_refusal(request, refused)
         websocket = is_websocket_upgrade(request)
-        verdict = self.credentials.check(
+        credentials = self.credentials
+        verdict = credentials.check(
             request.method,
             query,
-            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
+            # only managed mode reads them (pass-through lets every request through)
+            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
+            if credentials.managed else {},
             page=not websocket and not raw_path.startswith(b"/api/"),
         )
         if not verdict.allowed:
