@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -123,11 +123,21 @@ def _flatten(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
-def _group(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    grouped: dict[bytes, list[bytes]] = {}
+def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """
+    ``pairs`` as :class:`Headers` hold them (names in Header-Case, a CR or LF in a value folded to a
+    space), built in one pass: ``Headers(grouped)`` re-splits every value and calls a method per
+    name, twice per request. A name that comes twice in different case keeps all its values.
+    """
+    raw: dict[bytes, list[bytes]] = {}
+    encode = _nameEncoder.encode
     for name, value in pairs:
-        grouped.setdefault(name, []).append(value)
-    return grouped
+        if b"\r" in value or b"\n" in value:
+            value = b" ".join(value.splitlines())
+        raw.setdefault(encode(name), []).append(value)
+    headers = Headers()
+    headers._rawHeaders = raw
+    return headers
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -331,7 +341,8 @@ class _Exchange:
         if self.body_kind is not None or credentials.managed:
             # Bodies that are rewritten or scrubbed must arrive uncompressed.
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
-        self.authorization = next((v for n, v in headers if n.lower() == b"authorization"), None)
+        upstream = _headers(headers)
+        self.authorization = (upstream.getRawHeaders(b"authorization") or [None])[0]
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
         body = self._body_producer()
         if body is _CANNOT_SEND_AGAIN:  # a replay, but the streamed body is no longer whole here
@@ -339,7 +350,7 @@ class _Exchange:
             if not self._client_gone:
                 write_refusal(self.request, self._not_held())
             return
-        self._pending = self.resource.agent.request(request.method, uri, Headers(_group(headers)), body)
+        self._pending = self.resource.agent.request(request.method, uri, upstream, body)
         # A hub that accepts the connection but never answers must not hold the request for ever;
         # a kernel start, though, may rightly take many minutes.
         kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
@@ -504,7 +515,7 @@ class _Exchange:
         headers = map_response_headers(_flatten(response.headers), self.resource.target)
         if credentials.managed:
             headers = [(name, credentials.scrub(value)) for name, value in headers]
-        request.responseHeaders = Headers(_group(headers))
+        request.responseHeaders = _headers(headers)
         for cookie in self.set_cookies:
             request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()

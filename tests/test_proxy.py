@@ -622,3 +622,15 @@ class ResponseTimeoutTests(SynchronousTestCase):
         self.assertIn(b" 403 ", transport.value())
         self.assertIn(b"http://127.0.0.1:8765/?token=...", transport.value())
         self.assertNotIn(b"PORT", transport.value())
+
+def test_headers_are_built_as_twisted_builds_them() -> None:
+    from jds.proxy import _headers
+
+    pairs = [(b"x-thing", b"a\r\nb"), (b"Etag", b"1"), (b"set-cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Te", b"x\n")]
+    built = _headers(pairs)
+    expected = Headers()
+    for name, value in pairs:
+        expected.addRawHeader(name, value)
+    assert list(built.getAllRawHeaders()) == list(expected.getAllRawHeaders())
+    assert built.getRawHeaders(b"x-thing") == [b"a b"]
+    assert built.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
