@@ -304,6 +304,24 @@ def _no_answer(result: object, timeout: float) -> Failure:
     return Failure(_NoAnswer(timeout))
 
 
+class _ClientGone:
+    """
+    Stands in ``Request.notifications`` for ``notifyFinish()``'s Deferred, one fewer per request:
+    ``finish()`` calls ``callback``, a lost connection ``errback``, as they would the Deferred's.
+    """
+
+    __slots__ = ("_exchange",)
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def callback(self, result: object) -> None:
+        pass
+
+    def errback(self, reason: Failure) -> None:
+        self._exchange._client_went_away(reason)
+
+
 class _Exchange:
     """One client request and its upstream counterpart, tied together until both are over."""
 
@@ -325,7 +343,11 @@ class _Exchange:
         self.authorization: bytes | None = None  # the upstream Authorization: whose token starts a server
         self._answered = False  # by the proxy itself, while the server starts
         self.set_cookies: tuple[bytes, ...] = ()
-        request.notifyFinish().addErrback(self._client_went_away)
+        notifications = getattr(request, "notifications", None)
+        if type(notifications) is list:  # twisted.web's Request: told as its Deferreds are, without one
+            notifications.append(_ClientGone(self))
+        else:
+            request.notifyFinish().addErrback(self._client_went_away)
 
     def start(self) -> None:
         request, target, credentials = self.request, self.resource.target, self.resource.credentials
