@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_token
+from jds.deadlines import Deadlines
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
 from jds.hubclient import HubClient
@@ -299,11 +300,6 @@ class _NoAnswer(TimeoutError):
     """The hub did not answer within the request's limit (not a connect timeout: that is a 502)."""
 
 
-def _no_answer(result: object, timeout: float) -> Failure:
-    # The client reports its own cancellation as ResponseNeverReceived (as Agent does), not as a timeout: name it here.
-    return Failure(_NoAnswer(timeout))
-
-
 class _ClientGone:
     """
     Stands in ``Request.notifications`` for ``notifyFinish()``'s Deferred, one fewer per request:
@@ -340,6 +336,7 @@ class _Exchange:
         self._held: IResponse | None = None
         self._retry: RetryPlan | None = None
         self.limit, self.limit_option = 0.0, ""
+        self._timed_out = False
         self.authorization: bytes | None = None  # the upstream Authorization: whose token starts a server
         self._answered = False  # by the proxy itself, while the server starts
         self.set_cookies: tuple[bytes, ...] = ()
@@ -372,15 +369,23 @@ class _Exchange:
             if not self._client_gone:
                 write_refusal(self.request, self._not_held())
             return
-        self._pending = self.resource.agent.request(request.method, uri, upstream, body)
         # A hub that accepts the connection but never answers must not hold the request for ever;
-        # a kernel start, though, may rightly take many minutes.
+        # a kernel start, though, may rightly take many minutes. The deadline ends with the answer
+        # (_got_response) or the failure (_failed), which may come before request() returns.
         kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
         self.limit, self.limit_option = self.resource.timeouts.limit(kernel_start)
-        self._pending.addTimeout(self.limit, self.resource.reactor, onTimeoutCancel=_no_answer)
+        self._pending = self.resource.agent.request(request.method, uri, upstream, body)
+        resource = self.resource
+        resource.deadlines.set(self, resource.reactor.seconds() + self.limit, self._no_answer)
         if kernel_start:
             self._pending.addBoth(self._report_waiting())
         self._pending.addCallbacks(self._got_response, self._failed)
+
+    def _no_answer(self) -> None:
+        """The request's limit passed without an answer: it is cancelled, and ``_failed`` says why."""
+        self._timed_out = True
+        if self._pending is not None:
+            self._pending.cancel()
 
     def _report_waiting(self):
         """Log every minute while a kernel start waits; returns the callback that stops it."""
@@ -436,6 +441,11 @@ class _Exchange:
         return FileBodyProducer(_KeptOpen(content))
 
     def _got_response(self, response: IResponse) -> None:
+        self.resource.deadlines.discard(self)
+        if self._timed_out:  # an answer that the cancellation did not stop: too late all the same
+            response.deliverBody(_Discard())
+            self._failed(Failure(CancelledError()))
+            return
         self._pending = None
         self.resource.hub_link.answered()
         if self._client_gone:
@@ -634,6 +644,11 @@ class _Exchange:
             transport.abortConnection()
 
     def _failed(self, failure: Failure) -> None:
+        self.resource.deadlines.discard(self)
+        if self._timed_out:
+            # The client reports its own cancellation as ResponseNeverReceived (as Agent does), not as a timeout: name it here.
+            self._timed_out = False
+            failure = Failure(_NoAnswer(self.limit))
         self._pending = None
         if self._client_gone or failure.check(CancelledError) or self._retry_later(failure):
             return
@@ -711,6 +726,8 @@ class HubProxyResource(ReverseProxyResource):
         self.starter = starter
         self.hub_link = hub_link if hub_link is not None else HubLink(reactor)
         self.held_body = held_body
+        # every exchange's no-answer limit, on one timer
+        self.deadlines = Deadlines(reactor.callLater, reactor.seconds)
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:
         return self
