@@ -196,18 +196,19 @@ class _BodyRelay(Protocol):
     A hub that goes silent in the middle (no FIN, no reset) would hold the client for ever: a body
     that makes no progress for ``ResponseTimeouts.stall`` seconds, while the client is ready for
     more, is aborted (:meth:`_Exchange.abort_client`). Per piece this costs one clock read; the
-    timer is only looked at when it fires.
+    watch is an entry in the resource's :class:`~jds.deadlines.Deadlines` (no timer of its own,
+    which a small body arriving in one piece would set and cancel), looked at only when due.
     """
 
     def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | ModelHeadMapper | None) -> None:
         self._exchange = exchange
         self._scrubber = scrubber
-        reactor = exchange.resource.reactor
-        self._clock = reactor.seconds
-        self._reactor = reactor
-        self._stall = exchange.resource.timeouts.stall
+        resource = exchange.resource
+        self._clock = resource.reactor.seconds
+        self._deadlines = resource.deadlines
+        self._stall = resource.timeouts.stall
         self._last = 0.0
-        self._watch: Any = None
+        self._watching = False
 
     def connectionMade(self) -> None:
         self.resume_watch()  # first: a client that is not ready yet pauses it as it is registered
@@ -227,27 +228,29 @@ class _BodyRelay(Protocol):
 
     def pause_watch(self) -> None:
         """The client is not ready for more: no progress is expected of the hub meanwhile."""
-        if self._watch is not None and self._watch.active():
-            self._watch.cancel()
-        self._watch = None
+        if self._watching:
+            self._watching = False
+            self._deadlines.discard(self)
 
     def resume_watch(self) -> None:
-        if self._stall > 0 and self._watch is None:
+        if self._stall > 0 and not self._watching:
+            self._watching = True
             self._last = self._clock()
-            self._watch = self._reactor.callLater(self._stall, self._look)
+            self._deadlines.set(self, self._last + self._stall, self._look)
 
-    def _look(self) -> None:
+    def _look(self) -> float | None:
+        """Due: a later due if a piece came meanwhile, else the client is dropped."""
         idle = self._clock() - self._last
         if idle < self._stall:
-            self._watch = self._reactor.callLater(self._stall - idle, self._look)
-            return
-        self._watch = None
+            return self._last + self._stall
+        self._watching = False
         # the client was ready for more all along (its pauses stop this watch): drop it, never finish
         self._exchange.abort_client(
             f"the hub sent nothing of the response for {idle:.0f} s (--stall-timeout)",
             Failure(TimeoutError("no progress")),
         )
         self.transport.stopProducing()
+        return None
 
 
 class _BodyReader(_BodyRelay):
@@ -726,7 +729,7 @@ class HubProxyResource(ReverseProxyResource):
         self.starter = starter
         self.hub_link = hub_link if hub_link is not None else HubLink(reactor)
         self.held_body = held_body
-        # every exchange's no-answer limit, on one timer
+        # every exchange's no-answer limit and every body's stall watch, on one timer
         self.deadlines = Deadlines(reactor.callLater, reactor.seconds)
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:

@@ -225,6 +225,19 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(response.upstream.stopped)
         self.assertTrue(self.written().endswith(b"Content-Length: 100\r\n\r\nxxxxx"))  # 5 of 100: dropped, not ended
 
+    def test_a_small_body_in_one_piece_leaves_no_watch_and_sets_no_timer_of_its_own(self) -> None:
+        deadlines = self.site.resource.deadlines
+        self.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        timers = {id(c) for c in self.reactor.getDelayedCalls() if c.active()}
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=2)
+        d.callback(response)
+        self.assertEqual(len(deadlines), 1)  # the stall watch, while the body comes
+        response.send(b"{}")
+        self.assertEqual(len(deadlines), 0)
+        self.assertTrue(self.written().endswith(b"\r\n\r\n{}"))
+        self.assertLessEqual({id(c) for c in self.reactor.getDelayedCalls() if c.active()}, timers)
+
     def test_a_body_read_whole_that_stalls_aborts_the_client(self) -> None:
         self.send(b"GET /api/kernelspecs HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
