@@ -133,7 +133,7 @@ def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     raw: dict[bytes, list[bytes]] = {}
     encode = _nameEncoder.encode
     for name, value in pairs:
-        if b"\r" in value or b"\n" in value:
+        if 13 in value or 10 in value:  # CR, LF (an int's membership test is several times a bytes one's speed)
             value = b" ".join(value.splitlines())
         raw.setdefault(encode(name), []).append(value)
     headers = Headers()
