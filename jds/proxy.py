@@ -26,13 +26,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_token
+from jds.deadlines import Deadlines
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
 from jds.hubclient import HubClient
@@ -123,11 +124,21 @@ def _flatten(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
-def _group(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    grouped: dict[bytes, list[bytes]] = {}
+def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """
+    ``pairs`` as :class:`Headers` hold them (names in Header-Case, a CR or LF in a value folded to a
+    space), built in one pass: ``Headers(grouped)`` re-splits every value and calls a method per
+    name, twice per request. A name that comes twice in different case keeps all its values.
+    """
+    raw: dict[bytes, list[bytes]] = {}
+    encode = _nameEncoder.encode
     for name, value in pairs:
-        grouped.setdefault(name, []).append(value)
-    return grouped
+        if 13 in value or 10 in value:  # CR, LF (an int's membership test is several times a bytes one's speed)
+            value = b" ".join(value.splitlines())
+        raw.setdefault(encode(name), []).append(value)
+    headers = Headers()
+    headers._rawHeaders = raw
+    return headers
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -185,18 +196,19 @@ class _BodyRelay(Protocol):
     A hub that goes silent in the middle (no FIN, no reset) would hold the client for ever: a body
     that makes no progress for ``ResponseTimeouts.stall`` seconds, while the client is ready for
     more, is aborted (:meth:`_Exchange.abort_client`). Per piece this costs one clock read; the
-    timer is only looked at when it fires.
+    watch is an entry in the resource's :class:`~jds.deadlines.Deadlines` (no timer of its own,
+    which a small body arriving in one piece would set and cancel), looked at only when due.
     """
 
     def __init__(self, exchange: _Exchange, scrubber: StreamScrubber | ModelHeadMapper | None) -> None:
         self._exchange = exchange
         self._scrubber = scrubber
-        reactor = exchange.resource.reactor
-        self._clock = reactor.seconds
-        self._reactor = reactor
-        self._stall = exchange.resource.timeouts.stall
+        resource = exchange.resource
+        self._clock = resource.reactor.seconds
+        self._deadlines = resource.deadlines
+        self._stall = resource.timeouts.stall
         self._last = 0.0
-        self._watch: Any = None
+        self._watching = False
 
     def connectionMade(self) -> None:
         self.resume_watch()  # first: a client that is not ready yet pauses it as it is registered
@@ -216,27 +228,29 @@ class _BodyRelay(Protocol):
 
     def pause_watch(self) -> None:
         """The client is not ready for more: no progress is expected of the hub meanwhile."""
-        if self._watch is not None and self._watch.active():
-            self._watch.cancel()
-        self._watch = None
+        if self._watching:
+            self._watching = False
+            self._deadlines.discard(self)
 
     def resume_watch(self) -> None:
-        if self._stall > 0 and self._watch is None:
+        if self._stall > 0 and not self._watching:
+            self._watching = True
             self._last = self._clock()
-            self._watch = self._reactor.callLater(self._stall, self._look)
+            self._deadlines.set(self, self._last + self._stall, self._look)
 
-    def _look(self) -> None:
+    def _look(self) -> float | None:
+        """Due: a later due if a piece came meanwhile, else the client is dropped."""
         idle = self._clock() - self._last
         if idle < self._stall:
-            self._watch = self._reactor.callLater(self._stall - idle, self._look)
-            return
-        self._watch = None
+            return self._last + self._stall
+        self._watching = False
         # the client was ready for more all along (its pauses stop this watch): drop it, never finish
         self._exchange.abort_client(
             f"the hub sent nothing of the response for {idle:.0f} s (--stall-timeout)",
             Failure(TimeoutError("no progress")),
         )
         self.transport.stopProducing()
+        return None
 
 
 class _BodyReader(_BodyRelay):
@@ -289,9 +303,22 @@ class _NoAnswer(TimeoutError):
     """The hub did not answer within the request's limit (not a connect timeout: that is a 502)."""
 
 
-def _no_answer(result: object, timeout: float) -> Failure:
-    # The client reports its own cancellation as ResponseNeverReceived (as Agent does), not as a timeout: name it here.
-    return Failure(_NoAnswer(timeout))
+class _ClientGone:
+    """
+    Stands in ``Request.notifications`` for ``notifyFinish()``'s Deferred, one fewer per request:
+    ``finish()`` calls ``callback``, a lost connection ``errback``, as they would the Deferred's.
+    """
+
+    __slots__ = ("_exchange",)
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def callback(self, result: object) -> None:
+        pass
+
+    def errback(self, reason: Failure) -> None:
+        self._exchange._client_went_away(reason)
 
 
 class _Exchange:
@@ -312,10 +339,15 @@ class _Exchange:
         self._held: IResponse | None = None
         self._retry: RetryPlan | None = None
         self.limit, self.limit_option = 0.0, ""
+        self._timed_out = False
         self.authorization: bytes | None = None  # the upstream Authorization: whose token starts a server
         self._answered = False  # by the proxy itself, while the server starts
         self.set_cookies: tuple[bytes, ...] = ()
-        request.notifyFinish().addErrback(self._client_went_away)
+        notifications = getattr(request, "notifications", None)
+        if type(notifications) is list:  # twisted.web's Request: told as its Deferreds are, without one
+            notifications.append(_ClientGone(self))
+        else:
+            request.notifyFinish().addErrback(self._client_went_away)
 
     def start(self) -> None:
         request, target, credentials = self.request, self.resource.target, self.resource.credentials
@@ -331,7 +363,8 @@ class _Exchange:
         if self.body_kind is not None or credentials.managed:
             # Bodies that are rewritten or scrubbed must arrive uncompressed.
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
-        self.authorization = next((v for n, v in headers if n.lower() == b"authorization"), None)
+        upstream = _headers(headers)
+        self.authorization = (upstream.getRawHeaders(b"authorization") or [None])[0]
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
         body = self._body_producer()
         if body is _CANNOT_SEND_AGAIN:  # a replay, but the streamed body is no longer whole here
@@ -339,15 +372,23 @@ class _Exchange:
             if not self._client_gone:
                 write_refusal(self.request, self._not_held())
             return
-        self._pending = self.resource.agent.request(request.method, uri, Headers(_group(headers)), body)
         # A hub that accepts the connection but never answers must not hold the request for ever;
-        # a kernel start, though, may rightly take many minutes.
+        # a kernel start, though, may rightly take many minutes. The deadline ends with the answer
+        # (_got_response) or the failure (_failed), which may come before request() returns.
         kernel_start = is_kernel_start(request.method, local_path(self.hub_path, target) or b"")
         self.limit, self.limit_option = self.resource.timeouts.limit(kernel_start)
-        self._pending.addTimeout(self.limit, self.resource.reactor, onTimeoutCancel=_no_answer)
+        self._pending = self.resource.agent.request(request.method, uri, upstream, body)
+        resource = self.resource
+        resource.deadlines.set(self, resource.reactor.seconds() + self.limit, self._no_answer)
         if kernel_start:
             self._pending.addBoth(self._report_waiting())
         self._pending.addCallbacks(self._got_response, self._failed)
+
+    def _no_answer(self) -> None:
+        """The request's limit passed without an answer: it is cancelled, and ``_failed`` says why."""
+        self._timed_out = True
+        if self._pending is not None:
+            self._pending.cancel()
 
     def _report_waiting(self):
         """Log every minute while a kernel start waits; returns the callback that stops it."""
@@ -403,6 +444,11 @@ class _Exchange:
         return FileBodyProducer(_KeptOpen(content))
 
     def _got_response(self, response: IResponse) -> None:
+        self.resource.deadlines.discard(self)
+        if self._timed_out:  # an answer that the cancellation did not stop: too late all the same
+            response.deliverBody(_Discard())
+            self._failed(Failure(CancelledError()))
+            return
         self._pending = None
         self.resource.hub_link.answered()
         if self._client_gone:
@@ -504,7 +550,7 @@ class _Exchange:
         headers = map_response_headers(_flatten(response.headers), self.resource.target)
         if credentials.managed:
             headers = [(name, credentials.scrub(value)) for name, value in headers]
-        request.responseHeaders = Headers(_group(headers))
+        request.responseHeaders = _headers(headers)
         for cookie in self.set_cookies:
             request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -601,6 +647,11 @@ class _Exchange:
             transport.abortConnection()
 
     def _failed(self, failure: Failure) -> None:
+        self.resource.deadlines.discard(self)
+        if self._timed_out:
+            # The client reports its own cancellation as ResponseNeverReceived (as Agent does), not as a timeout: name it here.
+            self._timed_out = False
+            failure = Failure(_NoAnswer(self.limit))
         self._pending = None
         if self._client_gone or failure.check(CancelledError) or self._retry_later(failure):
             return
@@ -678,6 +729,8 @@ class HubProxyResource(ReverseProxyResource):
         self.starter = starter
         self.hub_link = hub_link if hub_link is not None else HubLink(reactor)
         self.held_body = held_body
+        # every exchange's no-answer limit and every body's stall watch, on one timer
+        self.deadlines = Deadlines(reactor.callLater, reactor.seconds)
 
     def getChild(self, path: bytes, request: Request) -> HubProxyResource:
         return self
@@ -689,10 +742,13 @@ class HubProxyResource(ReverseProxyResource):
         except Refusal as refused:
             return render_refusal(request, refused)
         websocket = is_websocket_upgrade(request)
-        verdict = self.credentials.check(
+        credentials = self.credentials
+        verdict = credentials.check(
             request.method,
             query,
-            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
+            # only managed mode reads them (pass-through lets every request through)
+            {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
+            if credentials.managed else {},
             page=not websocket and not raw_path.startswith(b"/api/"),
         )
         if not verdict.allowed:

@@ -28,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jds"
 LAYERS: list[tuple[str, set[str]]] = [
     ("pure", {"jds", "jds.__init__", "jds.paths", "jds.auth", "jds.tokens", "jds.environment", "jds.profiles", "jds.stats", "jds.commands", "jds.logs", "jds.refusal", "jds.hubversions", "jds.reconnect", "jds.sessions", "jds.via", "jds.openssh"}),
     ("hub side", {"jds.tls", "jds.reach", "jds.tunnels", "jds.bastion", "jds.spares", "jds.hubclient", "jds.retry", "jds.hublink", "jds.hub", "jds.errors", "jds.progress", "jds.token_expiry", "jds.cluster_ca"}),
-    ("web resources", {"jds.guard", "jds.connections", "jds.login", "jds.upload", "jds.proxy", "jds.relay_frames", "jds.relay_outage", "jds.relay_link", "jds.relay", "jds.status"}),
+    ("web resources", {"jds.guard", "jds.connections", "jds.login", "jds.upload", "jds.deadlines", "jds.proxy", "jds.relay_frames", "jds.relay_outage", "jds.relay_link", "jds.relay", "jds.status"}),
     ("site assembly", {"jds.site", "jds.options"}),
     ("checks", {"jds.check", "jds.demo", "jds._demohub", "jds.hublogin", "jds.status_command", "jds.config_command"}),
     ("twistd service maker", {"jds.service", "jds.tap"}),

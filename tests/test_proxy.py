@@ -225,6 +225,19 @@ class ProxyResourceTests(SynchronousTestCase):
         self.assertTrue(response.upstream.stopped)
         self.assertTrue(self.written().endswith(b"Content-Length: 100\r\n\r\nxxxxx"))  # 5 of 100: dropped, not ended
 
+    def test_a_small_body_in_one_piece_leaves_no_watch_and_sets_no_timer_of_its_own(self) -> None:
+        deadlines = self.site.resource.deadlines
+        self.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        timers = {id(c) for c in self.reactor.getDelayedCalls() if c.active()}
+        [(_, _, _, _, d)] = self.agent.calls
+        response = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=2)
+        d.callback(response)
+        self.assertEqual(len(deadlines), 1)  # the stall watch, while the body comes
+        response.send(b"{}")
+        self.assertEqual(len(deadlines), 0)
+        self.assertTrue(self.written().endswith(b"\r\n\r\n{}"))
+        self.assertLessEqual({id(c) for c in self.reactor.getDelayedCalls() if c.active()}, timers)
+
     def test_a_body_read_whole_that_stalls_aborts_the_client(self) -> None:
         self.send(b"GET /api/kernelspecs HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
         [(_, _, _, _, d)] = self.agent.calls
@@ -336,8 +349,15 @@ class ProxyResourceTests(SynchronousTestCase):
         # the retry (the connection's own deadline timer is further off: nothing is due while a request is served)
         self.assertEqual(len([c for c in self.reactor.getDelayedCalls() if c.getTime() < 5]), 1)
         self.channel.connectionLost(Failure(ConnectionLost()))
-        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+        # no retry is pending; the shared deadline timer may stay set (lazily): it finds nothing due
+        pending = [c for c in self.reactor.getDelayedCalls() if c.active()]
+        self.assertEqual([c for c in pending if c.func.__name__ != "_fire"], [])
+        self.assertEqual(len(self.site.resource.deadlines), 0)
         self.reactor.advance(10)
+        self.assertEqual(len(self.agent.calls), 1)
+        self.assertEqual(self.written(), b"")
+        self.reactor.advance(600)
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
         self.assertEqual(len(self.agent.calls), 1)
         self.assertEqual(self.written(), b"")
 
@@ -574,6 +594,25 @@ class ResponseTimeoutTests(SynchronousTestCase):
         self.assertIn(b"within 5 s (--response-timeout)", transport.value())
         self.assertEqual(self.waiting_lines(), [])
 
+    def test_limits_share_one_timer_and_each_fires_at_its_own_time(self) -> None:
+        kernel = self.request(b"POST /api/sessions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
+        self.reactor.advance(3)
+        plain = self.request(b"GET /api/contents HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        answered = self.request(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n")
+        answer = FakeResponse(200, {b"Content-Type": [b"application/json"]}, length=2)
+        self.agent.calls[2][4].callback(answer)
+        answer.send(b"{}")
+        self.reactor.advance(4.9)
+        self.assertEqual(plain.value(), b"")
+        self.reactor.advance(0.2)
+        self.assertIn(b"within 5 s (--response-timeout)", plain.value())
+        self.assertIn(b" 200 ", answered.value())
+        self.assertNotIn(b" 504 ", answered.value())
+        self.reactor.advance(600 - 8.1 - 0.1)
+        self.assertEqual(kernel.value(), b"")
+        self.reactor.advance(0.2)
+        self.assertIn(b"within 600 s (--kernel-start-timeout)", kernel.value())
+
     def test_kernel_start_waits_longer_and_says_so_every_minute(self) -> None:
         transport = self.request(b"POST /api/sessions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n{}")
         for _ in range(3):
@@ -622,3 +661,16 @@ class ResponseTimeoutTests(SynchronousTestCase):
         self.assertIn(b" 403 ", transport.value())
         self.assertIn(b"http://127.0.0.1:8765/?token=...", transport.value())
         self.assertNotIn(b"PORT", transport.value())
+
+
+def test_headers_are_built_as_twisted_builds_them() -> None:
+    from jds.proxy import _headers
+
+    pairs = [(b"x-thing", b"a\r\nb"), (b"Etag", b"1"), (b"set-cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Te", b"x\n")]
+    built = _headers(pairs)
+    expected = Headers()
+    for name, value in pairs:
+        expected.addRawHeader(name, value)
+    assert list(built.getAllRawHeaders()) == list(expected.getAllRawHeaders())
+    assert built.getRawHeaders(b"x-thing") == [b"a b"]
+    assert built.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
