@@ -246,23 +246,36 @@ class Side:
     _pieces_size = 0
     _fin = False  # whether it ends its message
 
+    _keep_limit: int | None = None  # of this message's pieces kept in _sent (Link.keep_limit)
+
     def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)  # type: ignore[misc]
-        through = self._through = self.link.through(self)
+        # autobahn's (three assignments), inline: this and the next run for every message
+        self.message_is_binary = isBinary
+        self.message_data = []
+        self.message_data_total_length = 0
+        link = self.link
+        through = self._through = link.through(self)
         if through is not None:
             self._opcode = 2 if isBinary else 1
             self._first = b""
             self._pieces, self._pieces_size = None, 0
-            if self.link.keeps(self):
+            if through is link.hub and link.keep_limit is not None:
                 self._sent, self._sent_size, self._unkept = [], 0, False
+                self._keep_limit = link.keep_limit
 
     def onMessageFrameBegin(self, length: int) -> None:
-        super().onMessageFrameBegin(length)  # type: ignore[misc]  # the size limits (1009)
+        total = self.message_data_total_length + length
+        if 0 < self.maxMessagePayloadSize < total or 0 < self.maxFramePayloadSize < length:  # type: ignore[attr-defined]
+            super().onMessageFrameBegin(length)  # type: ignore[misc]  # the size limits (1009)
+        else:  # what autobahn's does within them
+            self.frame_length = length
+            self.frame_data = []
+            self.message_data_total_length = total
         through = self._through
         if through is not None:
             self._left, self._fin = length, self.current_frame.fin  # type: ignore[attr-defined]
             if through is self.link.hub:
-                self.link.last_to_hub = self.message_data_total_length  # type: ignore[attr-defined]
+                self.link.last_to_hub = total
 
     def onMessageFrameData(self, payload: bytes) -> None:
         """
@@ -303,7 +316,7 @@ class Side:
         sent = self._sent
         if sent is not None:
             self._sent_size += len(payload)
-            if self._sent_size <= self.link.relay.reconnect.max_held:
+            if self._sent_size <= self._keep_limit:  # type: ignore[operator]
                 sent.append(payload)
             else:  # could not be held for the next link anyway (--reconnect-buffer)
                 self._sent, self._unkept = None, True
