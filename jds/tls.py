@@ -313,44 +313,37 @@ _recv_buffer: Any = None
 _send_buffer: Any = None
 
 
-def _internals(conn: SSL.Connection) -> tuple[Any, Any, Any] | None:
-    try:
-        context = conn._context
-        helpers = (context._verify_helper, context._alpn_select_helper, context._ocsp_helper)
-        return conn._ssl, conn._from_ssl, helpers
-    except AttributeError:
-        return None
+def _callback_problem(context: Any) -> bool:
+    """An exception a callback (certificate verification, ALPN, OCSP) left, which pyOpenSSL raises first."""
+    for helper in (context._verify_helper, context._alpn_select_helper, context._ocsp_helper):
+        if helper is not None and helper._problems:
+            return True
+    return False
 
 
 def quiet_recv(conn: SSL.Connection) -> bytes | None:
     """``conn.recv(2**16)``, or ``None`` where that raises :class:`SSL.WantReadError`."""
     global _recv_buffer
-    internals = _internals(conn)
-    if internals is None or not hasattr(conn, "_raise_ssl_error"):
+    try:
+        ssl, context, raise_error = conn._ssl, conn._context, conn._raise_ssl_error
+    except AttributeError:
         try:
             return conn.recv(_RECV_SIZE)
         except SSL.WantReadError:
             return None
-    ssl, _, helpers = internals
     if _recv_buffer is None:
         _recv_buffer = _ffi.new("char[]", _RECV_SIZE)
     result = _lib.SSL_read(ssl, _recv_buffer, _RECV_SIZE)
-    if (
-        result <= 0
-        and _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
-        # a callback's exception, which pyOpenSSL raises first
-        and not any(helper is not None and helper._problems for helper in helpers)
-    ):
-        return None
-    conn._raise_ssl_error(ssl, result)
+    if (result > 0 or _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ) and not _callback_problem(context):
+        return _ffi.buffer(_recv_buffer, result)[:] if result > 0 else None
+    raise_error(ssl, result)  # what recv raises for this state
     return _ffi.buffer(_recv_buffer, result)[:]
 
 
 def quiet_bio_read(conn: SSL.Connection) -> bytes:
     """``conn.bio_read(2**15)``, or ``b""`` where that raises :class:`SSL.WantReadError` (nothing to send)."""
     global _send_buffer
-    internals = _internals(conn)
-    bio = internals[1] if internals is not None else None
+    bio = getattr(conn, "_from_ssl", None)
     if bio is not None:
         if _send_buffer is None:
             _send_buffer = _ffi.new("char[]", _SEND_SIZE)
