@@ -244,6 +244,10 @@ class Link(_Opening):
         self.established = False  # both sides were open once: a later hub loss may be an outage
         self.outage: HubOutage | None = None
         self.replay = ReplayWatch(self) if kind == "kernel" else None
+        # what the IDE sends to the hub is kept until its message ends, up to this many bytes (see
+        # holding); None: not kept. Read once per message, so worked out once per socket.
+        reconnect = relay.reconnect
+        self.keep_limit: int | None = reconnect.max_held if kind is not None and reconnect.enabled else None
 
     def opened(self, side: Side) -> None:
         if side is self.hub:
@@ -303,10 +307,6 @@ class Link(_Opening):
         if peer is None or toward.queued is not None or toward.gone or peer.state != _OPEN:  # type: ignore[attr-defined]
             return None
         return peer
-
-    def keeps(self, side: Side) -> bool:
-        """Whether what ``side`` sends to the hub is kept until its message ends (see :meth:`holding`)."""
-        return side is self.ide and self.kind is not None and self.relay.reconnect.enabled
 
     def holding(self, side: Side) -> bool:
         """The hub link is down and ``side``'s messages are held for the next one."""

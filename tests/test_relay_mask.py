@@ -11,7 +11,12 @@ import random
 from collections import deque
 from itertools import pairwise
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 from test_relay import OTHER_PATH, RelayTestCase, Wire, frames
@@ -19,7 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from jds import relay_frames
-from jds.relay_frames import MASK_BY_INT, HubSide, xor_mask
+from jds.relay_frames import MASK_BY_INT, HubSide, IdeSide, xor_mask
 
 # every length up to a few frames' worth, the edges of the header's length forms and of MASK_BY_INT, and up to 70000
 LENGTHS = sorted({
@@ -64,9 +69,9 @@ class XorMaskTests(SynchronousTestCase):
         self.assertEqual(xor_mask(bytearray(payload), key), xor_mask(payload, key))
 
 
-def _open_client(protocol_class: type) -> tuple[WebSocketClientProtocol, StringTransport]:
+def _open_client(protocol_class: type, factory_class: type = WebSocketClientFactory) -> tuple[WebSocketClientProtocol, StringTransport]:
     """A client protocol of ``protocol_class`` as an open socket has it, writing into a StringTransport."""
-    factory = WebSocketClientFactory("ws://127.0.0.1:9/")
+    factory = factory_class("ws://127.0.0.1:9/")
     protocol = protocol_class()
     protocol.factory = factory
     for name in protocol.CONFIG_ATTRS:
@@ -113,6 +118,43 @@ class HubSideFramingTests(SynchronousTestCase):
         ours.sendFrame(2, b"abcd")
         self.assertEqual(wire.value()[-4:], b"abcd")
         self.assertTrue(wire.value()[1] & 0x80)
+
+
+class IdeSideFramingTests(SynchronousTestCase):
+    """The IDE side's (unmasked) frames are byte for byte autobahn's."""
+
+    def assertSameFrame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> None:
+        ours, our_wire = _open_client(IdeSide, WebSocketServerFactory)
+        theirs, their_wire = _open_client(WebSocketServerProtocol, WebSocketServerFactory)
+        ours.sendFrame(opcode, payload, fin, rsv)
+        theirs.sendFrame(opcode, payload, fin, rsv)
+        self.assertEqual(our_wire.value(), their_wire.value(), (opcode, len(payload), fin, rsv))
+        self.assertEqual(ours.trafficStats.outgoingWebSocketFrames, theirs.trafficStats.outgoingWebSocketFrames)
+
+    def test_data_frames_of_every_length(self) -> None:
+        rng = random.Random(8)
+        for size in LENGTHS:
+            self.assertSameFrame(2, rng.randbytes(size))
+        self.assertSameFrame(1, "caf\u00e9".encode())
+        self.assertSameFrame(0, b"continued", fin=False)
+        self.assertSameFrame(2, b"reserved bits", rsv=4)
+
+    def test_control_frames(self) -> None:
+        for opcode, payload in ((8, b"\x03\xe8bye"), (8, b""), (9, b"ping"), (10, b"pong" * 31), (9, b"")):
+            self.assertSameFrame(opcode, payload)
+
+    def test_what_autobahns_own_options_ask_for_goes_to_autobahn(self) -> None:
+        """Masked server frames (a test option) and a given key take autobahn's path."""
+        ours, wire = _open_client(IdeSide, WebSocketServerFactory)
+        ours.maskServerFrames = True
+        ours.applyMask = True
+        ours.sendFrame(2, b"abcd")
+        self.assertTrue(wire.value()[1] & 0x80)
+        self.assertEqual(len(wire.value()), 2 + 4 + 4)
+        wire.clear()
+        ours.maskServerFrames = False
+        ours.sendFrame(2, b"abcd", mask=b"\x00\x00\x00\x00")
+        self.assertEqual(wire.value(), b"\x82\x84abcd")
 
 
 class RelayedMaskingTests(RelayTestCase):
