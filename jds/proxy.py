@@ -12,6 +12,7 @@ it were complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -321,6 +322,54 @@ class _ClientGone:
         self._exchange._client_went_away(reason)
 
 
+def _body_producer(request: Request) -> IBodyProducer | None | object:
+    """The body for one attempt; ``_CANNOT_SEND_AGAIN`` for a streamed one that is no longer whole."""
+    streamed = _streamed(request)
+    if streamed is not None:
+        producer = streamed.producer()
+        return _CANNOT_SEND_AGAIN if producer is None else producer
+    content = request.content
+    if content is None:
+        return None
+    size = _body_size(request)
+    content.seek(0)
+    has_length = request.requestHeaders.hasHeader(b"content-length")
+    if size == 0 and not has_length and request.method in _BODYLESS_METHODS:
+        return None
+    return FileBodyProducer(_KeptOpen(content))
+
+
+def _rewrites_body(body_kind: str | None, response: IResponse, content_type: bytes) -> bool:
+    """
+    Bodies with paths to map are read whole, so only JSON answers of a known, bounded length;
+    a larger one (a big file's model) streams, only its leading members mapped on the way.
+    """
+    if body_kind is None or response.code not in (200, 201):
+        return False
+    if body_kind == "kernelspecs":
+        return True
+    return (
+        content_type.startswith(b"application/json")
+        and response.length is not UNKNOWN_LENGTH
+        and response.length <= MAX_REWRITTEN_BODY
+    )
+
+
+def _waiting_reporter(reactor: Any, interval: float, say: Callable[[float], None]) -> Callable[[object], object]:
+    """Calls ``say(minutes so far)`` every ``interval`` seconds; returns the callback that stops it."""
+    began = reactor.seconds()
+    ticker = LoopingCall(lambda: say((reactor.seconds() - began) / 60))
+    ticker.clock = reactor
+    ticker.start(interval, now=False)
+
+    def stop(result: object) -> object:
+        if ticker.running:
+            ticker.stop()
+        return result
+
+    return stop
+
+
 class _Exchange:
     """One client request and its upstream counterpart, tied together until both are over."""
 
@@ -366,7 +415,7 @@ class _Exchange:
         upstream = _headers(headers)
         self.authorization = (upstream.getRawHeaders(b"authorization") or [None])[0]
         uri = target.origin + self.hub_path + (b"?" + query if query else b"")
-        body = self._body_producer()
+        body = _body_producer(self.request)
         if body is _CANNOT_SEND_AGAIN:  # a replay, but the streamed body is no longer whole here
             self._answered = True
             if not self._client_gone:
@@ -390,29 +439,18 @@ class _Exchange:
         if self._pending is not None:
             self._pending.cancel()
 
-    def _report_waiting(self):
+    def _report_waiting(self) -> Callable[[object], object]:
         """Log every minute while a kernel start waits; returns the callback that stops it."""
-        reactor, interval = self.resource.reactor, self.resource.timeouts.progress_interval
-        began = reactor.seconds()
 
-        def still_waiting() -> None:
+        def still_waiting(minutes: float) -> None:
             log.info(
                 "{method} {path}: still waiting for the kernel to start ({minutes:.0f} min so far; "
                 "up to {limit:g} s, {option}).",
                 method=clip(self.request.method.decode("latin-1"), 32), path=quoted(self.hub_path),
-                minutes=(reactor.seconds() - began) / 60, limit=self.limit, option=self.limit_option,
+                minutes=minutes, limit=self.limit, option=self.limit_option,
             )
 
-        ticker = LoopingCall(still_waiting)
-        ticker.clock = reactor
-        ticker.start(interval, now=False)
-
-        def stop(result: object) -> object:
-            if ticker.running:
-                ticker.stop()
-            return result
-
-        return stop
+        return _waiting_reporter(self.resource.reactor, self.resource.timeouts.progress_interval, still_waiting)
 
     def _is_api(self) -> bool:
         local = local_path(self.hub_path, self.resource.target) or b""
@@ -426,22 +464,6 @@ class _Exchange:
             return None  # the common case, decided without parsing the path
         local = local_path(self.hub_path, self.resource.target)
         return None if local is None else response_body_kind(self.request.method, local, rooted)
-
-    def _body_producer(self) -> IBodyProducer | None | object:
-        """The body for this attempt; ``_CANNOT_SEND_AGAIN`` for a streamed one that is no longer whole."""
-        streamed = _streamed(self.request)
-        if streamed is not None:
-            producer = streamed.producer()
-            return _CANNOT_SEND_AGAIN if producer is None else producer
-        content = self.request.content
-        if content is None:
-            return None
-        size = _body_size(self.request)
-        content.seek(0)
-        has_length = self.request.requestHeaders.hasHeader(b"content-length")
-        if size == 0 and not has_length and self.request.method in _BODYLESS_METHODS:
-            return None
-        return FileBodyProducer(_KeptOpen(content))
 
     def _got_response(self, response: IResponse) -> None:
         self.resource.deadlines.discard(self)
@@ -554,7 +576,7 @@ class _Exchange:
         for cookie in self.set_cookies:
             request.responseHeaders.addRawHeader(b"set-cookie", cookie)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
-        if self._rewrites_body(response, content_type):
+        if _rewrites_body(self.body_kind, response, content_type):
             response.deliverBody(_BodyReader(self))
             return
         scrubber: StreamScrubber | ModelHeadMapper | None = None
@@ -584,21 +606,6 @@ class _Exchange:
             "hub-token-refused",
             hint="Replace the token in --token-file and restart jupyter-dev-server.",
         ))
-
-    def _rewrites_body(self, response: IResponse, content_type: bytes) -> bool:
-        """
-        Bodies with paths to map are read whole, so only JSON answers of a known, bounded length;
-        a larger one (a big file's model) streams, only its leading members mapped on the way.
-        """
-        if self.body_kind is None or response.code not in (200, 201):
-            return False
-        if self.body_kind == "kernelspecs":
-            return True
-        return (
-            content_type.startswith(b"application/json")
-            and response.length is not UNKNOWN_LENGTH
-            and response.length <= MAX_REWRITTEN_BODY
-        )
 
     def body_read(self, body: bytes, reason: Failure) -> None:
         """A body read whole (:class:`_BodyReader`) ended: mapped and sent if it is complete."""
