@@ -83,8 +83,31 @@ def _open_client(protocol_class: type, factory_class: type = WebSocketClientFact
     return protocol, protocol.transport
 
 
-class HubSideFramingTests(SynchronousTestCase):
+class _SameFramesAsAutobahn:
+    """Shared by both sides' framing tests: every length, text, continuation, reserved bits, control frames."""
+
+    seed = 0
+
+    def assertSameFrame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> None:
+        raise NotImplementedError
+
+    def test_data_frames_of_every_length(self) -> None:
+        rng = random.Random(self.seed)
+        for size in LENGTHS:
+            self.assertSameFrame(2, rng.randbytes(size))
+        self.assertSameFrame(1, "caf\u00e9".encode())
+        self.assertSameFrame(0, b"continued", fin=False)
+        self.assertSameFrame(2, b"reserved bits", rsv=4)
+
+    def test_control_frames(self) -> None:
+        for opcode, payload in ((8, b"\x03\xe8bye"), (8, b""), (9, b"ping"), (10, b"pong" * 31), (9, b"")):
+            self.assertSameFrame(opcode, payload)
+
+
+class HubSideFramingTests(_SameFramesAsAutobahn, SynchronousTestCase):
     """The hub side's frames are byte for byte autobahn's, the random key included."""
+
+    seed = 7
 
     def assertSameFrame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> None:
         ours, our_wire = _open_client(HubSide)
@@ -95,18 +118,6 @@ class HubSideFramingTests(SynchronousTestCase):
         theirs.sendFrame(opcode, payload, fin, rsv)
         self.assertEqual(our_wire.value(), their_wire.value(), (opcode, len(payload), fin, rsv))
         self.assertEqual(ours.trafficStats.outgoingWebSocketFrames, theirs.trafficStats.outgoingWebSocketFrames)
-
-    def test_data_frames_of_every_length(self) -> None:
-        rng = random.Random(7)
-        for size in LENGTHS:
-            self.assertSameFrame(2, rng.randbytes(size))
-        self.assertSameFrame(1, "caf\u00e9".encode())
-        self.assertSameFrame(0, b"continued", fin=False)
-        self.assertSameFrame(2, b"reserved bits", rsv=4)
-
-    def test_control_frames(self) -> None:
-        for opcode, payload in ((8, b"\x03\xe8bye"), (8, b""), (9, b"ping"), (10, b"pong" * 31), (9, b"")):
-            self.assertSameFrame(opcode, payload)
 
     def test_what_autobahns_own_options_ask_for_goes_to_autobahn(self) -> None:
         """A given key (fuzzers), no masking (a test option) and frame logging take autobahn's path."""
@@ -120,8 +131,10 @@ class HubSideFramingTests(SynchronousTestCase):
         self.assertTrue(wire.value()[1] & 0x80)
 
 
-class IdeSideFramingTests(SynchronousTestCase):
+class IdeSideFramingTests(_SameFramesAsAutobahn, SynchronousTestCase):
     """The IDE side's (unmasked) frames are byte for byte autobahn's."""
+
+    seed = 8
 
     def assertSameFrame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> None:
         ours, our_wire = _open_client(IdeSide, WebSocketServerFactory)
@@ -130,18 +143,6 @@ class IdeSideFramingTests(SynchronousTestCase):
         theirs.sendFrame(opcode, payload, fin, rsv)
         self.assertEqual(our_wire.value(), their_wire.value(), (opcode, len(payload), fin, rsv))
         self.assertEqual(ours.trafficStats.outgoingWebSocketFrames, theirs.trafficStats.outgoingWebSocketFrames)
-
-    def test_data_frames_of_every_length(self) -> None:
-        rng = random.Random(8)
-        for size in LENGTHS:
-            self.assertSameFrame(2, rng.randbytes(size))
-        self.assertSameFrame(1, "caf\u00e9".encode())
-        self.assertSameFrame(0, b"continued", fin=False)
-        self.assertSameFrame(2, b"reserved bits", rsv=4)
-
-    def test_control_frames(self) -> None:
-        for opcode, payload in ((8, b"\x03\xe8bye"), (8, b""), (9, b"ping"), (10, b"pong" * 31), (9, b"")):
-            self.assertSameFrame(opcode, payload)
 
     def test_what_autobahns_own_options_ask_for_goes_to_autobahn(self) -> None:
         """Masked server frames (a test option) and a given key take autobahn's path."""
