@@ -57,7 +57,7 @@ constraints-oldest: $(COMPAT_DIR)/oldest-constraints.txt
 	cat $<
 
 # Proxy performance against a local TLS jupyter_server, direct vs through the proxy (and through
-# configurable-http-proxy if `make test` installed it); about 4 minutes. See benchmarks/README.md.
+# configurable-http-proxy if `make test` installed it); about 6-7 minutes. See benchmarks/README.md.
 # BENCH_ARGS=--quick for a one-minute smoke run. The WAN workload's far end is configurable-http-proxy.
 bench: $(VENV_STAMP) $(NODE_STAMP)
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
