@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -127,18 +127,18 @@ def _flatten(headers: Headers) -> list[tuple[bytes, bytes]]:
 
 def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     """
-    ``pairs`` as :class:`Headers` hold them (names in Header-Case, a CR or LF in a value folded to a
-    space), built in one pass: ``Headers(grouped)`` re-splits every value and calls a method per
-    name, twice per request. A name that comes twice in different case keeps all its values.
+    ``pairs`` as :class:`Headers` hold them (a CR or LF in a value folded to a space), grouped in
+    one pass and set through Headers' public API, whose storage differs between Twisted releases.
+    A name that comes twice in different case keeps all its values.
     """
-    raw: dict[bytes, list[bytes]] = {}
-    encode = _nameEncoder.encode
+    grouped: dict[bytes, list[bytes]] = {}
     for name, value in pairs:
         if 13 in value or 10 in value:  # CR, LF (an int's membership test is several times a bytes one's speed)
             value = b" ".join(value.splitlines())
-        raw.setdefault(encode(name), []).append(value)
+        grouped.setdefault(name.lower(), []).append(value)
     headers = Headers()
-    headers._rawHeaders = raw
+    for name, values in grouped.items():
+        headers.setRawHeaders(name, values)
     return headers
 
 
