@@ -10,7 +10,7 @@ import os
 
 import pytest
 import trustme
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from jds.tls import quiet_bio_read, quiet_recv
 
@@ -32,7 +32,9 @@ def pair() -> tuple[SSL.Connection, SSL.Connection]:
     ca = trustme.CA()
     leaf = ca.issue_cert("hub.test")
     server_ctx = SSL.Context(SSL.TLS_METHOD)
-    leaf.configure_cert(server_ctx)
+    # PEM through pyOpenSSL's own loaders: trustme's configure_cert hands the oldest pyOpenSSL a key it refuses
+    server_ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, leaf.cert_chain_pems[0].bytes()))
+    server_ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, leaf.private_key_pem.bytes()))
     client_ctx = SSL.Context(SSL.TLS_METHOD)
     ca.configure_trust(client_ctx)
     client_ctx.set_verify(SSL.VERIFY_PEER, lambda *args: True)  # a callback, as jds's: pyOpenSSL's helper
