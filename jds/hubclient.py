@@ -60,7 +60,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-__all__ = ["HubClient", "HubResponse", "request_head"]
+__all__ = ["HubClient", "HubResponse", "headers_key", "request_head"]
 
 MAX_IDLE = 16
 # A response head larger than this is refused as malformed (Agent refuses any one line over 16 KiB).
@@ -89,6 +89,25 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _NAMES: dict[bytes, tuple[bool, bytes]] = {}
 
 
+_KEYS: dict[bytes, bytes] = {}
+
+
+def headers_key(name: bytes) -> bytes:
+    """
+    The key :class:`Headers` files ``name`` under (lower case up to Twisted 24, Header-Case since),
+    asked of ``Headers`` itself once per name, so that a mapping built directly reads as one
+    ``Headers`` built; ``ValueError`` for a name ``Headers`` refuses.
+    """
+    key = _KEYS.get(name)
+    if key is None:
+        probe = Headers()
+        probe.addRawHeader(name, b"")
+        [key] = probe._rawHeaders
+        if len(_KEYS) < 1000:
+            _KEYS[name] = key
+    return key
+
+
 def _name(name: bytes) -> tuple[bool, bytes]:
     """
     Where a header goes: the connection's own are keyed in lower case; the others under the key
@@ -102,13 +121,10 @@ def _name(name: bytes) -> tuple[bool, bytes]:
         if lower in _CONNECTION_HEADERS:
             found = (True, lower)
         else:
-            probe = Headers()
             try:
-                probe.addRawHeader(name, b"")
+                found = (False, headers_key(name))
             except ValueError:
                 raise ParseError("invalid header name", name) from None
-            [key] = probe._rawHeaders
-            found = (False, key)
         if len(_NAMES) < 1000:
             _NAMES[name] = found
     return found
@@ -180,10 +196,7 @@ def parse_head(head: bytes, head_request: bool) -> tuple[tuple[bytes, int, int],
 
 
 def _header_key_of_content_length() -> bytes:
-    probe = Headers()
-    probe.addRawHeader(b"Content-Length", b"")
-    [key] = probe._rawHeaders
-    return key
+    return headers_key(b"Content-Length")
 
 
 def _has_token(values: list[bytes], token: bytes) -> bool:

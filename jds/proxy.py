@@ -37,7 +37,7 @@ from jds.auth import Credentials, StreamScrubber, missing_xsrf, needs_local_toke
 from jds.deadlines import Deadlines
 from jds.errors import Refusal, render_refusal, write_refusal
 from jds.hub import ServerStarter, looks_stopped, may_be_dead_token, server_not_running
-from jds.hubclient import HubClient
+from jds.hubclient import HubClient, headers_key
 from jds.hublink import HubLink
 from jds.logs import clip, quoted
 from jds.paths import (
@@ -127,18 +127,18 @@ def _flatten(headers: Headers) -> list[tuple[bytes, bytes]]:
 
 def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     """
-    ``pairs`` as :class:`Headers` hold them (a CR or LF in a value folded to a space), grouped in
-    one pass and set through Headers' public API, whose storage differs between Twisted releases.
-    A name that comes twice in different case keeps all its values.
+    ``pairs`` as :class:`Headers` hold them (a CR or LF in a value folded to a space), built in one
+    pass under the keys ``Headers`` itself uses (:func:`jds.hubclient.headers_key`): ``Headers(grouped)``
+    re-splits every value and calls a method per name, twice per request. A name that comes twice in
+    different case keeps all its values.
     """
-    grouped: dict[bytes, list[bytes]] = {}
+    raw: dict[bytes, list[bytes]] = {}
     for name, value in pairs:
         if 13 in value or 10 in value:  # CR, LF (an int's membership test is several times a bytes one's speed)
             value = b" ".join(value.splitlines())
-        grouped.setdefault(name.lower(), []).append(value)
+        raw.setdefault(headers_key(name), []).append(value)
     headers = Headers()
-    for name, values in grouped.items():
-        headers.setRawHeaders(name, values)
+    headers._rawHeaders = raw
     return headers
 
 
